@@ -1,0 +1,60 @@
+"""The naive oracle: materialise the attention matrix of each sequence and read every SPEC section 2
+quantity off it. Slow and memory-hungry on purpose (O(T^2) per head): it is the reference of every test.
+
+    S[t,s] = scale * q_t . k_s                  A[t,s] = softmax_s(S[t,s]) over s <= t
+    lse[t]      = log sum_{s<=t} exp(S[t,s])
+    distance[t] = sum_s A[t,s] * (t - s)
+    waad[t]     = sum_s A[t,s] * min(t - s, W)
+    fai[s]      = mean_{t in T(s)} A[t,s],  T(s) = { t in R : s + H_lo <= t <= min(N-1, s + H_hi) }
+"""
+from __future__ import annotations
+
+import torch
+
+from .segments import Horizon, Segments, influence_counts
+
+
+def naive_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments: Segments, *,
+                            window: int, horizon: Horizon, scale: float,
+                            compute_dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """Materialised reference.
+
+    q [B, Hq, T, D], k/v [B, Hkv, T, D]. Every product, softmax and sum runs in ``compute_dtype``
+    (float64 for the exact reference; the input's fp16/bf16 for SPEC section 7's low-precision reference).
+    Returns lse, distance, waad, fai ([B, Hq, T], compute_dtype, 0 on padding), fai_valid (bool [B, Hq, T])
+    and out ([B, T, Hq, D] in compute_dtype) when v is given.
+    """
+    batch, heads, length, _ = q.shape
+    group = heads // k.shape[1]
+    h_lo, h_hi = horizon
+    zeros = lambda: torch.zeros(batch, heads, length, dtype=compute_dtype, device=q.device)  # noqa: E731
+    result = {name: zeros() for name in ("lse", "distance", "waad", "fai")}
+    if v is not None:
+        result["out"] = torch.zeros(batch, length, heads, v.shape[-1], dtype=compute_dtype, device=q.device)
+    counts = influence_counts(segments, batch, length, horizon)
+
+    for b, start, end, resp in segments.host:
+        n = end - start
+        qs = q[b, :, start:end].to(compute_dtype)
+        ks = k[b, :, start:end].to(compute_dtype).repeat_interleave(group, dim=0)
+        scores = (qs @ ks.transpose(-1, -2)) * scale                       # [Hq, n, n]
+        t = torch.arange(n, device=q.device)
+        lag = t[:, None] - t[None, :]                                        # lag[t, s] = t - s
+        scores = scores.masked_fill(lag < 0, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        attn = torch.softmax(scores, dim=-1)
+        result["lse"][b, :, start:end] = lse
+        result["distance"][b, :, start:end] = (attn * lag.clamp_min(0).to(compute_dtype)).sum(-1)
+        result["waad"][b, :, start:end] = (attn * lag.clamp(0, window).to(compute_dtype)).sum(-1)
+        # FAI: column means over the attending rows t in R within the horizon band below the diagonal.
+        in_band = (lag >= h_lo) & ((t[:, None] + start) >= resp)
+        if h_hi is not None:
+            in_band &= lag <= h_hi
+        column_sums = (attn * in_band.to(compute_dtype)).sum(dim=-2)           # [Hq, n]
+        count = counts[b, start:end].to(compute_dtype)
+        result["fai"][b, :, start:end] = torch.where(count > 0, column_sums / count.clamp_min(1), 0)
+        if v is not None:
+            vs = v[b, :, start:end].to(compute_dtype).repeat_interleave(group, dim=0)
+            result["out"][b, start:end] = (attn @ vs).transpose(0, 1)
+    result["fai_valid"] = (counts > 0)[:, None, :].expand(batch, heads, length).clone()
+    return result

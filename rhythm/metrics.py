@@ -1,0 +1,87 @@
+"""``attention_metrics``: the per-head SPEC section 2 quantities, without materialising attention."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens, segments_from_mask
+
+from . import validation
+
+
+@dataclass
+class AttentionMetrics:
+    """Per query head metrics of one attention layer.
+
+    lse, distance, waad, fai: float32 [B, Hq, T] (0 on padding). fai_valid: bool [B, Hq, T] (False on
+    padding and where the horizon holds no response row). out: [B, T, Hq, D] in the input dtype, only when v
+    was given (the attention output, in the layout transformers' attention functions return).
+    """
+
+    lse: torch.Tensor
+    distance: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+    fai_valid: torch.Tensor
+    out: torch.Tensor | None = None
+
+
+def _run_backend(name, q, k, v, segments, counts, window, horizon, scale) -> dict[str, torch.Tensor]:
+    if name == "reference":
+        from rhythm_kernels.naive import naive_attention_metrics
+
+        ref = naive_attention_metrics(q, k, v, segments, window=window, horizon=horizon, scale=scale)
+        result = {key: ref[key].float() for key in ("lse", "distance", "waad", "fai")}
+        if v is not None:
+            result["out"] = ref["out"].to(q.dtype)
+        return result
+    if name == "torch":
+        from rhythm_kernels.torch_blocked import blocked_attention_metrics
+
+        return blocked_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale)
+    from rhythm_kernels.triton_metrics import triton_attention_metrics
+
+    return triton_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale)
+
+
+def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None, attention_mask=None,
+                      response_start=None, cu_seqlens=None, backend="auto", validate=True) -> AttentionMetrics:
+    """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (SPEC sections 2 and 8).
+
+    Args:
+        q: [B, Hq, T, D] post-RoPE queries. k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated). v is
+            optional: with it the attention output is returned too (forward only, no autograd).
+        window: W of WAAD (min(t - s, W)). horizon: (H_lo, H_hi) of FAI, H_hi None = to the end.
+        scale: softmax scale, default 1/sqrt(D).
+        attention_mask: [B, T], 1/True on real tokens forming one contiguous span per row (None = all real).
+        response_start: int, or LongTensor [B] ([n_segments] with cu_seqlens): absolute T index of each
+            sequence's first response token. None = every position is a response position.
+        cu_seqlens: LongTensor [n_segments + 1] of packed segment boundaries (B must be 1, mask None).
+        backend: "auto" (triton on CUDA, torch otherwise) | "triton" | "torch" | "reference".
+        validate: check q/k/v for NaN/Inf (one host synchronisation). Shapes and masks are always checked.
+    """
+    validation.check_qkv(q, k, v)
+    horizon = validation.check_options(window, horizon, scale, backend)
+    batch, heads, length, dim = q.shape
+    for name, x in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
+                    ("response_start", response_start)):
+        validation.check_mask_device(name, x, q.device)
+    if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise ValueError("attention_mask must be None with cu_seqlens (a packed batch has no padding)")
+        segments = segments_from_cu_seqlens(cu_seqlens, batch, length, response_start, q.device)
+    else:
+        segments = segments_from_mask(attention_mask, batch, length, response_start, q.device)
+    if validate:
+        validation.check_finite(q=q, k=k, v=v)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "torch"
+    if backend == "triton" and not validation.triton_available(q.device):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got q on {q.device}")
+    scale = float(scale) if scale is not None else dim ** -0.5
+    counts = influence_counts(segments, batch, length, horizon)
+    result = _run_backend(backend, q, k, v, segments, counts, window, horizon, scale)
+    fai_valid = (counts > 0)[:, None, :].expand(batch, heads, length).clone()
+    return AttentionMetrics(lse=result["lse"], distance=result["distance"], waad=result["waad"],
+                            fai=result["fai"], fai_valid=fai_valid, out=result.get("out"))
