@@ -1,0 +1,127 @@
+"""Credit multipliers gamma [B, T] and shaped advantages (SPEC sections 4 and 8).
+
+    local:   gamma = 1 + (gamma_amp - 1) * 1{t in T_loc}
+    global:  gamma = 1 + (gamma_amp - 1) * 1{t in T_glob}
+    coupled: gamma = 1 + (gamma_amp - 1) * 1{t in T_glob \\ D} + (1 - alpha)(gamma_amp - 1) * 1{t in D}
+                       + alpha (gamma_amp - 1) * 1{t in I(D)}                      (additive)
+    random / entropy: gamma = 1 + (gamma_amp - 1) * 1{t chosen}  (ceil(q |R|) tokens, seeded / top entropy)
+
+gamma = 1 off the response, on padding and on every position of a row with an empty response.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import selection as sel
+
+STRATEGIES = ("local", "global", "coupled", "random", "entropy")
+SIGNS = ("both", "positive", "negative")
+
+
+def credit_multipliers(waad, fai, response_mask, *, strategy: str = "coupled", fai_valid=None, entropy=None,
+                       q: float = 0.4, gamma_amp: float = 1.5, alpha: float = 0.5, k: int = 3,
+                       seed: int = 0) -> torch.Tensor:
+    """Per-token credit multipliers gamma (SPEC section 4).
+
+    Args:
+        waad, fai: float [B, T] per-token signals after head grouping (``token_signals``); a strategy that
+            does not read one of them accepts None for it (random and entropy read neither).
+        response_mask: bool [B, T], True on response tokens (one contiguous run per row; empty rows allowed).
+        strategy: "local" | "global" | "coupled" | "random" | "entropy".
+        fai_valid: bool [B, T] or None (= every position valid); anchors are chosen among valid tokens only.
+        entropy: float [B, T], per-token entropy of the sampling distribution (required for "entropy").
+        q: selected fraction in (0, 1]. gamma_amp: amplification >= 1. alpha: intro share in [0, 1].
+        k: look-back window of dominated anchors (>= 1). seed: seed of the "random" strategy.
+    Returns:
+        gamma: float32 [B, T], 1 off the response; in [1, 1 + (1 + alpha)(gamma_amp - 1)].
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    needs_waad = strategy in ("local", "coupled")
+    needs_fai = strategy in ("global", "coupled")
+    if needs_waad and waad is None:
+        raise ValueError(f"waad is required for strategy={strategy!r}")
+    if needs_fai and fai is None:
+        raise ValueError(f"fai is required for strategy={strategy!r}")
+    if strategy == "entropy" and entropy is None:
+        raise ValueError("entropy [B, T] is required for strategy='entropy' (the per-token entropy of the "
+                         "rollout's sampling distribution)")
+    sel.check_signals(response_mask=response_mask, waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy)
+    sel.check_q(q)
+    _check_gamma_amp(gamma_amp)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    sel.check_k(k)
+    sel.check_seed(seed)
+    sel.check_contents(response_mask, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
+                       entropy=entropy if strategy == "entropy" else None)
+
+    amp = float(gamma_amp) - 1.0
+    if strategy == "random":
+        chosen = sel._random_selection(response_mask, q, seed)
+    elif strategy == "entropy":
+        chosen = sel.top_q_mask(entropy, response_mask, q)[0]
+    elif strategy == "local":
+        chosen = _local_selection(waad, response_mask, q)
+    elif strategy == "global":
+        eligible = response_mask if fai_valid is None else response_mask & fai_valid
+        chosen = sel.top_q_mask(fai, eligible, q)[0]
+    else:
+        s = sel._rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
+        # 1 + amp 1{T_glob \ D} + (1 - alpha) amp 1{D} + alpha amp 1{I(D)}
+        gamma = torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device)
+        gamma += amp * (s.anchor & ~s.dominated).float()
+        gamma += (1.0 - alpha) * amp * s.dominated.float()
+        gamma += alpha * amp * s.intro.float()
+        return gamma
+    return 1.0 + amp * chosen.float()
+
+
+def _local_selection(waad, response_mask, q) -> torch.Tensor:
+    """T_loc alone (no FAI, no medians): top q by Delta over the |R| - 1 tokens where it is defined."""
+    delta, delta_valid = sel.response_delta(waad, response_mask)
+    return sel.top_q_mask(delta, delta_valid, q)[0]
+
+
+def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = "both") -> torch.Tensor:
+    """A~_t = gamma_t * A_t where the sign allows, A_t elsewhere (gamma detached, not renormalised).
+
+    Args:
+        advantages: float [B, T] per token, or [B] / [B, 1] per sequence (broadcast over tokens, as GRPO).
+        gamma: float [B, T] (``credit_multipliers``).
+        sign: "both" (default) | "positive" (A >= 0 only, paper v1) | "negative" (A < 0 only).
+    Returns:
+        float [B, T] in the dtype of ``advantages``.
+    """
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    for name, x in (("advantages", advantages), ("gamma", gamma)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a float tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    if gamma.dim() != 2:
+        raise ValueError(f"gamma must have shape [B, T], got {list(gamma.shape)}")
+    batch, length = gamma.shape
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    if advantages.dim() != 2 or advantages.shape[0] != batch or advantages.shape[1] not in (1, length):
+        raise ValueError(f"advantages must have shape [B], [B, 1] or [B, T] with B = {batch}, T = {length} "
+                         f"(the shape of gamma), got {list(advantages.shape)}")
+    if advantages.device != gamma.device:
+        raise ValueError(f"advantages must be on the device of gamma ({gamma.device}), got {advantages.device}")
+    compute = torch.promote_types(advantages.dtype, torch.float32)
+    adv = advantages.expand(batch, length)
+    shaped = (adv.to(compute) * gamma.detach().to(compute)).to(advantages.dtype)
+    if sign == "both":
+        return shaped
+    allowed = adv >= 0 if sign == "positive" else adv < 0
+    return torch.where(allowed, shaped, adv)
+
+
+def _check_gamma_amp(gamma_amp) -> None:
+    if (isinstance(gamma_amp, bool) or not isinstance(gamma_amp, (int, float)) or not math.isfinite(gamma_amp)
+            or gamma_amp < 1):
+        raise ValueError(f"gamma_amp must be a finite number >= 1, got {gamma_amp!r}")

@@ -1,0 +1,242 @@
+"""Token selection of SPEC section 4 as boolean masks [B, T] that can be inspected and plotted.
+
+All functions are batched over rows and vectorised over tokens (sorts, shifts and scatters; the only
+Python loop is over the k offsets of the look-back window). The response of a row is the one contiguous run
+of True in ``response_mask`` (any left/right padding and prompt are False); a row with no True is an empty
+response and selects nothing.
+
+Counts follow SPEC: count = ceil(q * n_eligible) in float64 (exactly Python's ``math.ceil(q * n)``), and
+ties are broken by lower position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INF = float("inf")
+
+
+@dataclass
+class RhythmSelection:
+    """The preplan/anchor structure of each row (all [B, T] unless noted; False/0 off the response).
+
+    preplan: bool, T_loc (top q of response tokens by delta).
+    anchor: bool, T_glob (top q of fai_valid response tokens by FAI).
+    dominated: bool, D (locally dominated anchors).
+    intro: bool, I(D) = { intro(t) : t in D }.
+    intro_of: long, for t in D the position intro(t), -1 elsewhere (to draw anchor <- intro arrows).
+    delta: float32, |WAAD_t - WAAD_{t+1}| where defined, 0 elsewhere.
+    delta_valid: bool, t and t + 1 both response tokens (every response token but the last).
+    tau_waad: float32 [B], lower median of WAAD over the response (0 on empty rows).
+    tau_delta: float32 [B], smallest delta in T_loc (+inf when T_loc is empty).
+    preplan_count, anchor_count: long [B], |T_loc| = ceil(q (|R| - 1)), |T_glob| = ceil(q |fai_valid & R|).
+    """
+
+    preplan: torch.Tensor
+    anchor: torch.Tensor
+    dominated: torch.Tensor
+    intro: torch.Tensor
+    intro_of: torch.Tensor
+    delta: torch.Tensor
+    delta_valid: torch.Tensor
+    tau_waad: torch.Tensor
+    tau_delta: torch.Tensor
+    preplan_count: torch.Tensor
+    anchor_count: torch.Tensor
+
+
+def selection_count(q: float, n: torch.Tensor) -> torch.Tensor:
+    """ceil(q * n) per row, in float64 like Python's ``math.ceil(q * n)`` (long [B])."""
+    # An IEEE double product of the same two doubles rounds identically on every device.
+    return torch.ceil(n.to(torch.float64) * float(q)).to(torch.long)
+
+
+def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
+    """Top ceil(q * |eligible|) eligible positions of each row by score, ties to the lower position.
+
+    Args:
+        scores: float [B, T] (finite on eligible positions). eligible: bool [B, T]. q in (0, 1].
+    Returns:
+        (mask bool [B, T], threshold [B] = smallest selected score or +inf if none (in the compute dtype:
+        float32, or float64 for float64 scores), count long [B]).
+    """
+    count = selection_count(q, eligible.sum(1))
+    # Stable ascending sort of -score (+inf off the eligible set): largest score first, equal scores keep
+    # their position order, so the lower position wins a tie at the threshold.
+    key = torch.where(eligible, -_as_float(scores), INF)
+    values, order = torch.sort(key, dim=1, stable=True)
+    rank = torch.arange(key.shape[1], device=key.device)
+    chosen = rank[None, :] < count[:, None]                        # [B, T] in sorted order
+    mask = torch.zeros_like(eligible).scatter_(1, order, chosen)
+    last = values.gather(1, (count - 1).clamp(min=0)[:, None]).squeeze(1)
+    threshold = torch.where(count > 0, -last, INF)
+    return mask, threshold, count
+
+
+def rhythm_selection(waad: torch.Tensor, fai: torch.Tensor, response_mask: torch.Tensor,
+                     fai_valid: torch.Tensor | None = None, *, q: float = 0.4, k: int = 3) -> RhythmSelection:
+    """Preplan tokens, anchors, locally dominated anchors and their intro tokens (SPEC section 4).
+
+    Args:
+        waad, fai: float [B, T] per-token signals (``token_signals``). response_mask: bool [B, T], one
+            contiguous run per row. fai_valid: bool [B, T] or None (= all valid). q in (0, 1]. k >= 1.
+    """
+    check_signals(waad=waad, fai=fai, response_mask=response_mask, fai_valid=fai_valid)
+    check_q(q)
+    check_k(k)
+    check_contents(response_mask, waad=waad, fai=fai)
+    return _rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
+
+
+def random_selection(response_mask: torch.Tensor, *, q: float = 0.4, seed: int = 0) -> torch.Tensor:
+    """ceil(q * |R|) response tokens per row chosen uniformly at random (bool [B, T]).
+
+    Reproducible: the same seed, shape and device give the same choice (a seeded torch.Generator on the
+    mask's device draws one key per position; the top keys of the response win). Pass a new seed per
+    training step for fresh draws.
+    """
+    check_signals(response_mask=response_mask)
+    check_q(q)
+    check_seed(seed)
+    check_contents(response_mask)
+    return _random_selection(response_mask, q, seed)
+
+
+def entropy_selection(entropy: torch.Tensor, response_mask: torch.Tensor, *, q: float = 0.4) -> torch.Tensor:
+    """Top ceil(q * |R|) response tokens per row by the rollout's per-token entropy (bool [B, T])."""
+    check_signals(entropy=entropy, response_mask=response_mask)
+    check_q(q)
+    check_contents(response_mask, entropy=entropy)
+    return top_q_mask(entropy, response_mask, q)[0]
+
+
+# ---- implementations (inputs already checked) ------------------------------------------------------------
+
+def response_delta(waad: torch.Tensor, response_mask: torch.Tensor):
+    """Delta_t = |WAAD_t - WAAD_{t+1}|, defined where t and t+1 are both response tokens (every response
+    token but the last). Returns (delta [B, T] in the compute dtype, 0 where undefined; delta_valid bool)."""
+    waad = _as_float(waad)
+    delta_valid = torch.zeros_like(response_mask)
+    delta_valid[:, :-1] = response_mask[:, :-1] & response_mask[:, 1:]
+    delta = torch.zeros_like(waad)
+    delta[:, :-1] = (waad[:, :-1] - waad[:, 1:]).abs()
+    return torch.where(delta_valid, delta, 0.0), delta_valid
+
+
+def _rhythm_selection(waad, fai, response_mask, fai_valid, q, k) -> RhythmSelection:
+    waad = _as_float(waad)
+    batch, length = response_mask.shape
+    device = response_mask.device
+    delta, delta_valid = response_delta(waad, response_mask)
+
+    # T_loc: top q by Delta over the |R| - 1 tokens where it is defined; tau_delta = its smallest Delta.
+    preplan, tau_delta, preplan_count = top_q_mask(delta, delta_valid, q)
+    # T_glob: top q by FAI over the fai_valid response tokens.
+    eligible = response_mask if fai_valid is None else response_mask & fai_valid
+    anchor, _, anchor_count = top_q_mask(fai, eligible, q)
+
+    # tau_waad: lower median of WAAD over the response (torch.median's choice: sorted index (n-1)//2).
+    n_resp = response_mask.sum(1)
+    sorted_waad = torch.sort(torch.where(response_mask, waad, INF), dim=1).values
+    tau_waad = sorted_waad.gather(1, ((n_resp - 1) // 2).clamp(min=0)[:, None]).squeeze(1)
+    tau_waad = torch.where(n_resp > 0, tau_waad, 0.0)
+
+    # Look-back window [t-k, t-1] within R: for t in R those positions are response tokens exactly where
+    # delta_valid holds. Scan offsets j = 1..k (latest position first); a strict '>' keeps the latest
+    # position on ties (intro(t) = argmax, latest on ties). No response token in the window -> -inf.
+    masked_delta = torch.where(delta_valid, delta, -INF)
+    best = torch.full_like(masked_delta, -INF)
+    best_pos = torch.full((batch, length), -1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device).expand(batch, length)
+    for j in range(1, min(k, length - 1) + 1):
+        shifted = torch.full_like(masked_delta, -INF)
+        shifted[:, j:] = masked_delta[:, :-j]
+        better = shifted > best
+        best = torch.where(better, shifted, best)
+        best_pos = torch.where(better, positions - j, best_pos)
+
+    # D = { t in T_glob : WAAD_t <= tau_waad and max window Delta >= tau_delta }.
+    dominated = anchor & (waad <= tau_waad[:, None]) & (best >= tau_delta[:, None])
+    intro_of = torch.where(dominated, best_pos, -1)
+    # I(D): mark every intro position (an integer scatter-add is deterministic, duplicates allowed).
+    hits = torch.zeros((batch, length), dtype=torch.int32, device=device)
+    hits.scatter_add_(1, intro_of.clamp(min=0), dominated.to(torch.int32))
+    intro = hits > 0
+    return RhythmSelection(preplan=preplan, anchor=anchor, dominated=dominated, intro=intro,
+                           intro_of=intro_of, delta=delta.float(), delta_valid=delta_valid,
+                           tau_waad=tau_waad.float(), tau_delta=tau_delta.float(), preplan_count=preplan_count,
+                           anchor_count=anchor_count)
+
+
+def _random_selection(response_mask, q, seed) -> torch.Tensor:
+    generator = torch.Generator(device=response_mask.device)
+    generator.manual_seed(int(seed))
+    keys = torch.rand(response_mask.shape, generator=generator, device=response_mask.device)
+    return top_q_mask(keys, response_mask, q)[0]
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """Compute in at least float32 (float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# ---- argument checks shared with credit.py ---------------------------------------------------------------
+
+def check_signals(*, response_mask, **signals) -> None:
+    """response_mask bool [B, T]; every signal given (not None) a float tensor [B, T] ('fai_valid' bool)."""
+    if not isinstance(response_mask, torch.Tensor):
+        raise TypeError(f"response_mask must be a bool tensor [B, T], got {type(response_mask).__name__}")
+    if response_mask.dtype != torch.bool:
+        raise TypeError(f"response_mask must be a bool tensor [B, T], got dtype {response_mask.dtype} "
+                        "(convert with .bool())")
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must have rank 2 [B, T], got shape {list(response_mask.shape)}")
+    shape = list(response_mask.shape)
+    for name, x in signals.items():
+        if x is None:
+            continue
+        want_bool = name == "fai_valid"
+        kind = "bool" if want_bool else "float"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a {kind} tensor [B, T], got {type(x).__name__}")
+        if want_bool and x.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor [B, T], got dtype {x.dtype}")
+        if not want_bool and not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor [B, T], got dtype {x.dtype}")
+        if list(x.shape) != shape:
+            raise ValueError(f"{name} must have the shape of response_mask {shape}, got {list(x.shape)}")
+        if x.device != response_mask.device:
+            raise ValueError(f"{name} must be on the device of response_mask ({response_mask.device}), "
+                             f"got {x.device}")
+
+
+def check_contents(response_mask, **signals) -> None:
+    """One host synchronisation: the response is one contiguous run per row and signals are finite on it."""
+    starts = response_mask[:, 1:] & ~response_mask[:, :-1]
+    runs = starts.sum(1) + response_mask[:, 0].long()
+    flags = [(runs > 1).any()]
+    names = [name for name, x in signals.items() if x is not None]
+    flags += [(response_mask & ~torch.isfinite(signals[name])).any() for name in names]
+    bad = torch.stack(flags).tolist()
+    if bad[0]:
+        raise ValueError("response_mask must hold one contiguous run of True per row (the response); "
+                         "got a row with several runs")
+    for name, is_bad in zip(names, bad[1:]):
+        if is_bad:
+            raise ValueError(f"{name} holds NaN or Inf on response positions")
+
+
+def check_q(q) -> None:
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+        raise ValueError(f"q must be a number in (0, 1], got {q!r}")
+
+
+def check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1 (the look-back window), got {k!r}")
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
