@@ -1,0 +1,167 @@
+"""Every bad input to attention_metrics raises a clear ValueError/TypeError naming the argument."""
+import pytest
+import torch
+
+import rhythm
+from tests.oracle_check import random_qkv
+
+
+@pytest.fixture
+def qkv():
+    return random_qkv(2, 4, 2, 16, 8, with_v=True)
+
+
+def _call(q, k, v=None, **kwargs):
+    return rhythm.attention_metrics(q, k, v, backend="torch", **kwargs)
+
+
+def test_wrong_rank(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"q must have rank 4"):
+        _call(q[0], k)
+
+
+def test_not_a_tensor(qkv):
+    _, k, _ = qkv
+    with pytest.raises(TypeError, match=r"q must be a torch.Tensor"):
+        _call([[1.0]], k)
+
+
+def test_heads_not_multiple(qkv):
+    q, _, _ = qkv
+    k = torch.randn(2, 3, 16, 8)
+    with pytest.raises(ValueError, match=r"multiple of the key heads"):
+        _call(q, k)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 16, 8), (2, 2, 15, 8), (2, 2, 16, 4)])
+def test_mismatched_batch_length_dim(qkv, shape):
+    q, _, _ = qkv
+    with pytest.raises(ValueError, match=r"k must have shape"):
+        _call(q, torch.randn(*shape))
+
+
+def test_v_shape(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"v must have the shape of k"):
+        _call(q, k, torch.randn(2, 2, 16, 4))
+
+
+def test_dtypes(qkv):
+    q, k, _ = qkv
+    with pytest.raises(TypeError, match=r"share one dtype"):
+        _call(q, k.half())
+    with pytest.raises(TypeError, match=r"q must be float32, float16 or bfloat16"):
+        _call(q.double(), k.double())
+
+
+def test_mask_not_contiguous(qkv):
+    q, k, _ = qkv
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 5] = False
+    with pytest.raises(ValueError, match=r"attention_mask row 1 is not one contiguous span"):
+        _call(q, k, attention_mask=mask)
+
+
+def test_mask_empty_row(qkv):
+    q, k, _ = qkv
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0] = False
+    with pytest.raises(ValueError, match=r"attention_mask row 0 has no real token"):
+        _call(q, k, attention_mask=mask)
+
+
+def test_mask_shape_and_values(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \[B, T\]"):
+        _call(q, k, attention_mask=torch.ones(2, 15))
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0/1"):
+        _call(q, k, attention_mask=torch.full((2, 16), 0.5))
+
+
+@pytest.mark.parametrize("start", [17, -1])
+def test_response_start_outside_span(qkv, start):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"response_start\[0\] = .* outside"):
+        _call(q, k, response_start=start)
+
+
+def test_response_start_outside_padded_span(qkv):
+    q, k, _ = qkv
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, :6] = False
+    with pytest.raises(ValueError, match=r"response_start\[1\] = 3 lies outside .*\[6, 16\]"):
+        _call(q, k, attention_mask=mask, response_start=torch.tensor([3, 3]))
+
+
+def test_response_start_wrong_type_or_length(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"response_start must be an int or a 1-D tensor of length 2"):
+        _call(q, k, response_start=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match=r"response_start must hold integers"):
+        _call(q, k, response_start=torch.tensor([1.0, 2.0]))
+
+
+def test_cu_seqlens_errors():
+    q, k, _ = random_qkv(1, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match=r"strictly increasing"):
+        _call(q, k, cu_seqlens=torch.tensor([0, 8, 8, 16]))
+    with pytest.raises(ValueError, match=r"end at T = 16"):
+        _call(q, k, cu_seqlens=torch.tensor([0, 8, 12]))
+    with pytest.raises(TypeError, match=r"cu_seqlens must hold integers"):
+        _call(q, k, cu_seqlens=torch.tensor([0.0, 16.0]))
+    with pytest.raises(ValueError, match=r"attention_mask must be None with cu_seqlens"):
+        _call(q, k, cu_seqlens=torch.tensor([0, 16]), attention_mask=torch.ones(1, 16))
+
+
+def test_cu_seqlens_needs_batch_one(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"B = 1"):
+        _call(q, k, cu_seqlens=torch.tensor([0, 16]))
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True])
+def test_bad_window(qkv, window):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"window must be an int >= 1"):
+        _call(q, k, window=window)
+
+
+@pytest.mark.parametrize("horizon,message", [((5, 2), "H_hi must be None or an int >= H_lo"),
+                                             ((-1, 4), "H_lo must be an int >= 0"),
+                                             ((1, 2, 3), "horizon must be a pair"),
+                                             (7, "horizon must be a pair")])
+def test_bad_horizon(qkv, horizon, message):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=message):
+        _call(q, k, horizon=horizon)
+
+
+def test_bad_scale(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"scale must be None or a finite float > 0"):
+        _call(q, k, scale=-1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf(qkv, bad):
+    q, k, v = qkv
+    for name in ("q", "k", "v"):
+        args = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        args[name][0, 0, 3, 1] = bad
+        with pytest.raises(ValueError, match=rf"{name} holds NaN or Inf"):
+            _call(args["q"], args["k"], args["v"])
+
+
+def test_unknown_backend(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        rhythm.attention_metrics(q, k, backend="cuda-magic")
+
+
+def test_device_mismatch(qkv):
+    q, k, _ = qkv
+    with pytest.raises(ValueError, match=r"q, k and v must be on one device"):
+        _call(q, k.to("meta"))
+    with pytest.raises(ValueError, match=r"attention_mask must be on the device of q"):
+        _call(q, k, attention_mask=torch.ones(2, 16, device="meta"))
