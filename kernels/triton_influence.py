@@ -1,0 +1,258 @@
+"""Influence pass: Future Attention Influence, column-parallel (FlashAttention backward dK/dV shape).
+
+    fai[s] = (1 / |T(s)|) * sum_{t in T(s)} A[t,s],
+    T(s)   = { t : response_start <= t < seg_end, s + H_lo <= t <= s + H_hi }       (SPEC section 2)
+
+One program per (key block [n0, n0 + BLOCK_N) of a segment, KV head). The K tile stays in registers; the
+program loops over the query heads of the GQA group (query head h reads kv head h // group) and, per head,
+over the query rows that can attend the block:
+
+    t in [t_lo, t_end),  t_lo = max(n0 + H_lo, response_start),
+                         t_end = min(seg_end, n0 + BLOCK_N + H_hi)   (seg_end when H_hi is None)
+
+It recomputes A[t,s] = 2^(S2[t,s] - lse2[t]) from the stats pass's lse (S2 = scale * log2(e) * q.k,
+lse2 = lse * log2(e)), masks and sums the columns in fp32 registers, divides by |T(s)| (passed in) and
+writes fai for that head. No atomics: every output has exactly one writer, so results are bitwise
+deterministic.
+
+Row stages (H_hi = None; with a finite H_hi every row block is masked, the band is only ~H_hi - H_lo rows):
+
+    lead (masked)    rows t < n0 + BLOCK_N - 1 + H_lo: part of the block lies inside the lower horizon edge
+    body (no mask)   full row blocks with every t - s >= H_lo and t < seg_end
+    tail (masked)    the last partial row block before seg_end
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_stats import LOG2E, autotune_enabled, interpreting
+
+# Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
+INFLUENCE_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=8, num_stages=2),
+]
+GPU_BLOCK_NS = (64, 128)
+INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+
+
+def default_influence_config(d_pad: int, dtype: torch.dtype) -> dict:
+    """The config used without autotuning."""
+    if interpreting():
+        return dict(INTERPRET_CONFIG)
+    if dtype == torch.float32 or d_pad >= 256:
+        return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
+
+
+def _prune_influence_configs(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    d_pad = args.get("D_PAD", 128)
+    q = args.get("Q")
+    big = d_pad >= 256 or (q is not None and q.dtype == torch.float32)
+    kept = [c for c in configs if not big or (c.kwargs["BLOCK_N"] == 64 and c.kwargs["BLOCK_M"] <= 64)]
+    return kept or configs[-2:-1]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block table: (batch, seg_start, seg_end, response_start, key block start), sorted by rows to visit.
+# ----------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _influence_table_host(host: tuple, block_ns: tuple, horizon: tuple) -> tuple[list, dict]:
+    h_lo, h_hi = horizon
+    rows, offsets = [], {}
+    for bn in block_ns:
+        entries = []
+        for b, start, end, resp in host:
+            for n0 in range(start, end, bn):
+                t_lo = max(n0 + h_lo, resp)
+                t_end = end if h_hi is None else min(end, n0 + bn + h_hi)
+                if t_end > t_lo:                        # an empty block keeps fai = 0 (zero-initialised)
+                    entries.append((t_end - t_lo, b, start, end, resp, n0))
+        entries.sort(key=lambda e: -e[0])
+        offsets[bn] = (len(rows), len(entries))
+        rows.extend(e[1:] for e in entries)
+    return rows, offsets
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def influence_block_table(host: tuple, block_ns: tuple, horizon: tuple, device) -> tuple[torch.Tensor, dict]:
+    """int32 [n, 5] device table for every BLOCK_N in block_ns and {BLOCK_N: (offset, count)} (cached)."""
+    key = (host, block_ns, horizon, str(device))
+    if key not in _DEVICE_TABLES:
+        rows, offsets = _influence_table_host(host, block_ns, horizon)
+        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
+        if len(_DEVICE_TABLES) > 64:
+            _DEVICE_TABLES.clear()
+        _DEVICE_TABLES[key] = (table, offsets)
+    return _DEVICE_TABLES[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_end, h_lo, h_hi, scale2,
+                    offs_s, key_ok, offs_m, offs_d,
+                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, MASKED: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """col[s] += sum_{t in [lo, hi)} A[t, s] (masked to T(s) when MASKED; the caller guarantees the mask is
+    all-true otherwise). Rows t >= response_start by construction of lo."""
+    for t0 in range(lo, hi, BLOCK_M):
+        offs_t = t0 + offs_m
+        q_ptrs = q_base + offs_t.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        if MASKED:
+            row_ok = offs_t < seg_end
+            if HEAD_DIM == D_PAD:
+                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            else:
+                q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            lse2 = tl.load(lse_base + offs_t, mask=row_ok, other=0.0) * 1.4426950408889634
+        else:
+            if HEAD_DIM == D_PAD:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse2 = tl.load(lse_base + offs_t) * 1.4426950408889634
+        if UPCAST:
+            q = q.to(tl.float32)
+        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
+        p = tl.exp2(s2 - lse2[:, None])                                        # A[t, s]
+        if MASKED:
+            lag = offs_t[:, None] - offs_s[None, :]                             # t - s
+            ok = row_ok[:, None] & key_ok[None, :] & (lag >= h_lo)
+            if HAS_HI:
+                ok = ok & (lag <= h_hi)
+            p = tl.where(ok, p, 0.0)
+        col += tl.sum(p, 0)
+    return col
+
+
+@triton.jit
+def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_large,
+                      stride_qb, stride_qh, stride_qt, stride_qd,
+                      stride_kb, stride_kh, stride_kt, stride_kd,
+                      stride_mb, stride_mh, stride_cb,
+                      n_kv_heads, group, h_lo, h_hi, scale2, len_key,
+                      HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, UPCAST: tl.constexpr,
+                      DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Lse, Fai fp32 [B, Hq, T] (unit stride on T);
+    Counts int64 [B, T] = |T(s)|. Table int32 [n, 5] = (batch, seg_start, seg_end, response_start, n0)."""
+    pid = tl.program_id(0)
+    kv_head = pid % n_kv_heads
+    entry = pid // n_kv_heads
+    if BLOCK_N == SMALL_N:
+        entry += table_off_small
+    else:
+        entry += table_off_large
+    row = Table + entry.to(tl.int64) * 5
+    batch = tl.load(row).to(tl.int64)
+    seg_end = tl.load(row + 2)
+    resp = tl.load(row + 3)
+    n0 = tl.load(row + 4)
+
+    offs_s = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    key_ok = offs_s < seg_end
+    k_ptrs = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_s.to(tl.int64)[:, None] * stride_kt \
+        + offs_d[None, :] * stride_kd
+    if HEAD_DIM == D_PAD:
+        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    count = tl.load(Counts + batch * stride_cb + offs_s, mask=key_ok, other=0).to(tl.float32)
+
+    # rows that can attend this key block: [t_lo, t_end)
+    t_lo = tl.maximum(n0 + h_lo, resp)
+    if HAS_HI:
+        t_end = tl.minimum(seg_end, n0 + BLOCK_N + h_hi)
+    else:
+        # lead: rows below n0 + BLOCK_N - 1 + H_lo need the horizon mask; body: whole unmasked row blocks
+        n_lead = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + h_lo - t_lo, 0), BLOCK_M)
+        t_mid = t_lo + n_lead * BLOCK_M
+        t_tail = t_mid + (tl.maximum(seg_end - t_mid, 0) // BLOCK_M) * BLOCK_M
+
+    for g in range(0, group):
+        head = kv_head.to(tl.int64) * group + g
+        q_base = Q + batch * stride_qb + head * stride_qh
+        lse_base = Lse + batch * stride_mb + head * stride_mh
+        col = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_HI:
+            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_lo, t_end, seg_end, h_lo,
+                                  h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
+                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
+        else:
+            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_lo, tl.minimum(t_mid, seg_end),
+                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
+                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
+            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_mid, t_tail,
+                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
+                                  HEAD_DIM, D_PAD, HAS_HI, False, UPCAST, DOT_PREC, BLOCK_M)
+            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_tail, seg_end,
+                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
+                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
+        fai = tl.where(count > 0, col / tl.maximum(count, 1.0), 0.0)
+        tl.store(Fai + batch * stride_mb + head * stride_mh + offs_s, fai, mask=key_ok)
+
+
+_influence_kernel_tuned = triton.autotune(configs=INFLUENCE_CONFIGS, key=["len_key", "HEAD_DIM", "HAS_HI"],
+                                          prune_configs_by={"early_config_prune": _prune_influence_configs},
+                                          )(_influence_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------------------
+def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments, counts: torch.Tensor, *,
+                   horizon: tuple, scale: float) -> torch.Tensor:
+    """Run the influence pass.
+
+    q [B, Hq, T, D], k [B, Hkv, T, D]; lse float32 [B, Hq, T] from the stats pass (unit stride on T);
+    counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T] (0 on padding and
+    where T(s) is empty).
+    """
+    batch, q_heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    d_pad = max(16, triton.next_power_of_2(dim))
+    h_lo, h_hi = int(horizon[0]), (None if horizon[1] is None else int(horizon[1]))
+    fai = torch.zeros(batch, q_heads, length, dtype=torch.float32, device=q.device)
+    counts = counts.to(device=q.device, dtype=torch.int64)
+    if counts.stride(1) != 1:
+        counts = counts.contiguous()
+
+    if autotune_enabled():
+        block_ns, launch, meta = GPU_BLOCK_NS, _influence_kernel_tuned, {}
+    else:
+        meta = default_influence_config(d_pad, q.dtype)
+        block_ns, launch = (meta["BLOCK_N"],), _influence_kernel
+    table, offsets = influence_block_table(segments.host, block_ns, (h_lo, h_hi), q.device)
+    if sum(n for _, n in offsets.values()) == 0:
+        return fai                                      # every T(s) is empty (e.g. empty responses)
+    small = block_ns[0]
+    grid = lambda META: (offsets[META["BLOCK_N"]][1] * kv_heads,)  # noqa: E731
+
+    upcast = interpreting()
+    dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
+    launch[grid](
+        q, k, lse, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
+        *q.stride(), *k.stride(),
+        fai.stride(0), fai.stride(1), counts.stride(0),
+        kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, float(scale) * LOG2E,
+        triton.next_power_of_2(max(segments.max_len, 1)),
+        HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, DOT_PREC=dot_prec, SMALL_N=small,
+        **meta,
+    )
+    return fai

@@ -1,0 +1,51 @@
+"""The Triton backend of ``attention_metrics``: the stats pass, then the influence pass.
+
+    stats pass      (triton_stats)      lse, distance, waad [and out]   row-parallel, FlashAttention forward
+    influence pass  (triton_influence)  fai from q, k and the stored lse column-parallel, dK/dV shape
+
+Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .segments import Horizon, Segments
+from .triton_influence import influence_pass
+from .triton_stats import stats_pass
+
+MAX_HEAD_DIM = 256
+
+
+def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments: Segments,
+                             counts: torch.Tensor, *, window: int, horizon: Horizon,
+                             scale: float) -> dict[str, torch.Tensor]:
+    """Exact per-head metrics of causal softmax attention with the fused Triton kernels.
+
+    Args:
+        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated; any strides; fp32/fp16/bf16).
+        segments: where the sequences live on the T axis (padded rows or packed cu_seqlens).
+        counts: int64 [B, T], |T(s)| per key position (``influence_counts``).
+        window: W of WAAD. horizon: (H_lo, H_hi), H_hi None = to the segment end. scale: softmax scale.
+    Returns:
+        {"lse", "distance", "waad", "fai"}: float32 [B, Hq, T], exactly 0 on padding positions, and
+        "out": [B, T, Hq, D] in q.dtype (zeros on padding rows) when v is given.
+    """
+    dim = q.shape[-1]
+    if dim > MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim D = {dim} is not supported by the triton backend (D <= {MAX_HEAD_DIM}); "
+                         "use backend='torch'")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q: the triton backend needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {q.device}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"k: query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
+    device_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with device_ctx:
+        lse, distance, waad, out = stats_pass(q, k, v, segments, window=window, scale=scale)
+        fai = influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=scale)
+    result = {"lse": lse, "distance": distance, "waad": waad, "fai": fai}
+    if v is not None:
+        result["out"] = out
+    return result
+
