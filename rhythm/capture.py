@@ -1,0 +1,303 @@
+"""Capture: record the per-head SPEC section 2 metrics from inside a transformers model's forward.
+
+A :class:`Capture` registers one attention function under a name of ours in transformers'
+``AttentionInterface`` (and sdpa's mask function under the same name in ``AttentionMaskInterface``, otherwise
+the model builds no mask for an unknown implementation), and switches the model's attention implementation
+to that name for the duration of a ``with`` block. Nothing stays registered or switched afterwards.
+
+Inside the block, every attention call arrives at :meth:`Capture._attention_forward` with post-RoPE
+``query [B, Hq, T, D]`` and unrepeated ``key``/``value [B, Hkv, T, D]``:
+
+- on a sampled layer (``module.layer_idx`` in ``context.layers``) it runs ``attention_metrics(query, key,
+  value, ...)`` in fused mode: one pass gives the attention output O (returned to the model, so the layer
+  behaves as with any other attention) and the per-head lse/distance/waad/fai, which are recorded;
+- every other layer goes to transformers' own sdpa function, with the 4-D mask sdpa's mask function built
+  (or to the model's eager function and eager mask when the model was loaded eager or lacks sdpa support).
+
+The padding and response layout comes from the :class:`CaptureContext` the caller (the scorer) sets up, not
+from the 4-D mask: ``attention_mask [B, T]`` and ``response_start``, or ``cu_seqlens`` for a packed batch. A
+packed batch that arrives without a context layout (B = 1, no mask) is read from the ``cu_seq_lens_q`` kwarg
+(verl's remove-padding path) or from the resets of ``position_ids``.
+
+Stopping early: after the last sampled layer is recorded, the attention function raises a private
+exception (:class:`StopForward`) that :meth:`Capture.run` catches. The upper layers and the LM head never
+run. This was chosen over re-running the decoder layers by hand because it keeps every model's own forward
+(rotary embedding, mask construction, per-layer kwargs, accelerate hooks, sliding/full layer types) exactly
+as the model wrote it: the capture only needs the model to route attention through the interface. The
+exception is raised from inside the no-grad forward; nothing stateful (no KV cache: ``use_cache=False``)
+is left half-updated.
+
+Models the metrics cannot describe raise :class:`UnsupportedModelError` instead of returning wrong numbers:
+an active sliding window on a sampled layer, attention-logit softcapping, attention sinks, a position bias,
+non-causal attention, a KV cache, or a model that bypasses the attention interface (nothing recorded).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .metrics import AttentionMetrics, attention_metrics
+
+_NAME_PREFIX = "rhythm_capture"
+_counter = itertools.count()
+
+
+class UnsupportedModelError(RuntimeError):
+    """The model's attention is not plain causal softmax attention on a sampled layer (or was not seen)."""
+
+
+class StopForward(Exception):
+    """Raised from the attention function after the last sampled layer; caught by :meth:`Capture.run`."""
+
+
+@dataclass
+class CaptureContext:
+    """What one forward pass records, and the sequence layout of its batch.
+
+    layers: sampled decoder layer indices (0-based, ``module.layer_idx``).
+    attention_mask: bool [B, T] (True on real tokens, one contiguous span per row) or None.
+    response_start: LongTensor [B] (or [n_segments] with cu_seqlens), absolute T index of each sequence's
+        first response token; None = every position is a response position.
+    cu_seqlens: LongTensor [n_segments + 1] for a packed batch (B = 1, attention_mask None), or None.
+    window, horizon, backend, validate: passed to ``attention_metrics``.
+    stop_after_last: raise StopForward after the last sampled layer (False to let the forward finish, e.g.
+        when the LM head is needed for entropies).
+    records: layer index -> AttentionMetrics (filled by the capture; ``out`` is dropped after use).
+    """
+
+    layers: tuple[int, ...]
+    attention_mask: torch.Tensor | None = None
+    response_start: torch.Tensor | int | None = None
+    cu_seqlens: torch.Tensor | None = None
+    window: int = 10
+    horizon: tuple[int, int | None] = (10, 100)
+    backend: str = "auto"
+    validate: bool = False
+    stop_after_last: bool = True
+    records: dict[int, AttentionMetrics] = field(default_factory=dict)
+    output: object = None
+
+    def __post_init__(self):
+        if len(self.layers) == 0:
+            raise ValueError("CaptureContext.layers must name at least one layer")
+        self.layers = tuple(sorted(int(x) for x in self.layers))
+
+    @property
+    def last_layer(self) -> int:
+        return self.layers[-1]
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Packed segment boundaries from position ids [1, T] (or [T]): a new segment starts wherever the
+    position does not continue the previous one (the rule transformers' packed-sequence masks use).
+    Returns LongTensor [n_segments + 1] on the device of position_ids."""
+    pos = position_ids.reshape(-1)
+    if pos.numel() == 0:
+        raise ValueError("position_ids is empty")
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[1:] = pos[1:] != pos[:-1] + 1
+    idx = torch.nonzero(starts).reshape(-1)
+    end = torch.tensor([pos.numel()], device=pos.device, dtype=idx.dtype)
+    return torch.cat([idx, end]).to(torch.int64)
+
+
+def _module_config_list(model: torch.nn.Module) -> list:
+    """Every distinct config object of the model and its sub-models (by identity, outermost first)."""
+    configs, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation") and id(config) not in seen:
+            seen.add(id(config))
+            configs.append(config)
+    return configs
+
+
+def is_registered(name: str) -> bool:
+    """Whether an attention function or mask function is registered under ``name`` (for tests)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    return name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
+
+
+class Capture:
+    """Context manager that routes a model's attention through the metrics for one or more forwards.
+
+    Usage::
+
+        with Capture(model) as capture:
+            records = capture.run(context, input_ids=..., attention_mask=..., position_ids=...)
+
+    ``run`` calls ``model(**inputs, use_cache=False)`` (or ``forward=`` a callable of your choice) with the
+    context active, stops after the last sampled layer (unless ``context.stop_after_last`` is False), checks
+    that every sampled layer was recorded and returns ``context.records``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.name = f"{_NAME_PREFIX}_{next(_counter)}"
+        self._context: CaptureContext | None = None
+        self._saved: list[tuple[object, object]] = []
+        self._delegate_name = "sdpa"
+        self._active = False
+
+    # -- registration -------------------------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        configs = _module_config_list(self.model)
+        if not configs:
+            raise UnsupportedModelError(
+                f"model ({type(self.model).__name__}) has no transformers config with an attention implementation"
+            )
+        # Other layers keep what the model can run: sdpa, or the model's own eager function when it was loaded
+        # eager or does not support sdpa (e.g. softcapping models). The mask function follows the delegate.
+        original = configs[0]._attn_implementation
+        supports_sdpa = getattr(self.model, "_supports_sdpa", True)
+        self._delegate_name = "eager" if original == "eager" or not supports_sdpa else "sdpa"
+        AttentionInterface.register(self.name, self._attention_forward)
+        AttentionMaskInterface.register(self.name, AttentionMaskInterface._global_mapping[self._delegate_name])
+        try:
+            for config in configs:
+                self._saved.append((config, config._attn_implementation))
+            for config in configs:
+                config._attn_implementation = self.name
+        except BaseException:
+            self._restore()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        # Restore innermost first: the config setter propagates to sub-configs, so the outer value last
+        # would overwrite a sub-config's own saved value; restoring every config afterwards fixes that.
+        for config, value in reversed(self._saved):
+            config._attn_implementation = value
+        for config, value in self._saved:
+            if config._attn_implementation != value:
+                config._attn_implementation_internal = value
+        self._saved = []
+        AttentionInterface._global_mapping.pop(self.name, None)
+        AttentionMaskInterface._global_mapping.pop(self.name, None)
+        self._active = False
+        self._context = None
+
+    # -- one forward ----------------------------------------------------------------------------------------
+    def run(self, context: CaptureContext, forward=None, **inputs) -> dict[int, AttentionMetrics]:
+        """Run one forward with ``context`` active; returns {layer: AttentionMetrics} for every sampled layer.
+
+        forward: callable receiving ``**inputs`` (default: the model itself with ``use_cache=False``). Its
+        return value is stored in ``context.output`` when the forward is not stopped early.
+        """
+        if not self._active:
+            raise RuntimeError("Capture.run must be called inside `with Capture(model) as capture:`")
+        self._context = context
+        context.records.clear()
+        context.output = None
+        call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
+        try:
+            context.output = call(**inputs)
+        except StopForward:
+            pass
+        finally:
+            self._context = None
+        missing = [layer for layer in context.layers if layer not in context.records]
+        if missing:
+            raise UnsupportedModelError(
+                f"no attention call was recorded for sampled layer(s) {missing} of {type(self.model).__name__}: "
+                "the model does not route its attention through transformers' AttentionInterface (or its "
+                "attention modules carry no `layer_idx`), so its attention cannot be captured"
+            )
+        return context.records
+
+    # -- the attention function -----------------------------------------------------------------------------
+    def _attention_forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           is_causal=None, **kwargs):
+        """transformers attention-function signature: query [B, Hq, T, D], key/value [B, Hkv, S, D] ->
+        (out [B, T, Hq, D], None)."""
+        context = self._context
+        layer = getattr(module, "layer_idx", None)
+        if context is None or layer is None or int(layer) not in context.layers:
+            return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+        layer = int(layer)
+        self._check_supported(module, layer, query, key, dropout, is_causal, kwargs)
+        mask, cu_seqlens = context.attention_mask, context.cu_seqlens
+        if cu_seqlens is None and mask is None and query.shape[0] == 1:
+            cu_seqlens = self._packed_boundaries(kwargs)
+        metrics = attention_metrics(
+            query, key, value, window=context.window, horizon=context.horizon, scale=scaling,
+            attention_mask=mask, response_start=context.response_start, cu_seqlens=cu_seqlens,
+            backend=context.backend, validate=context.validate,
+        )
+        out = metrics.out
+        metrics.out = None
+        context.records[layer] = metrics
+        if context.stop_after_last and layer == context.last_layer:
+            raise StopForward()
+        return out, None
+
+    def _delegate(self, module):
+        """The attention function of a layer we do not record: transformers' sdpa, or the eager function
+        defined next to the module's class (each transformers model file has one)."""
+        if self._delegate_name == "eager":
+            import sys
+
+            eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+            if eager is not None:
+                return eager
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+
+    @staticmethod
+    def _packed_boundaries(kwargs) -> torch.Tensor | None:
+        """Packed layout of a B = 1 batch from the kwargs the model forwards: ``cu_seq_lens_q`` (flash/verl)
+        or the resets of ``position_ids``. None when neither says the row is packed."""
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is not None:
+            return cu.to(torch.int64)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None and position_ids.dim() <= 2 and position_ids.reshape(-1).shape[0] > 1:
+            cu = cu_seqlens_from_position_ids(position_ids)
+            if cu.numel() > 2:
+                return cu
+        return None
+
+    @staticmethod
+    def _check_supported(module, layer, query, key, dropout, is_causal, kwargs) -> None:
+        where = f"layer {layer} ({type(module).__name__})"
+        if kwargs.get("softcap") is not None:
+            raise UnsupportedModelError(
+                f"{where} uses attention-logit softcapping (softcap={kwargs['softcap']}); the metrics assume "
+                "plain softmax(scale * q.k) attention")
+        if any(kwargs.get(name) is not None for name in ("s_aux", "sinks")) or \
+                getattr(module, "sinks", None) is not None:
+            raise UnsupportedModelError(
+                    f"{where} uses attention sinks; the sink's share of each softmax row is not a key position, "
+                    "so the metrics would not describe this attention")
+        window = kwargs.get("sliding_window")
+        if window is not None and key.shape[2] > int(window):
+            raise UnsupportedModelError(
+                f"{where} has an active sliding window ({window} < {key.shape[2]} keys); choose layers with full "
+                "attention or shorter sequences")
+        if kwargs.get("position_bias") is not None:
+            raise UnsupportedModelError(f"{where} adds a position bias to the attention scores")
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not causal:
+            raise UnsupportedModelError(f"{where} is not causal attention")
+        if query.shape[2] != key.shape[2]:
+            raise UnsupportedModelError(
+                f"{where}: query length {query.shape[2]} != key length {key.shape[2]} (a KV cache or cross "
+                "attention); score full sequences without a cache")
+        if dropout and module.training:
+            raise UnsupportedModelError(f"{where} applies attention dropout ({dropout}); call model.eval()")

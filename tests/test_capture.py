@@ -1,0 +1,246 @@
+"""Capture from real transformers models: the metrics recorded inside the forward match eager attention maps
+(``output_attentions=True``) read through the naive formulas, on tiny seeded Llama / Qwen2 / Qwen3 models
+with left padding, right padding and packed rows; nothing stays registered; unsupported models raise.
+
+The helpers here (tiny models, eager maps, metrics from maps) are shared with tests/test_scorer.py."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from rhythm.capture import Capture, CaptureContext, UnsupportedModelError, is_registered  # noqa: E402
+from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens, segments_from_mask  # noqa: E402
+
+WINDOW, HORIZON = 10, (10, 100)
+VOCAB = 128
+
+
+# ---- shared helpers -------------------------------------------------------------------------------------------
+
+def tiny_model(kind: str = "llama", *, layers: int = 6, heads: int = 4, kv_heads: int = 2, seed: int = 0, **extra):
+    """A seeded random causal LM from a config object (no hub). initializer_range 0.3 gives peaked attention."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                  initializer_range=0.3)
+    if kind == "llama":
+        config = transformers.LlamaConfig(**common, **extra)
+        cls = transformers.LlamaForCausalLM
+    elif kind == "qwen2":
+        config = transformers.Qwen2Config(**common, **extra)
+        cls = transformers.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**common, head_dim=16, **extra)
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        raise ValueError(kind)
+    config._attn_implementation = "sdpa"
+    return cls(config).eval()
+
+
+def eager_attentions(model, input_ids, attention_mask=None, position_ids=None):
+    """The paper's way: eager attention with output_attentions=True -> tuple of [B, H, T, T] maps."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        output_attentions=True, use_cache=False)
+    finally:
+        model.config._attn_implementation = previous
+    return out.attentions
+
+
+def maps_metrics(attn: torch.Tensor, segments, window: int = WINDOW, horizon=HORIZON) -> dict[str, torch.Tensor]:
+    """The naive oracle's formulas applied to materialised maps attn [B, H, T, T] (float64 sums).
+
+    Returns distance, waad, fai float64 [B, H, T] and fai_valid bool [B, H, T] (0/False on padding)."""
+    batch, heads, length, _ = attn.shape
+    h_lo, h_hi = horizon
+    out = {name: torch.zeros(batch, heads, length, dtype=torch.float64) for name in ("distance", "waad", "fai")}
+    counts = influence_counts(segments, batch, length, horizon)
+    for b, start, end, resp in segments.host:
+        a = attn[b, :, start:end, start:end].double()
+        t = torch.arange(end - start)
+        lag = t[:, None] - t[None, :]
+        a = torch.where(lag >= 0, a, 0.0)
+        out["distance"][b, :, start:end] = (a * lag.clamp_min(0)).sum(-1)
+        out["waad"][b, :, start:end] = (a * lag.clamp(0, window)).sum(-1)
+        band = (lag >= h_lo) & ((t[:, None] + start) >= resp)
+        if h_hi is not None:
+            band &= lag <= h_hi
+        count = counts[b, start:end].double()
+        out["fai"][b, :, start:end] = torch.where(count > 0, (a * band).sum(-2) / count.clamp_min(1), 0.0)
+    out["fai_valid"] = (counts > 0)[:, None, :].expand(batch, heads, length)
+    return out
+
+
+def assert_within_spec(name: str, got: torch.Tensor, want: torch.Tensor, where: str = "") -> float:
+    """SPEC section 7 fp32 bounds, elementwise; returns the worst absolute error."""
+    got, want = got.double().cpu(), want.double().cpu()
+    err = (got - want).abs()
+    if name == "waad":
+        bound = torch.full_like(want, 1e-4)
+    elif name == "distance":
+        bound = 1e-4 * want.abs().clamp_min(1)
+    else:
+        bound = 1e-6 + 1e-4 * want.abs()
+    excess = (err - bound).max().item()
+    assert excess <= 0, f"{name}{where}: max error {err.max().item():.3g} exceeds the SPEC section 7 bound"
+    return err.max().item()
+
+
+def padded_batch(kind: str, batch: int = 3, length: int = 48, seed: int = 1):
+    """input_ids [B, T] and an int attention_mask with the padding ``kind`` ('left', 'right' or 'none')."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if kind == "left":
+        for b, pad in enumerate([0, 9, 17][:batch]):
+            mask[b, :pad] = 0
+    elif kind == "right":
+        for b, pad in enumerate([5, 0, 13][:batch]):
+            if pad:
+                mask[b, length - pad:] = 0
+    return ids, mask
+
+
+# ---- capture vs eager maps ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_capture_matches_eager_maps_padded(kind, padding):
+    model = tiny_model(kind)
+    ids, mask = padded_batch(padding)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    segs = segments_from_mask(mask.bool(), *ids.shape, None, torch.device("cpu"))
+    response_start = torch.tensor([s + (e - s) // 2 for _, s, e, _ in segs.host])
+    segs = segments_from_mask(mask.bool(), *ids.shape, response_start, torch.device("cpu"))
+    context = CaptureContext(layers=(2, 4), attention_mask=mask.bool(), response_start=response_start,
+                             window=WINDOW, horizon=HORIZON)
+    with torch.inference_mode(), Capture(model) as capture:
+        records = capture.run(context, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+    maps = eager_attentions(model, ids, mask, position_ids)
+    for layer in (2, 4):
+        want = maps_metrics(maps[layer], segs)
+        for name in ("distance", "waad", "fai"):
+            assert_within_spec(name, getattr(records[layer], name), want[name], f" layer {layer}")
+        assert torch.equal(records[layer].fai_valid, want["fai_valid"])
+        real = mask.bool()[:, None, :].expand_as(records[layer].waad)
+        assert torch.all(records[layer].waad[~real] == 0)
+
+
+@pytest.mark.parametrize("source", ["position_ids", "cu_seq_lens_q"])
+def test_capture_packed_boundaries_from_kwargs(source):
+    """B = 1, attention_mask None: boundaries come from position_ids resets or verl's cu_seq_lens_q kwarg."""
+    model = tiny_model("qwen3", kv_heads=1)
+    lengths = [20, 31, 14]
+    cu = torch.tensor([0, 20, 51, 65])
+    ids = torch.randint(0, VOCAB, (1, 65), generator=torch.Generator().manual_seed(3))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    response_start = torch.tensor([12, 40, 60])
+    context = CaptureContext(layers=(3,), response_start=response_start)
+    extra = {}
+    if source == "cu_seq_lens_q":
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=31, max_length_k=31)
+    with torch.inference_mode(), Capture(model) as capture:
+        records = capture.run(context, input_ids=ids, position_ids=position_ids, **extra)
+    maps = eager_attentions(model, ids, None, position_ids)
+    want = maps_metrics(maps[3], segments_from_cu_seqlens(cu, 1, 65, response_start, torch.device("cpu")))
+    for name in ("distance", "waad", "fai"):
+        assert_within_spec(name, getattr(records[3], name), want[name])
+
+
+def test_capture_stops_after_last_sampled_layer():
+    model = tiny_model("llama")
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: seen.append(i)) for i, layer in enumerate(model.model.layers)]
+    head_calls = []
+    hooks.append(model.lm_head.register_forward_pre_hook(lambda m, a: head_calls.append(1)))
+    ids, mask = padded_batch("none", batch=2, length=16)
+    try:
+        with torch.inference_mode(), Capture(model) as capture:
+            capture.run(CaptureContext(layers=(1, 3)), input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [0, 1, 2, 3] and head_calls == []
+
+
+# ---- registration hygiene --------------------------------------------------------------------------------------
+
+def test_nothing_left_registered_or_switched():
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    with Capture(model) as capture:
+        name = capture.name
+        assert model.config._attn_implementation == name and is_registered(name)
+        assert model.model.config._attn_implementation == name
+    assert model.config._attn_implementation == before and not is_registered(name)
+    # also when the forward fails inside the block
+    with pytest.raises(ValueError):
+        with Capture(model) as capture:
+            name = capture.name
+            capture.run(CaptureContext(layers=(1,), attention_mask=torch.zeros(1, 4, dtype=torch.bool)),
+                        input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert model.config._attn_implementation == before and not is_registered(name)
+    assert not any(key.startswith("rhythm_capture") for key in
+                   transformers.modeling_utils.AttentionInterface._global_mapping)
+
+
+# ---- models the metrics cannot describe ------------------------------------------------------------------------
+
+def test_active_sliding_window_raises():
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    ids, mask = padded_batch("none", batch=1, length=24)
+    with torch.inference_mode(), Capture(model) as capture, pytest.raises(UnsupportedModelError, match="sliding"):
+        capture.run(CaptureContext(layers=(2,)), input_ids=ids, attention_mask=mask)
+
+
+def test_softcapping_raises():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                       attn_logit_softcapping=50.0, sliding_window=4096)
+    config._attn_implementation = "eager"
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with torch.inference_mode(), Capture(model) as capture, pytest.raises(UnsupportedModelError, match="softcap"):
+        capture.run(CaptureContext(layers=(1,)), input_ids=torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_attention_sinks_raise():
+    """GPT-OSS style sinks arrive as ``s_aux`` (and a ``sinks`` parameter on the module)."""
+    model = tiny_model("llama", layers=3)
+    module = model.model.layers[1].self_attn
+    q = torch.randn(1, 4, 8, 16)
+    kv = torch.randn(1, 2, 8, 16)
+    with Capture(model) as capture:
+        capture._context = CaptureContext(layers=(1,))
+        with pytest.raises(UnsupportedModelError, match="sinks"):
+            capture._attention_forward(module, q, kv, kv, None, scaling=0.25, s_aux=torch.zeros(4))
+
+
+class _BypassModel(torch.nn.Module):
+    """A model with a transformers config whose attention never calls the AttentionInterface."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2,
+                                               num_key_value_heads=2, intermediate_size=32, vocab_size=VOCAB)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+
+    def forward(self, input_ids, **kwargs):
+        x = self.embed(input_ids)
+        return torch.softmax(x @ x.transpose(-1, -2), -1) @ x
+
+
+def test_model_bypassing_the_interface_raises():
+    model = _BypassModel()
+    with Capture(model) as capture, pytest.raises(UnsupportedModelError, match="AttentionInterface"):
+        capture.run(CaptureContext(layers=(1,)), input_ids=torch.zeros(1, 5, dtype=torch.long))
+    assert not is_registered(capture.name)
