@@ -111,7 +111,7 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
     device = q.device
     lse, distance, waad, fai_sum = (torch.zeros(q_heads, n, device=device) for _ in range(4))
     out = torch.zeros(n, q_heads, v.shape[-1], device=device) if v is not None else None
-    q_grouped = q.view(kv_heads, group, n, dim)
+    q_grouped = (q * scale).view(kv_heads, group, n, dim)             # fold the scale into q once
     key_t = k.transpose(1, 2)                                            # [Hkv, D, n]
     key_offsets = torch.arange(n, device=device, dtype=torch.float32)
 
@@ -120,7 +120,7 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
         rows = t1 - t0
         # Block row of scores: [Hkv, G * rows, t1] -> [Hq, rows, t1]; keys beyond the diagonal are masked.
         q_blk = q_grouped[:, :, t0:t1].reshape(kv_heads, group * rows, dim)
-        scores = torch.matmul(q_blk, key_t[:, :, :t1]).mul_(scale).view(q_heads, rows, t1)
+        scores = torch.matmul(q_blk, key_t[:, :, :t1]).view(q_heads, rows, t1)
         scores[:, :, t0:t1].masked_fill_(_future(rows, device), float("-inf"))
         # Softmax statistics: P = exp(S - m), l = sum P, lse = m + log l (P is built in place of S).
         row_max = scores.amax(dim=-1, keepdim=True)
