@@ -5,7 +5,8 @@
 
 One program per (key block [n0, n0 + BLOCK_N) of a segment, KV head). The K tile stays in registers; the
 program loops over the query heads of the GQA group (query head h reads kv head h // group) and, per head,
-over the query rows that can attend the block:
+over the query rows that can attend the block (SPLIT_HEADS = True instead gives each query head its own
+program, same K tile: G times more programs for short or few sequences; autotuned):
 
     t in [t_lo, t_end),  t_lo = max(n0 + H_lo, response_start),
                          t_end = min(seg_end, n0 + BLOCK_N + H_hi)   (seg_end when H_hi is None)
@@ -33,14 +34,15 @@ from .triton_stats import LOG2E, autotune_enabled, interpreting
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
 INFLUENCE_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": False}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": True}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": False}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32, "SPLIT_HEADS": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "SPLIT_HEADS": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "SPLIT_HEADS": False}, num_warps=8, num_stages=2),
 ]
 GPU_BLOCK_NS = (64, 128)
-INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 32, "SPLIT_HEADS": False, "num_warps": 4, "num_stages": 1}
 
 
 def default_influence_config(d_pad: int, dtype: torch.dtype) -> dict:
@@ -48,8 +50,8 @@ def default_influence_config(d_pad: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(INTERPRET_CONFIG)
     if dtype == torch.float32 or d_pad >= 256:
-        return {"BLOCK_N": 64, "BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_N": 128, "BLOCK_M": 64, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_N": 64, "BLOCK_M": 32, "SPLIT_HEADS": True, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": True, "num_warps": 8, "num_stages": 2}
 
 
 def _prune_influence_configs(configs, named_args, **kwargs):
@@ -142,15 +144,23 @@ def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_
                       stride_qb, stride_qh, stride_qt, stride_qd,
                       stride_kb, stride_kh, stride_kt, stride_kd,
                       stride_mb, stride_mh, stride_cb,
-                      n_kv_heads, group, h_lo, h_hi, scale2, len_key,
+                      n_q_heads, n_kv_heads, group, h_lo, h_hi, scale2, len_key,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, UPCAST: tl.constexpr,
                       DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_HEADS: tl.constexpr):
     """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Lse, Fai fp32 [B, Hq, T] (unit stride on T);
     Counts int64 [B, T] = |T(s)|. Table int32 [n, 5] = (batch, seg_start, seg_end, response_start, n0)."""
     pid = tl.program_id(0)
-    kv_head = pid % n_kv_heads
-    entry = pid // n_kv_heads
+    if SPLIT_HEADS:                        # one query head per program
+        kv_head = (pid % n_q_heads) // group
+        g_start = (pid % n_q_heads) % group
+        g_stop = g_start + 1
+        entry = pid // n_q_heads
+    else:                                  # the whole GQA group per program
+        kv_head = pid % n_kv_heads
+        g_start = 0
+        g_stop = group
+        entry = pid // n_kv_heads
     if BLOCK_N == SMALL_N:
         entry += table_off_small
     else:
@@ -185,7 +195,7 @@ def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_
         t_mid = t_lo + n_lead * BLOCK_M
         t_tail = t_mid + (tl.maximum(seg_end - t_mid, 0) // BLOCK_M) * BLOCK_M
 
-    for g in range(0, group):
+    for g in range(g_start, g_stop):
         head = kv_head.to(tl.int64) * group + g
         q_base = Q + batch * stride_qb + head * stride_qh
         lse_base = Lse + batch * stride_mb + head * stride_mh
@@ -217,12 +227,13 @@ _influence_kernel_tuned = triton.autotune(configs=INFLUENCE_CONFIGS, key=["len_k
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments, counts: torch.Tensor, *,
-                   horizon: tuple, scale: float) -> torch.Tensor:
+                   horizon: tuple, scale: float, config: dict | None = None) -> torch.Tensor:
     """Run the influence pass.
 
     q [B, Hq, T, D], k [B, Hkv, T, D]; lse float32 [B, Hq, T] from the stats pass (unit stride on T);
     counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T] (0 on padding and
-    where T(s) is empty).
+    where T(s) is empty). ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS, num_warps,
+    num_stages} instead of the default / autotuned one.
     """
     batch, q_heads, length, dim = q.shape
     kv_heads = k.shape[1]
@@ -233,16 +244,16 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments
     if counts.stride(1) != 1:
         counts = counts.contiguous()
 
-    if autotune_enabled():
+    if config is None and autotune_enabled():
         block_ns, launch, meta = GPU_BLOCK_NS, _influence_kernel_tuned, {}
     else:
-        meta = default_influence_config(d_pad, q.dtype)
+        meta = dict(config) if config is not None else default_influence_config(d_pad, q.dtype)
         block_ns, launch = (meta["BLOCK_N"],), _influence_kernel
     table, offsets = influence_block_table(segments.host, block_ns, (h_lo, h_hi), q.device)
     if sum(n for _, n in offsets.values()) == 0:
         return fai                                      # every T(s) is empty (e.g. empty responses)
     small = block_ns[0]
-    grid = lambda META: (offsets[META["BLOCK_N"]][1] * kv_heads,)  # noqa: E731
+    grid = lambda META: (offsets[META["BLOCK_N"]][1] * (q_heads if META["SPLIT_HEADS"] else kv_heads),)  # noqa: E731
 
     upcast = interpreting()
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
@@ -250,7 +261,7 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments
         q, k, lse, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
         *q.stride(), *k.stride(),
         fai.stride(0), fai.stride(1), counts.stride(0),
-        kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, float(scale) * LOG2E,
+        q_heads, kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, float(scale) * LOG2E,
         triton.next_power_of_2(max(segments.max_len, 1)),
         HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, DOT_PREC=dot_prec, SMALL_N=small,
         **meta,

@@ -202,6 +202,26 @@ def test_deterministic():
         assert torch.equal(getattr(first, name), getattr(second, name)), f"{name} differs between two calls"
 
 
+@pytest.mark.parametrize("horizon", [(10, 100), (10, None)])
+def test_influence_split_heads_is_bitwise_equal(horizon):
+    """One query head per program (SPLIT_HEADS) sums the same terms in the same order as the group loop."""
+    from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens
+    from rhythm_kernels.triton_influence import influence_pass
+    from rhythm_kernels.triton_stats import stats_pass
+
+    cu = torch.tensor([0, 70, 160], device=DEVICE)
+    q, k, _ = random_qkv(1, 6, 2, 160, 64, device=DEVICE, seed=12)
+    segments = segments_from_cu_seqlens(cu, 1, 160, torch.tensor([30, 100], device=DEVICE), q.device)
+    counts = influence_counts(segments, 1, 160, horizon)
+    lse = stats_pass(q, k, None, segments, window=10, scale=64 ** -0.5)[0]
+    base = {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+    fai = [influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=64 ** -0.5,
+                          config={**base, "SPLIT_HEADS": split}) for split in (False, True)]
+    assert torch.equal(fai[0], fai[1])
+    assert torch.equal(fai[0], run(q, k, cu_seqlens=cu, horizon=horizon,
+                                   response_start=torch.tensor([30, 100], device=DEVICE)).fai)
+
+
 def test_head_dim_too_large():
     q, k, _ = random_qkv(1, 1, 1, 8, 264, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
