@@ -1,6 +1,6 @@
 """Token selection of SPEC section 4 as boolean masks [B, T] that can be inspected and plotted.
 
-All functions are batched over rows and vectorised over tokens (sorts, shifts and scatters; the only
+All functions are batched over rows and vectorised over tokens (selections, shifts and scatters; the only
 Python loop is over the k offsets of the look-back window). The response of a row is the one contiguous run
 of True in ``response_mask`` (any left/right padding and prompt are False); a row with no True is an empty
 response and selects nothing.
@@ -52,6 +52,22 @@ def selection_count(q: float, n: torch.Tensor) -> torch.Tensor:
     return torch.ceil(n.to(torch.float64) * float(q)).to(torch.long)
 
 
+def kth_smallest(values: torch.Tensor, eligible: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """The eligible value of 0-based ascending rank ``rank`` in each row (float [B]; meaningless where rank is
+    outside [0, n_eligible), which callers mask). O(T) per row: one ``torch.kthvalue`` with one k for all.
+
+    Each row is padded with T - 1 - rank copies of -inf (below every value) and +inf for the rest, and the
+    ineligible positions become +inf: the element of overall rank T - 1 is then the eligible one of rank
+    ``rank``, so a single k serves every row.
+    """
+    batch, length = values.shape
+    rank = rank.clamp(0, length - 1)
+    pad_index = torch.arange(length - 1, device=values.device)
+    pad = torch.where(pad_index[None, :] < (length - 1 - rank)[:, None], -INF, INF).to(values.dtype)
+    extended = torch.cat([torch.where(eligible, values, INF), pad], dim=1)
+    return torch.kthvalue(extended, length, dim=1).values
+
+
 def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
     """Top ceil(q * |eligible|) eligible positions of each row by score, ties to the lower position.
 
@@ -61,16 +77,16 @@ def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
         (mask bool [B, T], threshold [B] = smallest selected score or +inf if none (in the compute dtype:
         float32, or float64 for float64 scores), count long [B]).
     """
-    count = selection_count(q, eligible.sum(1))
-    # Stable ascending sort of -score (+inf off the eligible set): largest score first, equal scores keep
-    # their position order, so the lower position wins a tie at the threshold.
-    key = torch.where(eligible, -_as_float(scores), INF)
-    values, order = torch.sort(key, dim=1, stable=True)
-    rank = torch.arange(key.shape[1], device=key.device)
-    chosen = rank[None, :] < count[:, None]                        # [B, T] in sorted order
-    mask = torch.zeros_like(eligible).scatter_(1, order, chosen)
-    last = values.gather(1, (count - 1).clamp(min=0)[:, None]).squeeze(1)
-    threshold = torch.where(count > 0, -last, INF)
+    scores = _as_float(scores)
+    n = eligible.sum(1)
+    count = selection_count(q, n)
+    # threshold = the count-th largest eligible score = ascending rank n - count (a selection, not a sort).
+    threshold = torch.where(count > 0, kth_smallest(scores, eligible, n - count), INF)
+    above = eligible & (scores > threshold[:, None])
+    # Scores equal to the threshold fill the remaining places in position order (lower position first).
+    tied = eligible & (scores == threshold[:, None])
+    remaining = count - above.sum(1)
+    mask = above | (tied & (tied.cumsum(1) <= remaining[:, None]))
     return mask, threshold, count
 
 
@@ -138,9 +154,7 @@ def _rhythm_selection(waad, fai, response_mask, fai_valid, q, k) -> RhythmSelect
 
     # tau_waad: lower median of WAAD over the response (torch.median's choice: sorted index (n-1)//2).
     n_resp = response_mask.sum(1)
-    sorted_waad = torch.sort(torch.where(response_mask, waad, INF), dim=1).values
-    tau_waad = sorted_waad.gather(1, ((n_resp - 1) // 2).clamp(min=0)[:, None]).squeeze(1)
-    tau_waad = torch.where(n_resp > 0, tau_waad, 0.0)
+    tau_waad = torch.where(n_resp > 0, kth_smallest(waad, response_mask, (n_resp - 1) // 2), 0.0)
 
     # Look-back window [t-k, t-1] within R: for t in R those positions are response tokens exactly where
     # delta_valid holds. Scan offsets j = 1..k (latest position first); a strict '>' keeps the latest

@@ -134,3 +134,19 @@ def test_selection_bad_inputs():
         random_selection(mask, seed=1.5)
     with pytest.raises(ValueError, match="entropy"):
         entropy_selection(torch.tensor([[0., float("nan"), 1., 1.]]), mask)
+
+
+def test_kth_smallest_matches_sort():
+    from rhythm.selection import kth_smallest
+
+    torch.manual_seed(9)
+    values = torch.randint(0, 5, (6, 11)).float()
+    eligible = torch.rand(6, 11) > 0.3
+    eligible[0] = True
+    n = eligible.sum(1)
+    for b in range(6):
+        ranked = sorted(values[b][eligible[b]].tolist())
+        for r in range(int(n[b])):
+            rank = torch.zeros(6, dtype=torch.long)
+            rank[b] = r
+            assert kth_smallest(values, eligible, rank)[b].item() == ranked[r]

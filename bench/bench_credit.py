@@ -1,0 +1,129 @@
+"""CPU micro-benchmark: ``credit_multipliers`` (all five strategies) for a batch of 512 responses of 8K
+tokens, against ``attention_metrics(backend="torch")`` of one SmolLM2-135M layer (Hq 9, Hkv 3, D 64, fp32)
+over one 8K sequence, on the same machine.
+
+The credit inputs are random per-token signals (WAAD in [0, 10], FAI in [0, 1], entropy, fai_valid False
+on the last 10 response tokens) with mixed layouts: left padding, a prompt, the response, right padding.
+Each measurement runs in a fresh subprocess: time = median of the repeats, memory = increase of peak RSS
+over the process's peak after its imports and inputs ("extra peak").
+
+    python bench/bench_credit.py [--batch 512] [--length 8192] [--repeats 3] [--out bench/results/credit_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+STRATEGIES = ("local", "global", "coupled", "random", "entropy")
+HQ, HKV, DIM, WINDOW, HORIZON = 9, 3, 64, 10, (10, 100)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def credit_inputs(batch: int, length: int):
+    """Random signals and a mixed-layout response mask [batch, length] (vectorised, seeded)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.arange(length)[None, :]
+    left_pad = torch.randint(0, length // 8, (batch, 1), generator=gen)
+    prompt = torch.randint(16, length // 8, (batch, 1), generator=gen)
+    right_pad = torch.randint(0, length // 4, (batch, 1), generator=gen)
+    resp_start, resp_end = left_pad + prompt, length - right_pad
+    response_mask = (pos >= resp_start) & (pos < resp_end)
+    fai_valid = response_mask & (pos < resp_end - HORIZON[0])
+    waad = torch.rand(batch, length, generator=gen) * WINDOW
+    fai = torch.rand(batch, length, generator=gen)
+    entropy = torch.rand(batch, length, generator=gen) * 3
+    return waad, fai, response_mask, fai_valid, entropy
+
+
+def worker(method: str, batch: int, length: int, repeats: int) -> dict:
+    """Runs inside the subprocess: build inputs, run the method, report time and extra peak RSS."""
+    import torch
+
+    import rhythm
+
+    if method == "metrics":
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(1, HQ, length, DIM, generator=gen) * 1.5
+        k = torch.randn(1, HKV, length, DIM, generator=gen) * 1.5
+
+        def call():
+            return rhythm.attention_metrics(q, k, window=WINDOW, horizon=HORIZON, response_start=length // 4,
+                                            backend="torch")
+    else:
+        waad, fai, response_mask, fai_valid, entropy = credit_inputs(batch, length)
+
+        def call():
+            return rhythm.credit_multipliers(waad, fai, response_mask, strategy=method, fai_valid=fai_valid,
+                                             entropy=entropy)
+    base = _peak_rss_bytes()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - begin)
+        del out
+    times.sort()
+    return {"seconds": times[len(times) // 2], "all_seconds": times,
+            "extra_peak_rss_mib": (_peak_rss_bytes() - base) / 2**20}
+
+
+def run_in_subprocess(method: str, batch: int, length: int, repeats: int) -> dict:
+    code = ("import json, sys; sys.path.insert(0, %r); from bench.bench_credit import worker;"
+            "print('RESULT' + json.dumps(worker(%r, %d, %d, %d)))") % (os.getcwd(), method, batch, length, repeats)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return json.loads(line[len("RESULT"):])
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+    return {"failed": True, "error": tail[0][:300]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="bench/results/credit_cpu.json")
+    args = parser.parse_args()
+    sys.path.insert(0, os.getcwd())
+    from bench.machine import describe
+
+    machine = describe()
+    credit = {}
+    for strategy in STRATEGIES:
+        credit[strategy] = run_in_subprocess(strategy, args.batch, args.length, args.repeats)
+        print(strategy, json.dumps(credit[strategy]), flush=True)
+    metrics = run_in_subprocess("metrics", 1, args.length, args.repeats)
+    print("attention_metrics", json.dumps(metrics), flush=True)
+    ok = [v["seconds"] for v in credit.values() if not v.get("failed")]
+    result = {
+        "benchmark": "credit_multipliers (5 strategies) vs attention_metrics torch backend of one layer",
+        "credit_shape": {"B": args.batch, "T": args.length, "q": 0.4, "gamma_amp": 1.5, "alpha": 0.5, "k": 3},
+        "metrics_shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "T": args.length, "dtype": "float32",
+                          "window": WINDOW, "horizon": HORIZON, "response_start": "T/4",
+                          "backend": "torch", "passes": "stats + influence (the whole attention_metrics call)"},
+        "credit": credit,
+        "attention_metrics_one_layer": metrics,
+        "machine": machine,
+    }
+    if ok and not metrics.get("failed"):
+        result["slowest_credit_over_metrics"] = max(ok) / metrics["seconds"]
+        result["credit_cheaper_than_metrics"] = max(ok) < metrics["seconds"]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
