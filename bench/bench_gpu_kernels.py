@@ -1,0 +1,332 @@
+"""GPU benchmark of the Triton kernels against torch SDPA (flash) and the eager-maps pipeline.
+
+bf16, causal, one layer B x Hq x Hkv x D = 1 x 32 x 8 x {128, 64}, T = 2K, 8K, 32K, every position a response
+position (the most influence work). Per (D, T) it times (CUDA events, warmup, median of the repeats):
+
+    sdpa_flash          F.scaled_dot_product_attention(is_causal=True) under SDPBackend.FLASH_ATTENTION
+    stats_with_out      our stats pass with v: lse, distance, waad and the attention output O
+    stats_no_out        our stats pass without v (the PV product compiled out)
+    influence_band      our influence pass, horizon (10, 100)
+    influence_full      our influence pass, horizon (10, None)
+    metrics_only        stats_no_out + influence_band (sum of the two medians: what the metrics cost)
+    api_metrics_only    rhythm.attention_metrics(backend="triton", validate=False): the same plus host work
+    eager_maps          softmax(QK^T) materialised in fp32, then distance/waad/fai read off it ("oom" if so)
+
+FLOPs (FlashAttention's convention: only the useful entries of the causal triangle, 2 FLOPs per MAC):
+    sdpa_flash, stats_with_out   4 * B * Hq * T^2 * D / 2        (QK^T and PV)
+    stats_no_out, influence_full 2 * B * Hq * T^2 * D / 2        (QK^T only; the influence pass recomputes it)
+    influence_band               2 * B * Hq * D * (band entries)  (entries with 10 <= t - s <= 100)
+    metrics_only, api, eager     stats_no_out + influence_band    (the same useful work, to compare)
+Peak memory: torch.cuda.max_memory_allocated() minus the allocation before the call (outputs included).
+
+    python3 bench/bench_gpu_kernels.py                    # on a CUDA machine (about 2 minutes on an H100)
+    python3 bench/bench_gpu_kernels.py --dry-run          # CPU, Triton interpreter, tiny shapes: checks the script
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+WINDOW = 10
+BAND = (10, 100)
+FULL = (10, None)
+TARGETS = {"stats_with_out": 1.05, "metrics_only": 0.75, "influence_full": 0.6}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1 with tiny shapes")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"))
+    parser.add_argument("--budget-s", type=float, default=210.0,
+                        help="stop starting new shapes after this many seconds (the rest is marked skipped)")
+    parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON path (default: $OUT and bench/results/)")
+    return parser.parse_args()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def measure(self, fn, warmup: int, repeats: int) -> dict:
+        import torch
+
+        start = time.perf_counter()
+        fn()                                                     # first call: compile and autotune
+        if self.cuda:
+            torch.cuda.synchronize()
+        first_ms = (time.perf_counter() - start) * 1e3
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1e3)
+        return {"ms": statistics.median(times), "ms_min": min(times), "repeats": repeats,
+                "first_call_ms": first_ms}
+
+    def peak_bytes(self, fn) -> int | None:
+        import torch
+
+        if not self.cuda:
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del result
+        return int(peak)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The methods
+# --------------------------------------------------------------------------------------------------------
+def eager_maps(q, k, scale, response_start=0):
+    """What users write today: A = softmax(QK^T) materialised in fp32, then the metrics read off it."""
+    import torch
+
+    group = q.shape[1] // k.shape[1]
+    length = q.shape[2]
+    scores = torch.matmul(q.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+    pos = torch.arange(length, device=q.device)
+    lag = pos[:, None] - pos[None, :]
+    scores.masked_fill_(lag < 0, float("-inf"))
+    attn = torch.softmax(scores, dim=-1)
+    del scores
+    lagf = lag.clamp_min(0).float()
+    distance = (attn * lagf).sum(-1)
+    waad = (attn * lagf.clamp_max(WINDOW)).sum(-1)
+    band = (lag >= BAND[0]) & (lag <= BAND[1]) & (pos[:, None] >= response_start)
+    fai = (attn * band).sum(-2) / band.sum(0).clamp_min(1)
+    return distance, waad, fai
+
+
+def sdpa_flash_fn(q, k, v, cuda: bool):
+    """SDPA forward under the flash backend (CPU: its flash kernel too). GQA via enable_gqa when the backend
+    takes it, else K/V repeated once outside the timed call. Returns (fn, how)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attempt(kk, vv, gqa):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+
+    try:
+        attempt(k, v, True)
+        return (lambda: attempt(k, v, True)), "flash, enable_gqa"
+    except RuntimeError:
+        group = q.shape[1] // k.shape[1]
+        kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        attempt(kk, vv, False)
+        return (lambda: attempt(kk, vv, False)), "flash, K/V repeated outside the timing"
+
+
+def flops(name: str, batch: int, heads: int, length: int, dim: int) -> float:
+    tri = batch * heads * length * length * dim / 2
+    band_entries = sum(max(0, t - BAND[0] - max(0, t - BAND[1]) + 1) for t in range(length))
+    band = 2 * batch * heads * dim * band_entries
+    return {"sdpa_flash": 4 * tri, "stats_with_out": 4 * tri, "stats_no_out": 2 * tri,
+            "influence_full": 2 * tri, "influence_band": band}.get(name, 2 * tri + band)
+
+
+def device_info(cuda: bool) -> dict:
+    import torch
+    import triton
+
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count)
+    else:
+        info["device"] = "cpu (Triton interpreter)"
+    return info
+
+
+def chosen_configs() -> dict:
+    """The autotuner's pick for the last call of each kernel (None without autotuning)."""
+    from rhythm_kernels import triton_influence, triton_stats
+
+    picks = {}
+    for name, kernel in (("stats", triton_stats._stats_kernel_tuned),
+                         ("influence", triton_influence._influence_kernel_tuned)):
+        best = getattr(kernel, "best_config", None)
+        picks[name] = None if best is None else str(best)
+    return picks
+
+
+def bench_shape(timer, cuda, batch, q_heads, kv_heads, length, dim, dtype, run_eager, warmup, repeats) -> dict:
+    import torch
+
+    import rhythm
+    from rhythm_kernels.segments import influence_counts, segments_from_mask
+    from rhythm_kernels.triton_influence import influence_pass
+    from rhythm_kernels.triton_stats import stats_pass
+
+    device = "cuda" if cuda else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    make = lambda heads: torch.randn(batch, heads, length, dim, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
+    scale = dim ** -0.5
+    segments = segments_from_mask(None, batch, length, None, q.device)
+    counts_band = influence_counts(segments, batch, length, BAND)
+    counts_full = influence_counts(segments, batch, length, FULL)
+    lse = stats_pass(q, k, None, segments, window=WINDOW, scale=scale)[0]
+
+    methods = {
+        "stats_with_out": lambda: stats_pass(q, k, v, segments, window=WINDOW, scale=scale),
+        "stats_no_out": lambda: stats_pass(q, k, None, segments, window=WINDOW, scale=scale),
+        "influence_band": lambda: influence_pass(q, k, lse, segments, counts_band, horizon=BAND, scale=scale),
+        "influence_full": lambda: influence_pass(q, k, lse, segments, counts_full, horizon=FULL, scale=scale),
+        "api_metrics_only": lambda: rhythm.attention_metrics(q, k, backend="triton", window=WINDOW, horizon=BAND,
+                                                             validate=False),
+    }
+    row = {"B": batch, "Hq": q_heads, "Hkv": kv_heads, "T": length, "D": dim, "dtype": str(dtype), "methods": {}}
+    try:
+        sdpa, how = sdpa_flash_fn(q, k, v, cuda)
+        methods = {"sdpa_flash": sdpa, **methods}
+        row["sdpa"] = how
+    except RuntimeError as exc:
+        row["methods"]["sdpa_flash"] = {"error": str(exc).splitlines()[0][:200]}
+    if run_eager:
+        methods["eager_maps"] = lambda: eager_maps(q, k, scale)
+
+    for name, fn in methods.items():
+        try:
+            entry = timer.measure(fn, warmup, repeats)
+            entry["peak_mem_bytes"] = timer.peak_bytes(fn)
+        except torch.cuda.OutOfMemoryError:
+            entry = {"ms": None, "result": "oom"}
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            entry = {"ms": None, "result": "oom"}
+        if cuda:
+            torch.cuda.empty_cache()
+        if entry.get("ms"):
+            entry["tflops"] = flops(name, batch, q_heads, length, dim) / (entry["ms"] * 1e-3) / 1e12
+        row["methods"][name] = entry
+
+    m = row["methods"]
+    if m.get("stats_no_out", {}).get("ms") and m.get("influence_band", {}).get("ms"):
+        total = m["stats_no_out"]["ms"] + m["influence_band"]["ms"]
+        m["metrics_only"] = {"ms": total, "tflops": flops("metrics_only", batch, q_heads, length, dim) / total / 1e9,
+                             "note": "stats_no_out + influence_band (sum of medians)"}
+    base = m.get("sdpa_flash", {}).get("ms")
+    if base:
+        row["vs_sdpa_flash"] = {}
+        for name, target in TARGETS.items():
+            ms = m.get(name, {}).get("ms")
+            if ms:
+                applies = name != "influence_full" or length >= 8192
+                row["vs_sdpa_flash"][name] = {"ratio": ms / base, "target": target,
+                                             "met": (ms / base <= target) if applies else None}
+        # sanity: our O against SDPA's
+        ours = stats_pass(q, k, v, segments, window=WINDOW, scale=scale)[3]
+        ref = methods["sdpa_flash"]().transpose(1, 2)
+        row["out_vs_sdpa_max_abs"] = float((ours.float() - ref.float()).abs().max())
+    row["autotuned_configs"] = chosen_configs()
+    return row
+
+
+def main():
+    args = parse_args()
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.getcwd())
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("no CUDA device: run with --dry-run (Triton interpreter, tiny shapes)")
+    if args.dry_run:
+        lengths, dims, (q_heads, kv_heads) = args.lengths or [64, 96], args.dims or [64], args.heads or (4, 2)
+        warmup, dtype = 0, torch.bfloat16
+    else:
+        lengths, dims = args.lengths or [2048, 8192, 32768], args.dims or [128, 64]
+        (q_heads, kv_heads), warmup, dtype = args.heads or (32, 8), 3, torch.bfloat16
+    timer = Timer(cuda)
+    started = time.perf_counter()
+    rows = []
+    for dim in dims:
+        for length in lengths:
+            if time.perf_counter() - started > args.budget_s:
+                rows.append({"T": length, "D": dim, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            repeats = 1 if args.dry_run else (10 if length <= 8192 else 5)
+            row = bench_shape(timer, cuda, 1, q_heads, kv_heads, length, dim, dtype, not args.no_eager,
+                              warmup, repeats)
+            rows.append(row)
+            summary = {name: entry.get("ms", entry.get("result")) for name, entry in row["methods"].items()}
+            print(json.dumps({"T": length, "D": dim, "ms": summary, "vs_sdpa": row.get("vs_sdpa_flash")}),
+                  flush=True)
+
+    result = {
+        "benchmark": "rhythm triton kernels vs SDPA flash forward and the eager-maps pipeline",
+        "machine": device_info(cuda),
+        "settings": {"causal": True, "window": WINDOW, "horizon_band": BAND, "horizon_full": FULL,
+                     "response_start": "0 (every position is a response position)", "warmup": warmup,
+                     "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)"},
+        "flops_convention": {
+            "sdpa_flash, stats_with_out": "4*B*Hq*T^2*D/2 (QK^T + PV over the causal half)",
+            "stats_no_out, influence_full": "2*B*Hq*T^2*D/2 (QK^T over the causal half)",
+            "influence_band": "2*B*Hq*D*(entries with 10 <= t-s <= 100)",
+            "metrics_only, api_metrics_only, eager_maps": "stats_no_out + influence_band (same useful work)",
+        },
+        "targets_vs_sdpa_flash": TARGETS,
+        "wall_s": time.perf_counter() - started,
+        "rows": rows,
+    }
+    paths = []
+    if args.out:
+        paths.append(args.out)
+    else:
+        if os.environ.get("OUT"):
+            paths.append(os.path.join(os.environ["OUT"], "bench_gpu_kernels.json"))
+        if not args.dry_run:
+            slug = result["machine"]["device"].replace(" ", "_").replace("/", "_")
+            stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+            paths.append(os.path.join("bench", "results", f"gpu_kernels_{slug}_{stamp}.json"))
+        else:
+            paths.append(os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_gpu_kernels_dryrun.json"))
+    for path in paths:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
