@@ -183,11 +183,16 @@ def _rhythm_selection(waad, fai, response_mask, fai_valid, q, k) -> RhythmSelect
                            anchor_count=anchor_count)
 
 
-def _random_selection(response_mask, q, seed) -> torch.Tensor:
-    generator = torch.Generator(device=response_mask.device)
+def random_keys(shape, seed: int, device) -> torch.Tensor:
+    """The keys of the random baseline: float32 uniform [B, T] from a torch.Generator seeded with ``seed`` on
+    ``device`` (the response tokens with the top ceil(q |R|) keys are chosen)."""
+    generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
-    keys = torch.rand(response_mask.shape, generator=generator, device=response_mask.device)
-    return top_q_mask(keys, response_mask, q)[0]
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _random_selection(response_mask, q, seed) -> torch.Tensor:
+    return top_q_mask(random_keys(response_mask.shape, seed, response_mask.device), response_mask, q)[0]
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:

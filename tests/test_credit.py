@@ -401,3 +401,17 @@ def test_bad_advantages_shape():
         shape_advantages(torch.ones(3), torch.ones(2, 6))
     with pytest.raises(TypeError, match="advantages"):
         shape_advantages(torch.ones(2, dtype=torch.long), torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cpu_row_chunking_is_invisible(strategy, monkeypatch):
+    import rhythm.credit as credit
+
+    torch.manual_seed(6)
+    mask = _batch([(0, 40), (5, 30), (39, 40), (7, 7), (2, 40)], 40)
+    waad, fai, entropy = torch.rand(5, 40), torch.rand(5, 40), torch.rand(5, 40)
+    fai_valid = torch.rand(5, 40) > 0.2
+    kwargs = dict(strategy=strategy, fai_valid=fai_valid, entropy=entropy, seed=2)
+    whole = credit_multipliers(waad, fai, mask, **kwargs)
+    monkeypatch.setattr(credit, "CPU_CHUNK_ELEMENTS", 80)   # two rows per chunk, the last chunk one row
+    assert torch.equal(credit_multipliers(waad, fai, mask, **kwargs), whole)
