@@ -158,9 +158,11 @@ def _tooltip(r: SequenceReport, t: int) -> str:
 
 
 def _tokens_html(r: SequenceReport, colour: str) -> str:
-    waad_max = max([1e-9] + r.response("waad"))
-    fai_vals = [f for f, v in zip(r.response("fai"), r.response("fai_valid")) if v]
-    fai_max = max([1e-9] + fai_vals)
+    # colours span the response's own range (min -> faint, max -> dark)
+    waad_lo, waad_hi = min(r.response("waad") or [0.0]), max(r.response("waad") or [1.0])
+    fai_vals = [f for f, v in zip(r.response("fai"), r.response("fai_valid")) if v] or [0.0]
+    fai_lo, fai_hi = min(fai_vals), max(fai_vals)
+    scale = lambda v, lo, hi: (v - lo) / (hi - lo) if hi > lo else 0.5  # noqa: E731
     out = []
     for t, tok in enumerate(r.tokens):
         text = html.escape(tok)
@@ -175,8 +177,8 @@ def _tokens_html(r: SequenceReport, colour: str) -> str:
             cls.append("dom" if r.dominated and r.dominated[t] else "anc")
         if r.intro and r.intro[t]:
             cls.append("intro")
-        bg = _blue(r.waad[t] / waad_max) if colour == "waad" else (
-            _orange(r.fai[t] / fai_max) if r.fai_valid[t] else "transparent")
+        bg = _blue(scale(r.waad[t], waad_lo, waad_hi)) if colour == "waad" else (
+            _orange(scale(r.fai[t], fai_lo, fai_hi)) if r.fai_valid[t] else "transparent")
         out.append(f'<span class="{" ".join(cls)}" style="background:{bg}" title="{tip}">{text}</span>')
     return "".join(out)
 
@@ -215,9 +217,9 @@ def render_html(r: SequenceReport, png_name: str | None = None) -> str:
 <p class="legend"><span><span class="tok pre">tok</span> preplan (T_loc)</span>
 <span><span class="tok anc">tok</span> anchor (T_glob)</span><span><span class="tok dom">tok</span> dominated anchor</span>
 <span><span class="tok intro">tok</span> intro of a dominated anchor</span> Hover a token for its values.</p>
-<h2>Coloured by WAAD (local heads: darker = looks further back, up to W)</h2>
+<h2>Coloured by WAAD (local heads: darker = looks further back, within W; scaled to the response's range)</h2>
 <div class="seq">{_tokens_html(r, "waad")}</div>
-<h2>Coloured by FAI (global heads: darker = more attention from later tokens)</h2>
+<h2>Coloured by FAI (global heads: darker = more attention from later tokens; scaled to the response's range)</h2>
 <div class="seq">{_tokens_html(r, "fai")}</div>
 <h2>γ per strategy (response tokens, left to right)</h2>
 {_gamma_strips(r)}

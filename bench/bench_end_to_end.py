@@ -1,0 +1,255 @@
+"""End-to-end: RhythmScorer against the paper's way (eager attention with output_attentions=True).
+
+CPU (default): SmolLM2-135M-Instruct (the bundled GGUF, float32), batch 4 x 1024 and 1 x 4096 tokens.
+The eager side is timed on its forward alone (the maps are not even turned into metrics), so the time
+ratio is conservative. Each measurement runs in a fresh subprocess; peak memory is the process's peak
+RSS *during the measured forwards, model included* (VmHWM reset through /proc/self/clear_refs after
+loading, so the GGUF de-quantisation transient does not count). The eager subprocess runs under an
+address-space limit: when its maps do not fit, the result says so instead of swapping the machine.
+
+    python bench/bench_end_to_end.py                      -> bench/results/end_to_end_cpu.json
+    python bench/bench_end_to_end.py --gpu [--out DIR]    -> random-init Qwen3-4B shape, bf16, 1 x 8192 on CUDA
+    python bench/bench_end_to_end.py --gpu --dry-run      -> the GPU code path on a tiny shape on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CPU_CASES = [(4, 1024), (1, 4096)]
+
+
+def _vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _inputs(batch: int, length: int, vocab: int, seed: int = 0):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    response = torch.zeros(batch, length, dtype=torch.bool)
+    response[:, length // 4:] = True  # prompt = first quarter
+    return ids, response
+
+
+# ---- CPU worker (runs in the subprocess) -------------------------------------------------------------------------
+
+def cpu_worker(method: str, batch: int, length: int, repeats: int) -> dict:
+    import gc
+
+    import torch
+
+    from rhythm.models import load_model
+    from rhythm.scorer import RhythmScorer
+
+    model, _ = load_model(None)
+    ids, response = _inputs(batch, length, model.config.vocab_size)
+    gc.collect()
+    rss_model = _vm_hwm_bytes()
+    peak_reset = _reset_peak()
+    times = []
+    if method == "scorer":
+        scorer = RhythmScorer(model, micro_batch_size=batch)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            scorer.score(ids, None, response)
+            times.append(time.perf_counter() - t)
+    else:
+        model.config._attn_implementation = "eager"
+        for _ in range(repeats):
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = model(input_ids=ids, output_attentions=True, use_cache=False)
+            times.append(time.perf_counter() - t)
+            assert len(out.attentions) == model.config.num_hidden_layers
+            del out
+            gc.collect()
+    return {"method": method, "batch": batch, "length": length, "times_s": times, "time_s": min(times),
+            "peak_rss_bytes": _vm_hwm_bytes(), "peak_reset": peak_reset, "rss_after_load_bytes": rss_model}
+
+
+def run_cpu_case(method, batch, length, repeats, memory_limit_gib) -> dict:
+    code = (
+        "import resource, json, sys; sys.path.insert(0, %r);"
+        "lim = int(%r * 2**30); resource.setrlimit(resource.RLIMIT_AS, (lim, lim));"
+        "from bench.bench_end_to_end import cpu_worker;"
+        "print('RESULT ' + json.dumps(cpu_worker(%r, %d, %d, %d)))"
+    ) % (str(ROOT), memory_limit_gib, method, batch, length, repeats)
+    t = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    fits = not any("memory" in x.lower() or "alloc" in x.lower() for x in tail)
+    return {"method": method, "batch": batch, "length": length, "error": " | ".join(tail),
+            "returncode": proc.returncode, "wall_s": time.time() - t,
+            "did_not_fit": (not fits) or proc.returncode in (-9, 137),
+            "memory_limit_gib": memory_limit_gib}
+
+
+def main_cpu(args) -> dict:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench.machine import describe
+
+    import transformers
+
+    results = {"benchmark": "end_to_end_cpu", "model": "SmolLM2-135M-Instruct (bundled GGUF Q4_1, dequantised fp32)",
+               "machine": dict(describe(), transformers=transformers.__version__),
+               "method": {"scorer": "RhythmScorer.score: sdpa below the sampled layers, fused metrics kernel (torch "
+                                    "backend) on layers 10,12,15,17,20, forward stopped after layer 20",
+                          "eager": "model forward with attn_implementation='eager', output_attentions=True "
+                                   "(all 30 layers' maps, LM head), timed alone: no metric is computed from the maps",
+                          "time": f"min of {args.repeats} repeats in one fresh subprocess per measurement",
+                          "memory": "peak RSS (VmHWM) during the measured forwards, model included; reset after load",
+                          "memory_limit_gib": args.memory_limit_gib},
+               "cases": []}
+    for batch, length in CPU_CASES:
+        ours = run_cpu_case("scorer", batch, length, args.repeats, args.memory_limit_gib)
+        eager = run_cpu_case("eager", batch, length, args.repeats, args.memory_limit_gib)
+        case = {"batch": batch, "length": length, "scorer": ours, "eager": eager}
+        if "error" not in ours and "error" not in eager:
+            case["time_ratio_scorer_over_eager"] = ours["time_s"] / eager["time_s"]
+            case["memory_ratio_scorer_over_eager"] = ours["peak_rss_bytes"] / eager["peak_rss_bytes"]
+            case["speedup"] = eager["time_s"] / ours["time_s"]
+        elif "error" in eager:
+            case["eager_fits"] = False
+        print(json.dumps({k: v for k, v in case.items() if k not in ("scorer", "eager")}),
+              "scorer", ours.get("time_s"), ours.get("peak_rss_bytes"), "eager", eager.get("time_s"),
+              eager.get("peak_rss_bytes"), eager.get("error", ""), flush=True)
+        results["cases"].append(case)
+    targets = {}
+    for case in results["cases"]:
+        if (case["batch"], case["length"]) == (4, 1024) and "time_ratio_scorer_over_eager" in case:
+            targets["4x1024_time<=0.3"] = case["time_ratio_scorer_over_eager"] <= 0.3
+            targets["4x1024_memory<=0.25"] = case["memory_ratio_scorer_over_eager"] <= 0.25
+        if (case["batch"], case["length"]) == (1, 4096):
+            if "speedup" in case:
+                targets["1x4096_speedup>=8"] = case["speedup"] >= 8
+            else:
+                targets["1x4096_eager_does_not_fit"] = True
+    results["targets_met"] = targets
+    return results
+
+
+# ---- GPU (one process; CUDA memory counters) -----------------------------------------------------------------------
+
+def main_gpu(args) -> dict:
+    import torch
+    import transformers
+
+    from rhythm.scorer import RhythmScorer
+
+    device = "cpu" if args.dry_run else "cuda"
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    if args.dry_run:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=512)
+        batch, length = 1, 256
+    else:  # Qwen3-4B
+        shape = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936)
+        batch, length = 1, args.length
+    config = transformers.Qwen3Config(**shape, max_position_embeddings=max(32768, length), tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen3ForCausalLM(config).to(dtype).eval()
+    ids, response = _inputs(batch, length, config.vocab_size)
+    ids_d = ids.to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn, repeats):
+        fn()  # warm-up (autotune, allocator)
+        sync()
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return {"time_s": min(times), "times_s": times, "peak_bytes": peak}
+
+    scorer = RhythmScorer(model, micro_batch_size=1)
+    result = {"benchmark": "end_to_end_gpu", "dry_run": args.dry_run, "shape": shape, "batch": batch,
+              "length": length, "dtype": str(dtype), "transformers": transformers.__version__,
+              "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "layers": scorer.layers}
+    result["scorer"] = timed(lambda: scorer.score(ids, None, response), args.repeats)
+
+    def sdpa_forward():
+        with torch.inference_mode():
+            model(input_ids=ids_d, use_cache=False, logits_to_keep=1)
+    result["sdpa_full_forward"] = timed(sdpa_forward, args.repeats)
+    result["scorer_over_sdpa_forward"] = result["scorer"]["time_s"] / result["sdpa_full_forward"]["time_s"]
+
+    def eager_forward():
+        with torch.inference_mode():
+            out = model(input_ids=ids_d, use_cache=False, output_attentions=True, logits_to_keep=1)
+            del out
+    model.config._attn_implementation = "eager"
+    try:
+        result["eager_output_attentions"] = timed(eager_forward, 1)
+        result["speedup_vs_eager"] = result["eager_output_attentions"]["time_s"] / result["scorer"]["time_s"]
+    except torch.OutOfMemoryError as e:
+        maps = shape["num_hidden_layers"] * shape["num_attention_heads"] * length * length * 2 * batch
+        result["eager_output_attentions"] = {"did_not_fit": True, "error": str(e).splitlines()[0],
+                                             "all_layer_maps_bytes": maps}
+    finally:
+        model.config._attn_implementation = "sdpa"
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="Qwen3-4B-shaped random model on CUDA at 8K tokens")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: tiny shape on CPU (checks the code path)")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-limit-gib", type=float, default=18.0,
+                        help="address-space limit of each CPU subprocess")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results)")
+    args = parser.parse_args()
+    out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.gpu:
+        result = main_gpu(args)
+        name = "end_to_end_gpu_dryrun.json" if args.dry_run else "end_to_end_gpu.json"
+    else:
+        result = main_cpu(args)
+        name = "end_to_end_cpu.json"
+    (out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_dir / name}")
+
+
+if __name__ == "__main__":
+    main()
