@@ -21,6 +21,8 @@ Peak memory: torch.cuda.max_memory_allocated() minus the allocation before the c
 
     python3 bench/bench_gpu_kernels.py                    # on a CUDA machine (about 2 minutes on an H100)
     python3 bench/bench_gpu_kernels.py --dry-run          # CPU, Triton interpreter, tiny shapes: checks the script
+    python3 bench/bench_gpu_kernels.py --compile-only     # no GPU needed: compile every kernel variant for sm_90
+                                                          # and report shared memory, registers and spills (ptxas -v)
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def parse_args():
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="stop starting new shapes after this many seconds (the rest is marked skipped)")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the kernels for --arch without a GPU (needs no TRITON_INTERPRET)")
+    parser.add_argument("--quick", action="store_true", help="with --compile-only: four representative variants")
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT and bench/results/)")
     return parser.parse_args()
 
@@ -260,8 +266,139 @@ def bench_shape(timer, cuda, batch, q_heads, kv_heads, length, dim, dtype, run_e
     return row
 
 
+# --------------------------------------------------------------------------------------------------------
+# Compile-only: the GPU code path (native fp16/bf16 dots, no interpreter upcast) checked without a GPU
+# --------------------------------------------------------------------------------------------------------
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _signature(fn, pointers: dict, constexprs: dict) -> dict:
+    """Triton signature of ``fn``: pointers as given, batch strides int64 (the long-context path), other ints
+    int32, the scale fp32."""
+    sig = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        elif name == "scale2":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name.startswith("stride_") and name.endswith("b") else "i32"
+    missing = set(constexprs) - {p.name for p in fn.params if p.is_constexpr}
+    assert not missing, f"unknown constexprs {missing}"
+    return sig
+
+
+def compile_variant(kind: str, dtype, dim: int, flag: bool, meta: dict, arch: int) -> dict:
+    """Compile one kernel variant for ``arch``; report shared memory, registers, spills and the MMA used."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rhythm_kernels import triton_influence, triton_stats
+
+    d_pad = max(16, triton.next_power_of_2(dim))
+    t = "*" + _DTYPE_NAMES[str(dtype).replace("torch.", "")]
+    meta = dict(meta)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    prec = "ieee" if t == "*fp32" else "tf32"
+    if kind == "stats":
+        fn = triton_stats._stats_kernel
+        const = dict(HEAD_DIM=dim, D_PAD=d_pad, HAS_V=flag, UPCAST=False, DOT_PREC=prec, SMALL_M=meta["BLOCK_M"],
+                     **meta)
+        pointers = {"Q": t, "K": t, "V": t, "Out": t if flag else "*fp32", "Lse": "*fp32", "Dist": "*fp32",
+                    "Waad": "*fp32", "Table": "*i32"}
+    else:
+        fn = triton_influence._influence_kernel
+        const = dict(HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=flag, UPCAST=False, DOT_PREC=prec, SMALL_N=meta["BLOCK_N"],
+                     **meta)
+        pointers = {"Q": t, "K": t, "Lse": "*fp32", "Counts": "*i64", "Fai": "*fp32", "Table": "*i32"}
+    label = f"{kind} {t[1:]} D={dim} {'HAS_V' if kind == 'stats' else 'HAS_HI'}={flag} {meta} w{warps} s{stages}"
+    started = time.perf_counter()
+    try:
+        kernel = triton.compile(ASTSource(fn, _signature(fn, pointers, const), const),
+                                target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    except Exception as exc:  # noqa: BLE001 - report every compile failure
+        return {"variant": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+    ptx = kernel.asm["ptx"]
+    report = {"variant": label, "ok": True, "shared_bytes": kernel.metadata.shared,
+              "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"),
+              "compile_s": round(time.perf_counter() - started, 2)}
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+            handle.write(ptx)
+        suffix = "a" if arch >= 90 else ""
+        info = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", handle.name, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=120).stderr
+        os.unlink(handle.name)
+        regs = re.findall(r"Used (\d+) registers", info)
+        spills = re.findall(r"(\d+) bytes spill stores", info)
+        report.update(registers=int(regs[0]) if regs else None, spill_store_bytes=int(spills[0]) if spills else None)
+    except Exception as exc:  # noqa: BLE001 - ptxas -v is informative only
+        report["ptxas"] = f"unavailable: {exc}"
+    return report
+
+
+def compile_only(args) -> None:
+    import torch
+
+    from rhythm_kernels import triton_influence, triton_stats
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    variants = []
+    if args.quick:
+        variants += [("stats", bf16, 128, True, triton_stats.default_stats_config(128, bf16)),
+                     ("influence", bf16, 128, False, triton_influence.default_influence_config(128, bf16)),
+                     ("stats", fp32, 64, True, triton_stats.default_stats_config(64, fp32)),
+                     ("influence", fp32, 48, True, triton_influence.default_influence_config(64, fp32))]
+    else:
+        def meta(config):
+            return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+        for config in triton_stats.STATS_CONFIGS:
+            for dim in (128, 64):
+                for has_v in (True, False):
+                    variants.append(("stats", bf16, dim, has_v, meta(config)))
+        for config in triton_influence.INFLUENCE_CONFIGS:
+            for dim in (128, 64):
+                for has_hi in (True, False):
+                    variants.append(("influence", bf16, dim, has_hi, meta(config)))
+        for dtype, dim in ((fp32, 64), (fp32, 128), (fp32, 48), (fp32, 256), (fp16, 256), (bf16, 256), (bf16, 80),
+                           (fp16, 128)):
+            d_pad = max(16, 1 << (dim - 1).bit_length())
+            variants.append(("stats", dtype, dim, True, triton_stats.default_stats_config(d_pad, dtype)))
+            variants.append(("influence", dtype, dim, False, triton_influence.default_influence_config(d_pad, dtype)))
+    reports = []
+    for variant in variants:
+        reports.append(compile_variant(*variant, arch=args.arch))
+        print(json.dumps(reports[-1]), flush=True)
+    failed = [r for r in reports if not r["ok"]]
+    path = args.out or os.path.join(os.environ.get("OUT") or os.environ.get("TMPDIR", "/tmp"), "compile_check.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({"arch": args.arch, "variants": reports}, handle, indent=2)
+    print(f"{len(reports) - len(failed)}/{len(reports)} variants compiled for sm_{args.arch}; wrote {path}")
+    if failed:
+        sys.exit(1)
+
+
 def main():
     args = parse_args()
+    if args.compile_only:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            sys.exit("--compile-only needs the compiler: unset TRITON_INTERPRET")
+        sys.path.insert(0, os.getcwd())
+        compile_only(args)
+        return
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, os.getcwd())

@@ -39,10 +39,12 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Autotune configs (GPU). BLOCK_M = query rows per program, BLOCK_N = keys per step.
-# Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant.
+# Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant. Checked by compiling
+# for sm_90 (ptxas -v): 128x64/w8 spills 32 B with v at D = 128 (0 otherwise), 128x32/w8 never spills,
+# 128x128 and 64x64/w4 spill with v at D = 128 (kept for the metrics-only mode and D = 64).
 STATS_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
 ]
@@ -84,22 +86,18 @@ def autotune_enabled() -> bool:
 
 
 def default_stats_config(d_pad: int, dtype: torch.dtype) -> dict:
-    """The config used without autotuning: moderate tiles that compile for every D <= 256 and dtype."""
+    """The config used without autotuning (and the only one for fp32 and D = 256): tiles that compile
+    without register spills on sm_90 (D = 256 in fp16/bf16: 80 B). fp32 uses the IEEE dot on CUDA cores (the
+    correctness path: small tiles)."""
     if interpreting():
         return dict(INTERPRET_CONFIG)
-    if dtype == torch.float32 or d_pad >= 256:
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if dtype == torch.float32:
+        if d_pad >= 256:
+            return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    if d_pad >= 256:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-
-
-def _prune_stats_configs(configs, named_args, **kwargs):
-    """fp32 (IEEE dot on CUDA cores) and D = 256 need small tiles: keep the 64-row configs for them."""
-    args = {**named_args, **kwargs}
-    d_pad = args.get("D_PAD", 128)
-    q = args.get("Q")
-    big = d_pad >= 256 or (q is not None and q.dtype == torch.float32)
-    kept = [c for c in configs if not big or (c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 64)]
-    return kept or configs[-1:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,8 +292,7 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Table, table_off_small, table_o
             tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
-_stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HEAD_DIM", "HAS_V"],
-                                      prune_configs_by={"early_config_prune": _prune_stats_configs})(_stats_kernel)
+_stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HEAD_DIM", "HAS_V"])(_stats_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,8 +320,8 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     # out is [B, T, Hq, D]: strides in the kernel's (b, h, t, d) order
     o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3)) if has_v else (0, 0, 0, 0)
 
-    tuned = autotune_enabled()
-    if tuned:
+    # fp32 and D = 256 always take their default config: the tuned tiles spill registers there
+    if autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
         block_ms = GPU_BLOCK_MS
         launch = _stats_kernel_tuned
         meta = {}

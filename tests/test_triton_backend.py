@@ -7,6 +7,9 @@ one small fixed config; sizes stay small (T <= 512, few heads) so the file runs 
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -226,6 +229,24 @@ def test_head_dim_too_large():
     q, k, _ = random_qkv(1, 1, 1, 8, 264, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
         run(q, k)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests below run the compiled kernels")
+def test_gpu_code_path_compiles_for_sm90(tmp_path):
+    """Without a GPU the interpreter never sees the native fp16/bf16 dots: compile the GPU path for sm_90."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"Triton's CUDA backend / ptxas unavailable: {exc}")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "bench/bench_gpu_kernels.py", "--compile-only", "--quick",
+                           "--out", str(tmp_path / "compile.json")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "4/4 variants compiled" in done.stdout
 
 
 # --------------------------------------------------------------------------------------------------------
