@@ -1,0 +1,178 @@
+"""verl adapter: rhythm credit as a post-multiply of ``data.batch["advantages"]`` after ``compute_advantage``.
+
+Three pieces, none of which forks verl:
+
+(a) worker side - :func:`compute_rhythm_gamma` runs the scorer (the current policy, no grad) over a verl batch
+    ``input_ids`` / ``attention_mask`` / ``position_ids`` [B, T] (``input_ids = prompt (left-padded) + response
+    (right-padded)``) and returns gamma aligned to ``responses`` [B, R_len]: entry i is gamma of the token at
+    position T - R_len + i (SPEC section 6: no shift). ``use_remove_padding=True`` packs the batch the way
+    verl's remove-padding path does (tokens of ``attention_mask`` in row-major order, B = 1, attention_mask
+    None, position_ids restarting at each sequence) before scoring; :func:`rhythm_gamma_packed` takes an
+    already packed batch (``input_ids_rmpad [1, N]``, ``position_ids_rmpad [1, N]``).
+(b) driver side - :func:`apply_rhythm_gamma` multiplies ``data.batch["advantages"]`` [B, R_len] by gamma on
+    ``response_mask`` tokens (sign mode as configured); it works after any estimator (grpo, gae, rloo,
+    reinforce_plus_plus, ...), since all of them write token-level advantages of width R_len.
+(c) registration - ``rhythm.integrations.verl_hooks``: importing it (through ``VERL_USE_EXTERNAL_MODULES`` or
+    ``actor_rollout_ref.model.external_lib``) wraps verl's ``compute_advantage`` so that every batch carrying
+    ``batch["rhythm_gamma"]`` gets (b) applied right after the advantage estimator.
+
+Only tensors and ``DataProto``-like objects (``.batch`` a TensorDict/dict, ``.meta_info`` a dict) are touched;
+verl itself is imported by the hooks module only.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..credit import credit_multipliers, shape_advantages
+from ..scorer import RhythmScorer
+from .config import RhythmCreditConfig
+
+__all__ = ["RhythmCreditConfig", "GAMMA_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed", "pack_batch",
+           "apply_rhythm_gamma", "response_window_mask"]
+
+GAMMA_KEY = "rhythm_gamma"
+
+
+def _batch(data):
+    return data.batch if hasattr(data, "batch") else data
+
+
+def response_window_mask(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
+    """bool [B, T]: the real tokens of the response window [T - R_len, T) (verl's response = the right-padded
+    tail of ``input_ids``; its real tokens are ``attention_mask[:, -R_len:]``, one contiguous run)."""
+    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return attention_mask.bool() & (cols >= attention_mask.shape[1] - response_length)[None, :]
+
+
+def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+    """verl's remove-padding layout of a padded batch: (input_ids_rmpad [1, N], position_ids_rmpad [1, N],
+    cu_seqlens [B + 1], indices [N]) with the real tokens in row-major order (as ``unpad_input``) and
+    position ids restarting at 0 for every sequence (the padded ``position_ids`` restricted to real tokens)."""
+    mask = attention_mask.bool()
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    if position_ids is None:
+        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [B, T] (multi-axis rope position ids are not supported), got "
+                         f"{list(position_ids.shape)}")
+    lengths = mask.sum(-1)
+    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.long, device=mask.device)
+    cu_seqlens[1:] = lengths.cumsum(0)
+    return (input_ids.flatten()[indices][None], position_ids.flatten()[indices][None], cu_seqlens, indices)
+
+
+def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, position_ids_rmpad: torch.Tensor,
+                        response_mask_rmpad: torch.Tensor, config: RhythmCreditConfig | None = None, *,
+                        cu_seqlens: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+    """gamma [1, N] of a packed batch (B = 1, no attention mask; sequences delimited by ``cu_seqlens`` or by
+    the resets of ``position_ids_rmpad``). response_mask_rmpad [1, N]: True on response tokens, a suffix of each
+    sequence. Strategies local / global / coupled (the attention pass); random needs no scorer."""
+    cfg = config or RhythmCreditConfig()
+    if cfg.strategy == "entropy":
+        raise ValueError("strategy='entropy' reads the rollout's per-token entropy: use compute_rhythm_gamma with "
+                         "data.batch['entropys'] (verl's compute_log_prob with calculate_entropy=True)")
+    options = cfg.credit_kwargs(seed)
+    if cfg.strategy == "random":
+        from ..scorer import from_rows, to_rows  # per sequence, like the padded layout
+        from rhythm_kernels.segments import segments_from_cu_seqlens
+
+        if cu_seqlens is None:
+            from ..capture import cu_seqlens_from_position_ids
+            cu_seqlens = cu_seqlens_from_position_ids(position_ids_rmpad)
+        segs = segments_from_cu_seqlens(cu_seqlens.cpu(), 1, input_ids_rmpad.shape[1], None, torch.device("cpu"))
+        segments = [(0, s, e, 0) for _, s, e, _ in segs.host]
+        rows = to_rows(response_mask_rmpad.bool().cpu(), segments, fill=False)
+        gamma = credit_multipliers(None, None, rows, strategy="random", **options)
+        return from_rows(gamma, segments, input_ids_rmpad.shape, fill=1.0).to(input_ids_rmpad.device)
+    scores = scorer.score(input_ids_rmpad, None, response_mask_rmpad.bool(), position_ids=position_ids_rmpad,
+                          cu_seqlens=cu_seqlens)
+    return scores.gamma(cfg.strategy, **options)
+
+
+@torch.no_grad()
+def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCreditConfig | None = None, *,
+                         use_remove_padding: bool = False, seed: int | None = None,
+                         return_metrics: bool = False):
+    """Worker side: gamma float32 [B, R_len] aligned to ``data.batch["responses"]``.
+
+    scorer: a :class:`rhythm.RhythmScorer` over the current policy (None only for strategy "random"/"entropy").
+    data: a verl ``DataProto`` (or its ``.batch``) with ``input_ids``, ``attention_mask``, ``responses`` and
+        optionally ``position_ids`` [B, T]; strategy "entropy" also reads ``entropys`` [B, R_len] (the
+        entropy of the distribution that sampled each response token, from verl's log-prob pass).
+    use_remove_padding: score in verl's packed layout (B = 1, attention_mask None, position ids resetting per
+        sequence) instead of the padded one; the result is the same layout-free gamma.
+    seed: seed of the "random" strategy (default: the config's; pass a new one every step).
+    Returns gamma (and a metrics dict with ``return_metrics``); gamma = 1 on response padding.
+    """
+    cfg = config or RhythmCreditConfig()
+    start = time.perf_counter()
+    batch = _batch(data)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    width = batch["responses"].shape[1]
+    position_ids = batch["position_ids"] if "position_ids" in batch.keys() else None
+    response = response_window_mask(attention_mask, width)
+    options = cfg.credit_kwargs(seed)
+    if cfg.strategy == "entropy":
+        if "entropys" not in batch.keys():
+            raise ValueError("strategy='entropy' needs data.batch['entropys'] [B, R_len] (compute_log_prob with "
+                             "calculate_entropy=True)")
+        entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        entropy[:, -width:] = batch["entropys"].float()
+        gamma = credit_multipliers(None, None, response, strategy="entropy", entropy=entropy, **options)
+    elif cfg.strategy == "random" and not use_remove_padding:
+        gamma = credit_multipliers(None, None, response, strategy="random", **options)
+    elif use_remove_padding:
+        ids, pos, cu, indices = pack_batch(input_ids, attention_mask, position_ids)
+        packed = rhythm_gamma_packed(scorer, ids, pos, response.flatten()[indices][None], cfg, cu_seqlens=cu,
+                                     seed=seed)
+        gamma = torch.ones(input_ids.numel(), dtype=torch.float32, device=input_ids.device)
+        gamma[indices] = packed[0].to(gamma.device)
+        gamma = gamma.view(input_ids.shape)
+    else:
+        if scorer is None:
+            raise ValueError(f"strategy={cfg.strategy!r} needs a RhythmScorer over the current policy")
+        scores = scorer.score(input_ids, attention_mask, response, position_ids=position_ids)
+        gamma = scores.gamma(cfg.strategy, **options)
+    gamma = torch.where(response, gamma.to(response.device), 1.0)[:, -width:].float()
+    if not return_metrics:
+        return gamma
+    mask = response[:, -width:]
+    count = max(int(mask.sum()), 1)
+    metrics = {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
+               "rhythm/gamma_mean": float((gamma * mask).sum()) / count,
+               "rhythm/scorer_time_s": time.perf_counter() - start}
+    return gamma, metrics
+
+
+def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "both", key: str = GAMMA_KEY,
+                       pop: bool = False):
+    """Driver side, after ``compute_advantage``: advantages <- advantages * gamma on ``response_mask`` tokens
+    (where ``sign`` allows), unchanged elsewhere. gamma [B, R_len] defaults to ``data.batch[key]``.
+    ``response_mask`` defaults to ``attention_mask[:, -R_len:]`` (verl's ``compute_response_mask``).
+    Returns ``data`` (modified in place) - its ``meta_info["metrics"]`` gains rhythm/* entries."""
+    batch = _batch(data)
+    if gamma is None:
+        if key not in batch.keys():
+            raise KeyError(f"no gamma given and data.batch has no {key!r}")
+        gamma = batch[key]
+    advantages = batch["advantages"]
+    if tuple(gamma.shape) != tuple(advantages.shape):
+        raise ValueError(f"gamma must match advantages {list(advantages.shape)} (responses [B, R_len]), got "
+                         f"{list(gamma.shape)}")
+    if "response_mask" in batch.keys():
+        mask = batch["response_mask"].bool()
+    else:
+        mask = batch["attention_mask"][:, -advantages.shape[1]:].bool()
+    gamma = torch.where(mask, gamma.to(advantages.device, torch.float32), 1.0)
+    batch["advantages"] = shape_advantages(advantages, gamma, sign=sign)
+    if pop and key in batch.keys():
+        batch.pop(key)
+    meta = getattr(data, "meta_info", None)
+    if isinstance(meta, dict):
+        count = max(int(mask.sum()), 1)
+        meta.setdefault("metrics", {}).update({
+            "rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
+            "rhythm/gamma_mean": float((gamma * mask).sum()) / count})
+    return data
