@@ -12,8 +12,9 @@ program, same K tile: G times more programs for short or few sequences; autotune
                          t_end = min(seg_end, n0 + BLOCK_N + H_hi)   (seg_end when H_hi is None)
 
 It recomputes A[t,s] = 2^(S2[t,s] - lse2[t]) from the stats pass's lse (S2 = scale * log2(e) * q.k,
-lse2 = lse * log2(e)), masks and sums the columns in fp32 registers, divides by |T(s)| (passed in) and
-writes fai for that head. No atomics: every output has exactly one writer, so results are bitwise
+lse2 = lse * log2(e)) on the transposed tile S^T = K Q^T [keys, rows] (as FlashAttention's dK/dV loop, so
+the column sums are per-thread row sums, not cross-warp reductions), masks and sums in fp32 registers,
+divides by |T(s)| (passed in) and writes fai for that head. No atomics: every output has exactly one writer, so results are bitwise
 deterministic.
 
 Row stages (H_hi = None; with a finite H_hi every row block is masked, the band is only ~H_hi - H_lo rows):
@@ -33,14 +34,16 @@ import triton.language as tl
 from .triton_stats import LOG2E, autotune_enabled, interpreting
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
-# SPLIT_HEADS changes only the grid, not the compiled loop body much; kept short (one compile per config).
+# Kept short (one compile per config and variant). Compiled for sm_90: no register spills in any of them
+# (110-205 registers with the transposed S^T tile).
 INFLUENCE_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": False}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": True}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 32, "SPLIT_HEADS": True}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "SPLIT_HEADS": True}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_M": 64, "SPLIT_HEADS": True}, num_warps=4, num_stages=3),
 ]
-GPU_BLOCK_NS = (64, 128)
+GPU_BLOCK_NS = tuple(sorted({c.kwargs["BLOCK_N"] for c in INFLUENCE_CONFIGS}))   # the block table's sizes
+assert len(GPU_BLOCK_NS) <= 2, "the kernel addresses at most two block-table sizes"
 INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 32, "SPLIT_HEADS": False, "num_warps": 4, "num_stages": 1}
 
 
@@ -50,8 +53,7 @@ def default_influence_config(d_pad: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(INTERPRET_CONFIG)
     if dtype == torch.float32:
-        return {"BLOCK_N": 32, "BLOCK_M": 16 if d_pad >= 256 else 32, "SPLIT_HEADS": True, "num_warps": 4,
-                "num_stages": 2}
+        return {"BLOCK_N": 32, "BLOCK_M": 16, "SPLIT_HEADS": True, "num_warps": 4, "num_stages": 2}
     if d_pad >= 256:
         return {"BLOCK_N": 64, "BLOCK_M": 32, "SPLIT_HEADS": True, "num_warps": 4, "num_stages": 2}
     return {"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": True, "num_warps": 8, "num_stages": 2}
@@ -102,34 +104,37 @@ def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, MASKED: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     """col[s] += sum_{t in [lo, hi)} A[t, s] (masked to T(s) when MASKED; the caller guarantees the mask is
-    all-true otherwise). Rows t >= response_start by construction of lo."""
+    all-true otherwise). Rows t >= response_start by construction of lo.
+
+    Works on the transposed tile S^T = K Q^T [BLOCK_N keys, BLOCK_M rows] (as FlashAttention's dK/dV loop):
+    the column sums of A become row sums of A^T, reduced inside each thread's rows instead of across warps."""
     for t0 in range(lo, hi, BLOCK_M):
         offs_t = t0 + offs_m
-        q_ptrs = q_base + offs_t.to(tl.int64)[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        qt_ptrs = q_base + offs_t.to(tl.int64)[None, :] * stride_qt + offs_d[:, None] * stride_qd   # [D, M]
         if MASKED:
             row_ok = offs_t < seg_end
             if HEAD_DIM == D_PAD:
-                q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+                qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
             else:
-                q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+                qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
             lse2 = tl.load(lse_base + offs_t, mask=row_ok, other=0.0) * 1.4426950408889634
         else:
             if HEAD_DIM == D_PAD:
-                q = tl.load(q_ptrs)
+                qt = tl.load(qt_ptrs)
             else:
-                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             lse2 = tl.load(lse_base + offs_t) * 1.4426950408889634
         if UPCAST:
-            q = q.to(tl.float32)
-        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        p = tl.exp2(s2 - lse2[:, None])                                        # A[t, s]
+            qt = qt.to(tl.float32)
+        s2t = tl.dot(k, qt, input_precision=DOT_PREC) * scale2                 # S2[t, s] as [s, t]
+        pt = tl.exp2(s2t - lse2[None, :])                                       # A[t, s] as [s, t]
         if MASKED:
-            lag = offs_t[:, None] - offs_s[None, :]                             # t - s
-            ok = row_ok[:, None] & key_ok[None, :] & (lag >= h_lo)
+            lag = offs_t[None, :] - offs_s[:, None]                             # t - s
+            ok = row_ok[None, :] & key_ok[:, None] & (lag >= h_lo)
             if HAS_HI:
                 ok = ok & (lag <= h_hi)
-            p = tl.where(ok, p, 0.0)
-        col += tl.sum(p, 0)
+            pt = tl.where(ok, pt, 0.0)
+        col += tl.sum(pt, 1)
     return col
 
 
@@ -221,13 +226,15 @@ _influence_kernel_tuned = triton.autotune(configs=INFLUENCE_CONFIGS, key=["len_k
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments, counts: torch.Tensor, *,
-                   horizon: tuple, scale: float, config: dict | None = None) -> torch.Tensor:
+                   horizon: tuple, scale: float, config: dict | None = None,
+                   table_sizes: tuple | None = None) -> torch.Tensor:
     """Run the influence pass.
 
     q [B, Hq, T, D], k [B, Hkv, T, D]; lse float32 [B, Hq, T] from the stats pass (unit stride on T);
     counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T] (0 on padding and
     where T(s) is empty). ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS, num_warps,
-    num_stages} instead of the default / autotuned one.
+    num_stages} instead of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build the block
+    table for (default: just config's).
     """
     batch, q_heads, length, dim = q.shape
     kv_heads = k.shape[1]
@@ -243,7 +250,8 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments
         block_ns, launch, meta = GPU_BLOCK_NS, _influence_kernel_tuned, {}
     else:
         meta = dict(config) if config is not None else default_influence_config(d_pad, q.dtype)
-        block_ns, launch = (meta["BLOCK_N"],), _influence_kernel
+        block_ns = tuple(table_sizes) if table_sizes else (meta["BLOCK_N"],)
+        launch = _influence_kernel
     table, offsets = influence_block_table(segments.host, block_ns, (h_lo, h_hi), q.device)
     if sum(n for _, n in offsets.values()) == 0:
         return fai                                      # every T(s) is empty (e.g. empty responses)

@@ -49,7 +49,8 @@ STATS_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
 ]
 # The two BLOCK_M sizes the block table is built for on GPU; under the interpreter one small fixed config.
-GPU_BLOCK_MS = (64, 128)
+GPU_BLOCK_MS = tuple(sorted({c.kwargs["BLOCK_M"] for c in STATS_CONFIGS}))      # the block table's sizes
+assert len(GPU_BLOCK_MS) <= 2, "the kernel addresses at most two block-table sizes"
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
@@ -299,12 +300,15 @@ _stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HE
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments, *, window: int,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               scale: float, config: dict | None = None, table_sizes: tuple | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the stats pass.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] (same dtype, any strides), segments: ``Segments``.
     Returns lse, distance, waad (float32 [B, Hq, T], 0 on padding) and out ([B, T, Hq, D], q.dtype, 0 on
     padding rows) or None when v is None (then the PV product is compiled out).
+    ``config`` / ``table_sizes`` (tests): a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages} and the BLOCK_M
+    sizes to build the block table for (default: just config's), instead of the default / autotuned setup.
     """
     batch, q_heads, length, dim = q.shape
     d_pad = max(16, triton.next_power_of_2(dim))
@@ -321,13 +325,13 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3)) if has_v else (0, 0, 0, 0)
 
     # fp32 and D = 256 always take their default config: the tuned tiles spill registers there
-    if autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
+    if config is None and autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
         block_ms = GPU_BLOCK_MS
         launch = _stats_kernel_tuned
         meta = {}
     else:
-        meta = default_stats_config(d_pad, q.dtype)
-        block_ms = (meta["BLOCK_M"],)
+        meta = dict(config) if config is not None else default_stats_config(d_pad, q.dtype)
+        block_ms = tuple(table_sizes) if table_sizes else (meta["BLOCK_M"],)
         launch = _stats_kernel
     table, offsets = stats_block_table(segments.host, block_ms, q.device)
     small = block_ms[0]

@@ -225,6 +225,29 @@ def test_influence_split_heads_is_bitwise_equal(horizon):
                                    response_start=torch.tensor([30, 100], device=DEVICE)).fai)
 
 
+def test_two_size_block_table_offsets():
+    """On GPU the block table holds two tile sizes (autotuning picks one): the larger size's rows start at an
+    offset. Build a (16, 32) table and run the 32-wide config: bitwise what the one-size table gives."""
+    from rhythm_kernels.segments import influence_counts, segments_from_mask
+    from rhythm_kernels.triton_influence import influence_pass
+    from rhythm_kernels.triton_stats import stats_pass
+
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    mask[0, :37] = False
+    q, k, v = random_qkv(2, 4, 2, 100, 64, device=DEVICE, seed=13, with_v=True)
+    segments = segments_from_mask(mask.to(DEVICE), 2, 100, torch.tensor([50, 10], device=DEVICE), q.device)
+    counts = influence_counts(segments, 2, 100, (10, None))
+    stats_cfg = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    infl_cfg = {"BLOCK_N": 32, "BLOCK_M": 32, "SPLIT_HEADS": True, "num_warps": 4, "num_stages": 1}
+    one = stats_pass(q, k, v, segments, window=10, scale=0.125, config=stats_cfg)
+    two = stats_pass(q, k, v, segments, window=10, scale=0.125, config=stats_cfg, table_sizes=(16, 32))
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    fai = [influence_pass(q, k, one[0], segments, counts, horizon=(10, None), scale=0.125, config=infl_cfg,
+                          table_sizes=sizes) for sizes in (None, (16, 32))]
+    assert torch.equal(fai[0], fai[1])
+
+
 def test_head_dim_too_large():
     q, k, _ = random_qkv(1, 1, 1, 8, 264, device=DEVICE)
     with pytest.raises(ValueError, match="head dim"):
