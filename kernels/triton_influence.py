@@ -126,8 +126,8 @@ def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_
             lse2 = tl.load(lse_base + offs_t) * 1.4426950408889634
         if UPCAST:
             qt = qt.to(tl.float32)
-        s2t = tl.dot(k, qt, input_precision=DOT_PREC) * scale2                 # S2[t, s] as [s, t]
-        pt = tl.exp2(s2t - lse2[None, :])                                       # A[t, s] as [s, t]
+        qkt = tl.dot(k, qt, input_precision=DOT_PREC)                           # q_t . k_s as [s, t]
+        pt = tl.exp2(qkt * scale2 - lse2[None, :])                              # A[t, s] as [s, t]
         if MASKED:
             lag = offs_t[None, :] - offs_s[:, None]                             # t - s
             ok = row_ok[None, :] & key_ok[:, None] & (lag >= h_lo)

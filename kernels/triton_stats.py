@@ -167,10 +167,10 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
         rows_s = offs_s.to(tl.int64)[:, None]
         k = _load_tile(k_base + rows_s * stride_kt + offs_d[None, :] * stride_kd, offs_s, offs_d,
                        HEAD_DIM, D_PAD, False, UPCAST)
-        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2      # S * log2(e)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale2)                     # base-2 running max (scale2 > 0)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s2 - m_new[:, None])
+        p = tl.exp2(qk * scale2 - m_new[:, None])                           # one FMA per element
         l_i = l_i * alpha + tl.sum(p, 1)
         # distance numerator, off-band part: sum_s p * (m0 - s), every (m0 - s) > 0
         d_acc = d_acc * alpha + tl.sum(p * (m0 - offs_s).to(tl.float32)[None, :], 1)
@@ -197,11 +197,11 @@ def _stats_onband(acc, m_i, l_i, d_acc, w_acc, q, k_base, v_base, stride_kt, str
                        HEAD_DIM, D_PAD, True, UPCAST)
         lag = offs_m[:, None] - offs_s[None, :]                               # t - s
         valid = (lag >= 0) & key_ok[None, :]
-        s2 = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale2
-        s2 = tl.where(valid, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))       # finite: the first block visited holds key <= m0 <= t
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale2)   # finite: the first block visited holds key <= m0 <= t
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s2 - m_new[:, None])                                      # 0 where masked
+        p = tl.exp2(qk * scale2 - m_new[:, None])                             # 0 where masked
         l_i = l_i * alpha + tl.sum(p, 1)
         d_acc = d_acc * alpha + tl.sum(p * lag.to(tl.float32), 1)            # p * (t - s), >= 0
         w_acc = w_acc * alpha + tl.sum(p * tl.maximum(window - lag, 0).to(tl.float32), 1)  # p * (W - (t-s))+
