@@ -122,6 +122,18 @@ def is_registered(name: str) -> bool:
     return name in AttentionInterface._global_mapping or name in AttentionMaskInterface._global_mapping
 
 
+def _common_dtype(query, key, value):
+    """One dtype for q, k, v, as sdpa would see them. Under autocast (TRL/accelerate ``bf16=True`` on fp32
+    weights) RoPE promotes q and k to fp32 while v stays bf16: use the autocast dtype, as sdpa does;
+    otherwise promote."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 class Capture:
     """Context manager that routes a model's attention through the metrics for one or more forwards.
 
@@ -231,6 +243,7 @@ class Capture:
                                   is_causal=is_causal, **kwargs)
         layer = int(layer)
         self._check_supported(module, layer, query, key, dropout, is_causal, kwargs)
+        query, key, value = _common_dtype(query, key, value)
         mask, cu_seqlens = context.attention_mask, context.cu_seqlens
         if cu_seqlens is None and mask is None and query.shape[0] == 1:
             cu_seqlens = self._packed_boundaries(kwargs)

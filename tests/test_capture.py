@@ -244,3 +244,14 @@ def test_model_bypassing_the_interface_raises():
     with Capture(model) as capture, pytest.raises(UnsupportedModelError, match="AttentionInterface"):
         capture.run(CaptureContext(layers=(1,)), input_ids=torch.zeros(1, 5, dtype=torch.long))
     assert not is_registered(capture.name)
+
+
+def test_mixed_dtypes_under_autocast_follow_sdpa():
+    """accelerate's bf16=True on fp32 weights: RoPE leaves q/k in fp32 and v in bf16. The capture must
+    compute in the autocast dtype instead of refusing the mixed inputs."""
+    from rhythm.capture import _common_dtype
+
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {t.dtype for t in _common_dtype(q, k, v)} == {torch.bfloat16}
+    assert {t.dtype for t in _common_dtype(q, k, v)} == {torch.float32}
