@@ -13,7 +13,7 @@ import torch
 
 from .segments import Horizon, Segments
 from .triton_influence import influence_pass
-from .triton_stats import stats_pass
+from .triton_stats import interpreting, stats_pass
 
 MAX_HEAD_DIM = 256
 
@@ -36,7 +36,7 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
     if dim > MAX_HEAD_DIM:
         raise ValueError(f"q: head dim D = {dim} is not supported by the triton backend (D <= {MAX_HEAD_DIM}); "
                          "use backend='torch'")
-    if q.device.type not in ("cuda", "cpu"):
+    if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"q: the triton backend needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {q.device}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k: query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Autotune configs (GPU). BLOCK_M = query rows per program, BLOCK_N = keys per step.
 # Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant. Checked by compiling

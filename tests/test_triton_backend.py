@@ -1,7 +1,7 @@
 """The Triton backend (``backend="triton"``) against the fp64 oracle, SPEC section 7.
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
-one small fixed config; sizes stay small (T <= 512, few heads) so the file runs in about a minute. The
+one small fixed config; sizes stay small (T <= 512, few heads) so the file runs in about 35 s. The
 ``cuda`` section at the bottom adds long-context checks (8K fp32, bf16 at 2K) and an autotuned run.
 """
 from __future__ import annotations
