@@ -138,7 +138,8 @@ def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_
     return col
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "n_q_heads", "n_kv_heads", "group", "h_lo",
+                               "h_hi", "len_key"])
 def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_large,
                       stride_qb, stride_qh, stride_qt, stride_qd,
                       stride_kb, stride_kh, stride_kt, stride_kd,

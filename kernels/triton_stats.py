@@ -213,7 +213,9 @@ def _stats_onband(acc, m_i, l_i, d_acc, w_acc, q, k_base, v_base, stride_kt, str
     return acc, m_i, l_i, d_acc, w_acc
 
 
-@triton.jit
+# Runtime ints that vary between calls are not specialized (Triton would compile a variant for every value
+# equal to 1 or divisible by 16); strides are, so the unit head-dim stride keeps vectorized loads.
+@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "n_q_heads", "group", "window", "len_key"])
 def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Table, table_off_small, table_off_large,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kt, stride_kd,
