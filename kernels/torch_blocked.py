@@ -26,8 +26,9 @@ BLOCK_ROW_ELEMENTS = 1 << 22
 MIN_BLOCK, MAX_BLOCK = 16, 256
 
 
-def query_block_size(q_heads: int, length: int, budget: int = BLOCK_ROW_ELEMENTS) -> int:
+def query_block_size(q_heads: int, length: int, budget: int | None = None) -> int:
     """The largest power-of-two query block whose block row (q_heads x block x length) fits the budget."""
+    budget = BLOCK_ROW_ELEMENTS if budget is None else budget
     block = MAX_BLOCK
     while block > MIN_BLOCK and q_heads * block * length > budget:
         block //= 2
@@ -114,13 +115,17 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
     q_grouped = (q * scale).view(kv_heads, group, n, dim)             # fold the scale into q once
     key_t = k.transpose(1, 2)                                            # [Hkv, D, n]
     key_offsets = torch.arange(n, device=device, dtype=torch.float32)
+    # One workspace for every block row of this sequence: no large allocation per block.
+    workspace = torch.empty(q_heads * min(block, n) * n, device=device, dtype=torch.float32)
 
     for t0 in range(0, n, block):
         t1 = min(n, t0 + block)
         rows = t1 - t0
         # Block row of scores: [Hkv, G * rows, t1] -> [Hq, rows, t1]; keys beyond the diagonal are masked.
         q_blk = q_grouped[:, :, t0:t1].reshape(kv_heads, group * rows, dim)
-        scores = torch.matmul(q_blk, key_t[:, :, :t1]).view(q_heads, rows, t1)
+        scores = workspace[:q_heads * rows * t1].view(kv_heads, group * rows, t1)
+        torch.matmul(q_blk, key_t[:, :, :t1], out=scores)
+        scores = scores.view(q_heads, rows, t1)
         scores[:, :, t0:t1].masked_fill_(_future(rows, device), float("-inf"))
         # Softmax statistics: P = exp(S - m), l = sum P, lse = m + log l (P is built in place of S).
         row_max = scores.amax(dim=-1, keepdim=True)
