@@ -22,27 +22,6 @@ import time
 HQ, HKV, DIM, WINDOW, HORIZON = 9, 3, 64, 10, (10, 100)
 
 
-def eager_pipeline(q, k, response_start: int):
-    """What users write today: materialise A = softmax(QK^T) in fp32, then read the metrics off it."""
-    import torch
-
-    length = q.shape[2]
-    kk = k.repeat_interleave(HQ // HKV, dim=1)
-    scores = torch.matmul(q, kk.transpose(-1, -2)) * DIM ** -0.5
-    pos = torch.arange(length)
-    lag = pos[:, None] - pos[None, :]
-    scores.masked_fill_(lag < 0, float("-inf"))
-    attn = torch.softmax(scores, dim=-1)
-    del scores
-    lagf = lag.clamp_min(0).float()
-    distance = (attn * lagf).sum(-1)
-    waad = (attn * lagf.clamp_max(WINDOW)).sum(-1)
-    band = (lag >= HORIZON[0]) & (lag <= HORIZON[1]) & (pos[:, None] >= response_start)
-    counts = band.sum(0).clamp_min(1)
-    fai = (attn * band).sum(-2) / counts
-    return distance, waad, fai
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -52,11 +31,13 @@ def worker(method: str, length: int, repeats: int) -> dict:
     import torch
 
     import rhythm
+    from bench.eager_maps import eager_maps
 
     def run(q, k):
         response_start = q.shape[2] // 4
         if method == "eager":
-            return eager_pipeline(q, k, response_start)
+            return eager_maps(q, k, scale=DIM ** -0.5, window=WINDOW, horizon=HORIZON,
+                              response_start=response_start)
         return rhythm.attention_metrics(q, k, window=WINDOW, horizon=HORIZON, response_start=response_start,
                                         backend="torch")
 

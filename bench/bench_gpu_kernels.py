@@ -35,6 +35,9 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.eager_maps import eager_maps  # noqa: E402  (the shared baseline)
+
 WINDOW = 10
 BAND = (10, 100)
 FULL = (10, None)
@@ -109,26 +112,6 @@ class Timer:
 # --------------------------------------------------------------------------------------------------------
 # The methods
 # --------------------------------------------------------------------------------------------------------
-def eager_maps(q, k, scale, response_start=0):
-    """What users write today: A = softmax(QK^T) materialised in fp32, then the metrics read off it."""
-    import torch
-
-    group = q.shape[1] // k.shape[1]
-    length = q.shape[2]
-    scores = torch.matmul(q.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-    pos = torch.arange(length, device=q.device)
-    lag = pos[:, None] - pos[None, :]
-    scores.masked_fill_(lag < 0, float("-inf"))
-    attn = torch.softmax(scores, dim=-1)
-    del scores
-    lagf = lag.clamp_min(0).float()
-    distance = (attn * lagf).sum(-1)
-    waad = (attn * lagf.clamp_max(WINDOW)).sum(-1)
-    band = (lag >= BAND[0]) & (lag <= BAND[1]) & (pos[:, None] >= response_start)
-    fai = (attn * band).sum(-2) / band.sum(0).clamp_min(1)
-    return distance, waad, fai
-
-
 def sdpa_flash_fn(q, k, v, cuda: bool):
     """SDPA forward under the flash backend (CPU: its flash kernel too). GQA via enable_gqa when the backend
     takes it, else K/V repeated once outside the timed call. Returns (fn, how)."""
@@ -226,7 +209,7 @@ def bench_shape(timer, cuda, batch, q_heads, kv_heads, length, dim, dtype, run_e
     except RuntimeError as exc:
         row["methods"]["sdpa_flash"] = {"error": str(exc).splitlines()[0][:200]}
     if run_eager:
-        methods["eager_maps"] = lambda: eager_maps(q, k, scale)
+        methods["eager_maps"] = lambda: eager_maps(q, k, scale=scale, window=WINDOW, horizon=BAND)
 
     for name, fn in methods.items():
         try:

@@ -2,7 +2,8 @@
 # One command for a CUDA machine without network (torch, triton, transformers preinstalled; no flash-attn):
 #   1. install this repository in editable mode from the working tree (no index, no deps),
 #   2. the Triton backend tests on CUDA (long-context and autotuned cases included), then the rest of tests/,
-#   3. the kernel benchmark (bench/bench_gpu_kernels.py) -> JSON in $OUT (if set) and bench/results/.
+#   3. the kernel benchmark (bench/bench_gpu_kernels.py) -> JSON in $OUT (if set) and bench/results/,
+#   4. the end-to-end scorer benchmark (bench/bench_end_to_end.py --gpu, about 60 s kept for it).
 # Sized to finish in under 5 minutes on an H100: every step is time-boxed (Triton tests 70 s for the CUDA-only
 # cases + 80 s for the shared ones, the rest of tests/ at most 40 s, the benchmark what is left, at least
 # ~85 s: it stops starting new shapes in time and saves its JSON after every shape).
@@ -18,6 +19,7 @@ LOGS=${OUT:-bench/results}
 mkdir -p "$LOGS"
 status=0
 SECONDS=0
+E2E_S=${GPU_CHECK_E2E_S:-60}   # seconds kept for the end-to-end benchmark at the end
 
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi unavailable"
@@ -75,10 +77,15 @@ else
 fi
 
 echo "== benchmark ($SECONDS s elapsed)"
-budget=$(( DEADLINE - SECONDS - 45 ))
+budget=$(( DEADLINE - SECONDS - 45 - E2E_S ))
 [ "$budget" -lt 30 ] && budget=30
 timeout $(( budget + 60 )) $PY bench/bench_gpu_kernels.py --budget-s "$budget" 2>&1 | tee "$LOGS/bench_gpu_kernels.log"
 rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && { echo "benchmark: exit $rc"; status=1; }
+
+echo "== end-to-end: RhythmScorer vs eager output_attentions, Qwen3-4B shape, bf16, 8K ($SECONDS s elapsed)"
+left=$(( DEADLINE + 10 - SECONDS )); [ "$left" -lt 30 ] && left=30
+timeout "$left" $PY bench/bench_end_to_end.py --gpu --out "$LOGS" 2>&1 | tee "$LOGS/bench_end_to_end_gpu.log"
+rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && { echo "end-to-end benchmark: exit $rc (124 = time box)"; status=1; }
 
 echo "== done in $SECONDS s (status $status)"
 exit $status

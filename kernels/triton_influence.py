@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_stats import LOG2E, autotune_enabled, interpreting
+from .triton_stats import LOG2E, autotune_enabled, cached_device_table, interpreting
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
 # Kept short (one compile per config and variant). Compiled for sm_90: no register spills in any of them
@@ -80,19 +80,10 @@ def _influence_table_host(host: tuple, block_ns: tuple, horizon: tuple) -> tuple
     return rows, offsets
 
 
-_DEVICE_TABLES: dict = {}
-
-
 def influence_block_table(host: tuple, block_ns: tuple, horizon: tuple, device) -> tuple[torch.Tensor, dict]:
     """int32 [n, 5] device table for every BLOCK_N in block_ns and {BLOCK_N: (offset, count)} (cached)."""
-    key = (host, block_ns, horizon, str(device))
-    if key not in _DEVICE_TABLES:
-        rows, offsets = _influence_table_host(host, block_ns, horizon)
-        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
-        if len(_DEVICE_TABLES) > 64:
-            _DEVICE_TABLES.clear()
-        _DEVICE_TABLES[key] = (table, offsets)
-    return _DEVICE_TABLES[key]
+    return cached_device_table(("influence", host, block_ns, horizon),
+                               lambda: _influence_table_host(host, block_ns, horizon), 5, device)
 
 
 # ----------------------------------------------------------------------------------------------------------

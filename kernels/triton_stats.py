@@ -121,16 +121,23 @@ def _stats_table_host(host: tuple, block_ms: tuple) -> tuple[list, dict]:
 _DEVICE_TABLES: dict = {}
 
 
-def stats_block_table(host: tuple, block_ms: tuple, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """int32 [n, 4] device table for every BLOCK_M in block_ms and {BLOCK_M: (offset, count)} (cached)."""
-    key = (host, block_ms, str(device))
+def cached_device_table(key: tuple, build_host, width: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Upload a host block table once per (key, device): int32 [n, width] and its {block: (offset, count)}.
+
+    build_host() -> (rows, offsets). Shared by both passes; bounded to 64 entries."""
+    key = key + (str(device),)
     if key not in _DEVICE_TABLES:
-        rows, offsets = _stats_table_host(host, block_ms)
-        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device)
+        rows, offsets = build_host()
+        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device)
         if len(_DEVICE_TABLES) > 64:
             _DEVICE_TABLES.clear()
         _DEVICE_TABLES[key] = (table, offsets)
     return _DEVICE_TABLES[key]
+
+
+def stats_block_table(host: tuple, block_ms: tuple, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """int32 [n, 4] device table for every BLOCK_M in block_ms and {BLOCK_M: (offset, count)} (cached)."""
+    return cached_device_table(("stats", host, block_ms), lambda: _stats_table_host(host, block_ms), 4, device)
 
 
 # ----------------------------------------------------------------------------------------------------------
