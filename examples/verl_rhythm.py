@@ -7,12 +7,16 @@ In a verl job (driver and Ray workers), make every process import the hooks modu
     python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo ... \
         actor_rollout_ref.model.external_lib=rhythm.integrations.verl_hooks   # alternative hook (workers)
 
-The hooks wrap verl's compute_advantage: whenever a batch carries batch["rhythm_gamma"] [B, R_len], the
-advantages of any estimator are multiplied by it on response tokens. gamma is computed where the policy
-lives (the actor worker, next to the old-log-prob pass) with rhythm.integrations.verl.compute_rhythm_gamma -
-padded batches or verl's remove-padding layout (use_remove_padding=True).
+With the legacy trainer (trainer.use_v1=False) that is all: the hooks make the driver's
+RayPPOTrainer._compute_old_log_prob ask the actor workers for gamma, ActorRolloutRefWorker.compute_log_prob
+(wrapped in each worker) scores the batch with the actor's module and returns batch["rhythm_gamma"] [B, R_len],
+and the wrapped compute_advantage multiplies the advantages of any estimator by it on response tokens
+(docs/integrations.md, "verl"; tests/test_verl_integration.py runs that path on stand-in workers).
 
-This script runs that data path on CPU: a tiny random 3-layer Llama stands in for the actor.
+This script runs the same data path by hand on CPU (what a custom trainer would call): a tiny random 3-layer
+Llama stands in for the actor, gamma comes from rhythm.integrations.verl.compute_rhythm_gamma - padded
+batches or verl's remove-padding layout (use_remove_padding=True) - and verl's wrapped compute_advantage
+applies it.
 
     .venv/bin/python examples/verl_rhythm.py
 """

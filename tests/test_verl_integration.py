@@ -225,3 +225,226 @@ def _algo_config(estimator):
     from verl.trainer.config import AlgoConfig
 
     return AlgoConfig(adv_estimator=estimator)
+
+
+# ---- worker side, wired automatically: ActorRolloutRefWorker.compute_log_prob + RayPPOTrainer._compute_old_log_prob
+
+SMALL_ENV = '{"strategy": "%s", "window": 4, "horizon": [2, 100]}'
+
+
+@pytest.fixture
+def hooks(ray_trainer):
+    """The hooks installed on verl's real classes (engine_workers imports on CPU: no GPU-only dependency)."""
+    try:
+        from verl.workers import engine_workers
+    except ImportError as exc:
+        pytest.skip(f"verl.workers.engine_workers does not import: {exc}")
+    from rhythm.integrations import verl_hooks
+
+    verl_hooks.install()
+    assert engine_workers.ActorRolloutRefWorker.compute_log_prob.__rhythm_wrapped__
+    assert ray_trainer.RayPPOTrainer._compute_old_log_prob.__rhythm_wrapped__
+    return verl_hooks
+
+
+class _StandInEngine:
+    """FSDPEngine as the wrapper reads it: ``module`` (here the bare model) and ``eval_mode()``."""
+
+    def __init__(self, module):
+        self.module, self.eval_entered = module, 0
+
+    def eval_mode(self, **kwargs):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.eval_entered += 1
+            self.module.eval()
+            yield
+
+        return ctx()
+
+
+class _StandInTrainingWorker:
+    """TrainingWorker.infer_batch's output: nested log_probs / entropy over every sequence (prompt + response,
+    as verl's engine returns them) and the metrics dict."""
+
+    def __init__(self, module, use_remove_padding):
+        self.engine, self.seen_keys, self.use_remove_padding = _StandInEngine(module), [], use_remove_padding
+
+    def infer_batch(self, data):
+        from verl.utils import tensordict_utils as tu
+
+        self.seen_keys.append(set(data.keys()))
+        if "use_remove_padding" not in data.keys():  # as verl's TrainingWorker.infer_batch: the model config's flag
+            tu.assign_non_tensor(data, use_remove_padding=self.use_remove_padding)
+        ids = data["input_ids"]
+        assert ids.is_nested  # verl's no-padding layout reaches the worker
+        g = torch.Generator().manual_seed(int(ids.values().sum()))
+        values = torch.rand(ids.values().numel(), generator=g) + 0.1
+        nested = lambda v: torch.nested.nested_tensor_from_jagged(v, offsets=ids.offsets())  # noqa: E731
+        return tu.get_tensordict({"log_probs": nested(-values), "entropy": nested(values)},
+                                 non_tensor_dict={"metrics": {"mfu": 0.5}})
+
+
+class StandInActorWorker:
+    """Exactly the attributes that verl's ActorRolloutRefWorker.compute_log_prob (with its decorators) and the
+    rhythm wrapper read: no ``profiler`` (DistProfiler.annotate then calls through), ``enable_routing_replay``,
+    ``actor.infer_batch`` / ``actor.engine.{module, eval_mode}``, ``config.model.use_remove_padding``,
+    ``config.rollout.log_prob_micro_batch_size_per_gpu``."""
+
+    def __init__(self, module, use_remove_padding):
+        from omegaconf import OmegaConf
+
+        self.actor = _StandInTrainingWorker(module, use_remove_padding)
+        self.enable_routing_replay = False
+        self.config = OmegaConf.create({"model": {"use_remove_padding": use_remove_padding},
+                                        "rollout": {"log_prob_micro_batch_size_per_gpu": 2}})
+
+
+class StandInWorkerGroup:
+    """RayWorkerGroup as the driver uses it: ``compute_log_prob`` bound on the instance (``_bind_worker_method``),
+    the TensorDict split in equal chunks over the dp ranks and the outputs concatenated (the dispatch / collect
+    of ``make_nd_compute_dataproto_dispatch_fn``), each rank running the class's (wrapped) method."""
+
+    def __init__(self, workers, method=None):
+        from verl.workers.engine_workers import ActorRolloutRefWorker
+
+        self.workers = workers
+        self.method = method or ActorRolloutRefWorker.compute_log_prob
+        self.compute_log_prob = self._dispatch
+
+    def _dispatch(self, data):
+        from verl.utils import tensordict_utils as tu
+
+        chunks = tu.chunk_tensordict(data, len(self.workers))
+        return tu.concat_tensordict([self.method(w, c) for w, c in zip(self.workers, chunks)])
+
+
+class StandInTrainer:
+    """What RayPPOTrainer._compute_old_log_prob reads from ``self``."""
+
+    def __init__(self, worker_group):
+        from omegaconf import OmegaConf
+
+        self.actor_rollout_wg, self.global_steps = worker_group, 3
+        self.config = OmegaConf.create({"actor_rollout_ref": {"actor": {}}})
+
+
+def _old_log_prob_step(ray_trainer, trainer, batch):
+    """The legacy fit loop around the old-log-prob pass: _compute_old_log_prob, pop entropys, union."""
+    old_log_prob, mfu = ray_trainer.RayPPOTrainer._compute_old_log_prob(trainer, batch)
+    assert mfu == 0.5 and old_log_prob.batch["old_log_probs"].shape == batch.batch["responses"].shape
+    entropys = old_log_prob.batch.pop("entropys")
+    return batch.union(old_log_prob), entropys
+
+
+@pytest.mark.parametrize("use_remove_padding", [False, True])
+def test_worker_method_adds_gamma_padded_and_remove_padding(model, hooks, ray_trainer, monkeypatch,
+                                                            use_remove_padding):
+    """verl's real (wrapped) ActorRolloutRefWorker.compute_log_prob on a stand-in worker, called through the real
+    (wrapped) RayPPOTrainer._compute_old_log_prob: the batch carries rhythm_gamma equal to compute_rhythm_gamma's,
+    and the wrapped compute_advantage(grpo) gives GRPO's advantages times gamma."""
+    from rhythm.integrations import verl as verl_adapter
+
+    monkeypatch.setenv("RHYTHM_CREDIT_CONFIG", SMALL_ENV % "coupled")
+    monkeypatch.delenv("RHYTHM_CREDIT", raising=False)
+    packed_calls = []
+    real_packed = verl_adapter.rhythm_gamma_packed
+    monkeypatch.setattr(verl_adapter, "rhythm_gamma_packed",
+                        lambda *a, **k: packed_calls.append(a[1].shape) or real_packed(*a, **k))
+    workers = [StandInActorWorker(model, use_remove_padding) for _ in range(2)]  # two dp ranks, 3 rows each
+    trainer = StandInTrainer(StandInWorkerGroup(workers))
+    batch, _ = _old_log_prob_step(ray_trainer, trainer, verl_batch())
+    assert "compute_log_prob" in vars(trainer.actor_rollout_wg)  # the worker group's own binding is restored
+    assert trainer.actor_rollout_wg.compute_log_prob == trainer.actor_rollout_wg._dispatch
+
+    cfg = RhythmCreditConfig(strategy="coupled", **SMALL)
+    expected = compute_rhythm_gamma(RhythmScorer(model, **cfg.scorer_kwargs()), verl_batch(), cfg)
+    gamma = batch.batch["rhythm_gamma"]
+    assert gamma.dtype == torch.float32
+    torch.testing.assert_close(gamma, expected, rtol=0, atol=0)
+    torch.testing.assert_close(gamma, per_row_gamma(model, verl_batch(), cfg), rtol=0, atol=0)
+    assert bool((gamma > 1).any())
+    assert len(packed_calls) == (2 if use_remove_padding else 0)  # one packed [1, N] pass per rank
+    assert all(shape[0] == 1 for shape in packed_calls)
+    for worker in workers:
+        assert worker.actor.engine.eval_entered == 1  # scored inside the engine's eval mode
+        assert all("rhythm_credit" not in keys for keys in worker.actor.seen_keys)  # request never reaches the engine
+        assert worker.__dict__["_rhythm_scorer"][1].config.micro_batch_size == 2  # log_prob micro batch size
+
+    # a second step reuses each worker's scorer
+    scorers = [w.__dict__["_rhythm_scorer"][1] for w in workers]
+    _old_log_prob_step(ray_trainer, trainer, verl_batch())
+    assert [w.__dict__["_rhythm_scorer"][1] for w in workers] == scorers
+
+    out = ray_trainer.compute_advantage(batch, adv_estimator="grpo", config=_algo_config("grpo"))
+    hooks.uninstall()
+    try:
+        base = ray_trainer.compute_advantage(verl_batch(), adv_estimator="grpo", config=_algo_config("grpo"))
+    finally:
+        hooks.install()
+    mask = verl_batch().batch["response_mask"].bool()
+    assert bool((base.batch["advantages"][mask] != 0).any())
+    torch.testing.assert_close(out.batch["advantages"], base.batch["advantages"] * expected)
+
+
+def test_worker_method_untouched_without_request(model, hooks, ray_trainer, monkeypatch):
+    """No request in the batch (the ref pass of a LoRA actor, the v1 trainer, RHYTHM_CREDIT=0): no scoring."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    worker = StandInActorWorker(model, True)
+    output = ActorRolloutRefWorker.compute_log_prob(worker, left_right_2_no_padding(verl_batch().to_tensordict()))
+    assert "rhythm_gamma" not in output.keys() and worker.actor.engine.eval_entered == 0
+    assert "_rhythm_scorer" not in worker.__dict__ and tu.get(output, "metrics") == {"mfu": 0.5}
+
+    monkeypatch.setenv("RHYTHM_CREDIT", "0")
+    trainer = StandInTrainer(StandInWorkerGroup([worker]))
+    batch, _ = _old_log_prob_step(ray_trainer, trainer, verl_batch())
+    assert "rhythm_gamma" not in batch.batch.keys() and worker.actor.engine.eval_entered == 0
+
+    # hooks enabled on the driver but not imported in the workers: a clear error, not silent plain GRPO
+    monkeypatch.delenv("RHYTHM_CREDIT")
+    bare = StandInWorkerGroup([worker], method=ActorRolloutRefWorker.compute_log_prob.__rhythm_original__)
+    with pytest.raises(RuntimeError, match="external_lib"):
+        _old_log_prob_step(ray_trainer, StandInTrainer(bare), verl_batch())
+
+
+@pytest.mark.parametrize("strategy", ["random", "entropy"])
+def test_random_and_entropy_computed_on_the_driver(model, hooks, ray_trainer, monkeypatch, strategy):
+    monkeypatch.setenv("RHYTHM_CREDIT_CONFIG", SMALL_ENV % strategy)
+    workers = [StandInActorWorker(model, True) for _ in range(2)]
+    trainer = StandInTrainer(StandInWorkerGroup(workers))
+    batch, entropys = _old_log_prob_step(ray_trainer, trainer, verl_batch())
+    assert all(w.actor.engine.eval_entered == 0 and "_rhythm_scorer" not in w.__dict__ for w in workers)
+    cfg = RhythmCreditConfig(strategy=strategy, **SMALL)
+    reference = verl_batch().batch
+    inputs = {k: reference[k] for k in ("input_ids", "attention_mask", "responses")}
+    inputs["entropys"] = entropys
+    expected = compute_rhythm_gamma(None, inputs, cfg, seed=cfg.step_seed(trainer.global_steps))
+    torch.testing.assert_close(batch.batch["rhythm_gamma"], expected, rtol=0, atol=0)
+    for b, r in enumerate(RESPONSE_LENS):
+        assert int((batch.batch["rhythm_gamma"][b] > 1).sum()) == math.ceil(0.4 * r)
+
+
+def test_hooks_wrap_the_worker_method_in_a_fresh_process():
+    """VERL_USE_EXTERNAL_MODULES, as a Ray worker process starts: importing verl's engine workers after `import
+    verl` gives the wrapped compute_log_prob, with verl's register() dispatch attributes kept (the worker group
+    binds methods by them), and the wrapped RayPPOTrainer._compute_old_log_prob."""
+    code = ("import verl\n"
+            "from verl.single_controller.base.decorator import MAGIC_ATTR\n"
+            "from verl.workers.engine_workers import ActorRolloutRefWorker as W\n"
+            "from verl.trainer.ppo.ray_trainer import RayPPOTrainer\n"
+            "m = W.compute_log_prob\n"
+            "assert m.__rhythm_wrapped__ and getattr(m, MAGIC_ATTR) == getattr(m.__rhythm_original__, MAGIC_ATTR)\n"
+            "assert RayPPOTrainer._compute_old_log_prob.__rhythm_wrapped__\n"
+            "print('worker wrapped', getattr(m, MAGIC_ATTR)['dispatch_mode'])\n")
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rhythm.integrations.verl_hooks")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                            timeout=300)
+    if result.returncode != 0 and "No module named" in result.stderr and "rhythm" not in result.stderr:
+        pytest.skip(f"verl's worker module does not import here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "worker wrapped" in result.stdout

@@ -13,8 +13,11 @@ Three pieces, none of which forks verl:
     ``response_mask`` tokens (sign mode as configured); it works after any estimator (grpo, gae, rloo,
     reinforce_plus_plus, ...), since all of them write token-level advantages of width R_len.
 (c) registration - ``rhythm.integrations.verl_hooks``: importing it (through ``VERL_USE_EXTERNAL_MODULES`` or
-    ``actor_rollout_ref.model.external_lib``) wraps verl's ``compute_advantage`` so that every batch carrying
-    ``batch["rhythm_gamma"]`` gets (b) applied right after the advantage estimator.
+    ``actor_rollout_ref.model.external_lib``) wires (a) into verl 0.9's actor worker
+    (``ActorRolloutRefWorker.compute_log_prob``, asked for by the driver's ``RayPPOTrainer._compute_old_log_prob``)
+    and wraps verl's ``compute_advantage`` so that every batch carrying ``batch["rhythm_gamma"]`` gets (b)
+    applied right after the advantage estimator. :func:`padded_from_no_padding` turns the no-padding TensorDict
+    the worker receives (nested ``input_ids`` / ``position_ids``) back into the padded tensors (a) reads.
 
 Only tensors and ``DataProto``-like objects (``.batch`` a TensorDict/dict, ``.meta_info`` a dict) are touched;
 verl itself is imported by the hooks module only.
@@ -30,7 +33,7 @@ from ..scorer import RhythmScorer
 from .config import RhythmCreditConfig
 
 __all__ = ["RhythmCreditConfig", "GAMMA_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed", "pack_batch",
-           "apply_rhythm_gamma", "response_window_mask"]
+           "apply_rhythm_gamma", "response_window_mask", "padded_from_no_padding"]
 
 GAMMA_KEY = "rhythm_gamma"
 
@@ -61,6 +64,39 @@ def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_i
     cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.long, device=mask.device)
     cu_seqlens[1:] = lengths.cumsum(0)
     return (input_ids.flatten()[indices][None], position_ids.flatten()[indices][None], cu_seqlens, indices)
+
+
+def padded_from_no_padding(data) -> dict:
+    """The padded tensors ``compute_rhythm_gamma`` reads, from the batch a verl 0.9 actor worker receives.
+
+    verl's driver turns the rollout batch into its no-padding layout before ``compute_log_prob``
+    (``verl.workers.utils.padding.left_right_2_no_padding``): ``input_ids`` and ``position_ids`` become jagged
+    nested tensors holding each sequence's real tokens (prompt + response), while ``attention_mask`` [B, T],
+    ``responses`` [B, R_len] (and ``prompts``, ``response_mask``) stay padded. The real tokens of row b are the
+    ``attention_mask[b]`` positions in order (``unpad_input``), so scattering the nested values back over the
+    mask restores the padded layout exactly. Already padded (non-nested) tensors pass through.
+    Returns {input_ids, attention_mask, position_ids, responses} ([B, T] / [B, R_len]), on the input device."""
+    attention_mask = data["attention_mask"]
+    if attention_mask.is_nested:
+        raise ValueError("attention_mask must be the padded [B, T] mask (verl keeps it padded in the no-padding layout)")
+    mask = attention_mask.bool()
+    out = {"attention_mask": attention_mask, "responses": data["responses"]}
+    for name in ("input_ids", "position_ids"):
+        if name not in data.keys():
+            continue
+        x = data[name]
+        if not x.is_nested:
+            out[name] = x
+            continue
+        values = x.values()
+        if values.dim() != 1:
+            raise ValueError(f"{name}: multi-axis rope position ids (nested [B, 3|4, j]) are not supported")
+        if values.numel() != int(mask.sum()):
+            raise ValueError(f"{name}: {values.numel()} nested tokens but attention_mask holds {int(mask.sum())}")
+        padded = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+        padded[mask.to(values.device)] = values
+        out[name] = padded
+    return out
 
 
 def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, position_ids_rmpad: torch.Tensor,
