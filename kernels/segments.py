@@ -95,9 +95,8 @@ def segments_from_mask(attention_mask: torch.Tensor | None, batch: int, length: 
             raise ValueError(
                 f"attention_mask must have shape [B, T] = [{batch}, {length}], got {tuple(attention_mask.shape)}"
             )
-        if attention_mask.dtype.is_floating_point:
-            if not torch.all((attention_mask == 0) | (attention_mask == 1)):
-                raise ValueError("attention_mask must hold only 0/1 (or bool) values")
+        if attention_mask.dtype != torch.bool and not torch.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError("attention_mask must hold only 0/1 (or bool) values")
         real = attention_mask.bool().cpu()
         counts = real.sum(dim=1)
         positions = torch.arange(length)

@@ -141,7 +141,9 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
         band_lo = max(0, t0 - window + 1)
         band_weight = _window_weight(t0 - band_lo, rows, t1 - band_lo, window, device)
         band = (probs[:, :, band_lo:t1] * band_weight).sum(dim=-1)
-        waad[:, t0:t1] = window - band * inv_sum
+        # Clamped to the SPEC section 7 invariants 0 <= waad <= min(W, distance): for t < W both are the same
+        # sum computed two ways, and rounding must not put waad above distance (the Triton pass does the same).
+        waad[:, t0:t1] = torch.minimum((window - band * inv_sum).clamp_(0, window), distance[:, t0:t1])
         # FAI column sums over the response rows of this block, inside the horizon band only.
         if t1 > response_offset:
             in_response = (torch.arange(t0, t1, device=device) >= response_offset).to(torch.float32)

@@ -42,6 +42,8 @@ class ScorerConfig:
     or "fixed" (computed once from the first micro-batch with a response, then reused; or pass
     ``fixed_groups``). micro_batch_size: sequences per forward. backend: ``attention_metrics`` backend.
     validate: let ``attention_metrics`` check q/k/v for NaN/Inf (one host sync per layer).
+    temperature: sampling temperature of the rollouts; the entropy baseline (``with_entropy``) reads the
+    entropy of softmax(logits / temperature), the distribution that sampled each token (SPEC section 4).
     """
 
     window: int = 10
@@ -58,6 +60,7 @@ class ScorerConfig:
     micro_batch_size: int = 8
     backend: str = "auto"
     validate: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.grouping not in GROUPINGS:
@@ -65,6 +68,8 @@ class ScorerConfig:
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
                 or self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be an int >= 1, got {self.micro_batch_size!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not 0 < float(self.head_fraction) <= 1:
             raise ValueError(f"head_fraction must be in (0, 1], got {self.head_fraction!r}")
         self.horizon = tuple(self.horizon)
@@ -268,7 +273,9 @@ class RhythmScorer:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode(), Capture(model) as capture:
+            # no_grad rather than inference_mode: the policy's parameters stay ordinary tensors, so training
+            # wrappers that version them (FSDP2's unshard) work during and after the pass.
+            with torch.no_grad(), Capture(model) as capture:
                 size = self.config.micro_batch_size
                 for first in range(0, len(segments), size):
                     chunk = list(range(first, min(first + size, len(segments))))
@@ -435,6 +442,7 @@ class RhythmScorer:
             logits = head(hidden[:, a:b]).float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
+            logits = logits / self.config.temperature      # the distribution that sampled the token
             logp = torch.log_softmax(logits, dim=-1)
             out[:, a + 1: b + 1] = -(logp.exp() * logp).sum(-1).cpu()
         return out

@@ -173,6 +173,22 @@ def test_entropy_is_that_of_the_distribution_sampling_each_token():
     assert torch.all(gamma[~response] == 1) and (gamma[response] > 1).sum() == 3 * math.ceil(0.4 * 8)
 
 
+def test_entropy_follows_the_sampling_temperature():
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch("left", length=30)
+    response = response_suffix(mask, [8, 8, 8])
+    scores = RhythmScorer(model, temperature=0.5).score(ids, mask, response, with_entropy=True)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.double() / 0.5
+    logp = torch.log_softmax(logits, -1)
+    want = -(logp.exp() * logp).sum(-1)
+    for b, (_, s, e, _) in enumerate(scores.segments):
+        torch.testing.assert_close(scores.entropy[b, s + 1:e].double(), want[b, s:e - 1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        RhythmScorer(model, temperature=0)
+
+
 def test_trainer_alignment_worked_example():
     """SPEC section 6 on numbers. Two rollouts: prompts [11, 12, 13] and [21, 22, 23, 24, 25], responses
     [31, 32, 33, 34] and [41, 42]; the trainer pads prompts left to P = 5 and responses right to R_len = 4:

@@ -77,6 +77,8 @@ def test_mask_shape_and_values(qkv):
         _call(q, k, attention_mask=torch.ones(2, 15))
     with pytest.raises(ValueError, match=r"attention_mask must hold only 0/1"):
         _call(q, k, attention_mask=torch.full((2, 16), 0.5))
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0/1"):
+        _call(q, k, attention_mask=torch.full((2, 16), 2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("start", [17, -1])
