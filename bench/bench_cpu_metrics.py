@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/cpu_metrics.json")
     args = parser.parse_args()
     sys.path.insert(0, os.getcwd())
-    from bench.machine import describe
+    from bench.machine import describe, save_json
 
     rows = []
     for length in args.lengths:
@@ -100,10 +100,7 @@ def main() -> None:
               "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "dtype": "float32", "window": WINDOW,
                         "horizon": HORIZON, "response_start": "T/4"},
               "machine": describe(), "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(f"wrote {args.out}")
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/credit_cpu.json")
     args = parser.parse_args()
     sys.path.insert(0, os.getcwd())
-    from bench.machine import describe
+    from bench.machine import describe, save_json
 
     import torch
 
@@ -128,10 +128,7 @@ def main() -> None:
     if ok and not metrics.get("failed"):
         result["slowest_credit_over_metrics"] = max(ok) / metrics["seconds"]
         result["credit_cheaper_than_metrics"] = max(ok) < metrics["seconds"]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(f"wrote {args.out}")
+    save_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,6 @@ class Timer:
 def sdpa_flash_fn(q, k, v, cuda: bool):
     """SDPA forward under the flash backend (CPU: its flash kernel too). GQA via enable_gqa when the backend
     takes it, else K/V repeated once outside the timed call. Returns (fn, how)."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
