@@ -26,6 +26,44 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
+    """Worst error / SPEC section 7 bound (<= 1 passes) of the torch backend against fp64 rows and columns
+    recomputed from q and k: lse, distance and waad on the last rows and on random rows (the long-range,
+    cancellation-prone ones), fai on random columns of the response (every attending row of the column's
+    horizon recomputed). The full oracle would need T x T fp64 maps."""
+    import torch
+
+    length = q.shape[2]
+    gen = torch.Generator().manual_seed(1)
+    q64 = q[0].double() * DIM ** -0.5
+    k64 = k[0].double().repeat_interleave(HQ // HKV, dim=0)
+
+    def row_attention(t: int) -> torch.Tensor:
+        scores = torch.einsum("hd,hsd->hs", q64[:, t], k64[:, : t + 1])    # [Hq, t + 1]
+        return scores, torch.softmax(scores, dim=-1)
+
+    rows = sorted(set(range(length - samples // 2, length)) |
+                  set(torch.randint(0, length, (samples // 2,), generator=gen).tolist()))
+    worst = {"lse": 0.0, "distance": 0.0, "waad": 0.0, "fai": 0.0}
+    for t in rows:
+        scores, attn = row_attention(t)
+        lag = (t - torch.arange(t + 1)).double()
+        want = {"lse": torch.logsumexp(scores, -1), "distance": attn @ lag, "waad": attn @ lag.clamp(max=WINDOW)}
+        for name, ref in want.items():
+            err = (getattr(metrics, name)[0, :, t].double() - ref).abs()
+            bound = {"lse": 1e-6 + 1e-4 * ref.abs(), "distance": 1e-4 * ref.clamp(min=1), "waad": 1e-4}[name]
+            worst[name] = max(worst[name], (err / bound).max().item())
+    h_lo, h_hi = HORIZON
+    for s in torch.randint(0, length - h_lo, (8,), generator=gen).tolist():
+        attending = range(max(s + h_lo, response_start), min(length - 1, s + h_hi) + 1)
+        if not attending:
+            continue
+        ref = sum(row_attention(t)[1][:, s] for t in attending) / len(attending)
+        err = (metrics.fai[0, :, s].double() - ref).abs()
+        worst["fai"] = max(worst["fai"], (err / (1e-6 + 1e-4 * ref.abs())).max().item())
+    return {"worst_error_over_spec_bound": worst, "rows_checked": len(rows)}
+
+
 def worker(method: str, length: int, repeats: int) -> dict:
     """Runs inside the subprocess: build inputs, run the method, report time and extra peak RSS."""
     import torch
@@ -55,8 +93,11 @@ def worker(method: str, length: int, repeats: int) -> dict:
         times.append(time.perf_counter() - begin)
         del out
     times.sort()
-    return {"seconds": times[len(times) // 2], "all_seconds": times,
-            "extra_peak_rss_mib": (_peak_rss_bytes() - base) / 2**20}
+    result = {"seconds": times[len(times) // 2], "all_seconds": times,
+              "extra_peak_rss_mib": (_peak_rss_bytes() - base) / 2**20}
+    if method == "torch":
+        result["accuracy"] = spot_check(run(q, k), q, k, length // 4)
+    return result
 
 
 def run_in_subprocess(method: str, length: int, repeats: int, memory_limit_gib: float) -> dict:

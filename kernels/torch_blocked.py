@@ -9,6 +9,12 @@ the keys [0, t1) (causal: no key beyond the block), and never more. Per block ro
     fai_sum[s] += sum_{t in block, t in R, H_lo <= t-s <= H_hi} A[t,s]   (only the horizon band's columns)
     out[t]      = sum_s A[t,s] v_s                            (only when v is given)
 
+Unlike the Triton stats pass, which streams key blocks with an online (rescaled) log-sum-exp, a block row
+here spans every key of the block at once, so its softmax statistics come in one shot; the working memory
+stays bounded because the query block shrinks as T grows (the block row is at most BLOCK_ROW_ELEMENTS, one
+workspace reused by every block of a sequence). On CPU this is faster than a key loop, whose per-chunk
+rescaling would be extra passes over the same scores.
+
 GQA: the query heads of one key head are stacked along the rows of a single matmul, so K and V are never
 repeated. Inputs in fp16/bf16 are upcast block by block; every sum runs in fp32. Sums run in a fixed order
 (no atomics): two calls give bitwise-equal results.
