@@ -163,6 +163,8 @@ def main_gpu(args) -> dict:
 
     from rhythm.scorer import RhythmScorer
 
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device (use --gpu --dry-run for the code path on CPU)")
     device = "cpu" if args.dry_run else "cuda"
     dtype = torch.float32 if args.dry_run else torch.bfloat16
     if args.dry_run:
