@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
+
+from . import validation
 from .metrics import AttentionMetrics, attention_metrics
 
 _NAME_PREFIX = "rhythm_capture"
@@ -78,6 +81,7 @@ class CaptureContext:
     stop_after_last: bool = True
     records: dict[int, AttentionMetrics] = field(default_factory=dict)
     output: object = None
+    layout: Segments | None = field(default=None, repr=False)   # built by the first sampled layer of a pass
 
     def __post_init__(self):
         if len(self.layers) == 0:
@@ -214,6 +218,7 @@ class Capture:
             raise RuntimeError("Capture.run must be called inside `with Capture(model) as capture:`")
         self._context = context
         context.records.clear()
+        context.layout = None
         context.output = None
         call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
         try:
@@ -244,13 +249,12 @@ class Capture:
         layer = int(layer)
         self._check_supported(module, layer, query, key, dropout, is_causal, kwargs)
         query, key, value = _common_dtype(query, key, value)
-        mask, cu_seqlens = context.attention_mask, context.cu_seqlens
-        if cu_seqlens is None and mask is None and query.shape[0] == 1:
-            cu_seqlens = self._packed_boundaries(kwargs)
+        if context.layout is None:
+            # The batch layout is the same for every sampled layer: read it (one host sync) once per pass.
+            context.layout = self._layout(context, query, kwargs)
         metrics = attention_metrics(
             query, key, value, window=context.window, horizon=context.horizon, scale=scaling,
-            attention_mask=mask, response_start=context.response_start, cu_seqlens=cu_seqlens,
-            backend=context.backend, validate=context.validate,
+            segments=context.layout, backend=context.backend, validate=context.validate,
         )
         out = metrics.out
         metrics.out = None
@@ -271,6 +275,22 @@ class Capture:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
+
+    def _layout(self, context: CaptureContext, query: torch.Tensor, kwargs) -> Segments:
+        """Segments of this pass: the context's padding mask or packed boundaries, else (B = 1, no mask) the
+        packed layout the model's own kwargs describe."""
+        batch, _, length, _ = query.shape
+        mask, cu_seqlens = context.attention_mask, context.cu_seqlens
+        if cu_seqlens is None and mask is None and batch == 1:
+            cu_seqlens = self._packed_boundaries(kwargs)
+        for name, x in (("attention_mask", mask), ("cu_seqlens", cu_seqlens),
+                        ("response_start", context.response_start)):
+            validation.check_mask_device(name, x, query.device)
+        if cu_seqlens is not None:
+            if mask is not None:
+                raise ValueError("CaptureContext: attention_mask must be None with cu_seqlens")
+            return segments_from_cu_seqlens(cu_seqlens, batch, length, context.response_start, query.device)
+        return segments_from_mask(mask, batch, length, context.response_start, query.device)
 
     @staticmethod
     def _packed_boundaries(kwargs) -> torch.Tensor | None:

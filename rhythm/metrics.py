@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens, segments_from_mask
+from rhythm_kernels.segments import Segments, influence_counts, segments_from_cu_seqlens, segments_from_mask
 
 from . import validation
 
@@ -46,7 +46,8 @@ def _run_backend(name, q, k, v, segments, counts, window, horizon, scale) -> dic
 
 
 def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None, attention_mask=None,
-                      response_start=None, cu_seqlens=None, backend="auto", validate=True) -> AttentionMetrics:
+                      response_start=None, cu_seqlens=None, backend="auto", validate=True,
+                      segments: Segments | None = None) -> AttentionMetrics:
     """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (SPEC sections 2 and 8).
 
     Args:
@@ -60,6 +61,10 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
         cu_seqlens: LongTensor [n_segments + 1] of packed segment boundaries (B must be 1, mask None).
         backend: "auto" (triton on CUDA, torch otherwise) | "triton" | "torch" | "reference".
         validate: check q/k/v for NaN/Inf (one host synchronisation). Shapes and masks are always checked.
+        segments: a layout already built with ``rhythm_kernels.segments`` (``segments_from_mask`` /
+            ``segments_from_cu_seqlens``), in place of attention_mask / response_start / cu_seqlens. Reading
+            a mask costs a host synchronisation; callers that run several layers over one batch (the capture)
+            build the layout once and pass it to every layer. Checked against q's B, T and device on the host.
     """
     validation.check_qkv(q, k, v)
     horizon = validation.check_options(window, horizon, scale, backend)
@@ -67,7 +72,11 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
     for name, x in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
                     ("response_start", response_start)):
         validation.check_mask_device(name, x, q.device)
-    if cu_seqlens is not None:
+    if segments is not None:
+        if attention_mask is not None or response_start is not None or cu_seqlens is not None:
+            raise ValueError("segments replaces attention_mask, response_start and cu_seqlens: pass one or the other")
+        validation.check_segments(segments, batch, length, q.device)
+    elif cu_seqlens is not None:
         if attention_mask is not None:
             raise ValueError("attention_mask must be None with cu_seqlens (a packed batch has no padding)")
         segments = segments_from_cu_seqlens(cu_seqlens, batch, length, response_start, q.device)

@@ -77,3 +77,18 @@ def triton_available(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_segments(segments, batch: int, length: int, device: torch.device) -> None:
+    """A prebuilt layout must fit q: rows in [0, B), 0 <= start < end <= T, start <= response_start <= end
+    (checked on its host copy: no device synchronisation)."""
+    from rhythm_kernels.segments import Segments
+
+    if not isinstance(segments, Segments):
+        raise TypeError(f"segments must be a rhythm_kernels.segments.Segments, got {type(segments).__name__}")
+    if segments.start.device != device:
+        raise ValueError(f"segments must be on the device of q ({device}), got {segments.start.device}")
+    for i, (row, start, end, resp) in enumerate(segments.host):
+        if not (0 <= row < batch and 0 <= start < end <= length and start <= resp <= end):
+            raise ValueError(f"segments[{i}] = (row {row}, start {start}, end {end}, response_start {resp}) does "
+                             f"not fit q with B = {batch}, T = {length}")

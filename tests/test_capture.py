@@ -255,3 +255,22 @@ def test_mixed_dtypes_under_autocast_follow_sdpa():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert {t.dtype for t in _common_dtype(q, k, v)} == {torch.bfloat16}
     assert {t.dtype for t in _common_dtype(q, k, v)} == {torch.float32}
+
+
+def test_layout_is_read_once_per_pass(monkeypatch):
+    """Reading the padding mask syncs with the host: the capture builds the layout at the first sampled
+    layer and hands it to the others (SPEC 8: capture passes validate=False to avoid host syncs)."""
+    import rhythm.capture as capture_module
+
+    calls = []
+    real = capture_module.segments_from_mask
+    monkeypatch.setattr(capture_module, "segments_from_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny_model("llama")
+    ids, mask = padded_batch("left")
+    context = CaptureContext(layers=(1, 2, 4), attention_mask=mask.bool(), response_start=None)
+    with torch.no_grad(), Capture(model) as capture:
+        for _ in range(2):
+            records = capture.run(context, input_ids=ids, attention_mask=mask,
+                                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+            assert sorted(records) == [1, 2, 4]
+    assert len(calls) == 2, "one layout per forward, shared by the three sampled layers"

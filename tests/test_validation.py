@@ -167,3 +167,24 @@ def test_device_mismatch(qkv):
         _call(q, k.to("meta"))
     with pytest.raises(ValueError, match=r"attention_mask must be on the device of q"):
         _call(q, k, attention_mask=torch.ones(2, 16, device="meta"))
+
+
+def test_prebuilt_segments(qkv):
+    """segments= replaces the mask arguments, gives the same metrics, and must fit q."""
+    from rhythm_kernels.segments import segments_from_mask
+
+    q, k, _ = qkv
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, :4] = False
+    resp = torch.tensor([5, 9])
+    segments = segments_from_mask(mask, 2, 16, resp, q.device)
+    via_mask = _call(q, k, attention_mask=mask, response_start=resp)
+    via_segments = _call(q, k, segments=segments)
+    for name in ("lse", "distance", "waad", "fai", "fai_valid"):
+        assert torch.equal(getattr(via_mask, name), getattr(via_segments, name)), name
+    with pytest.raises(ValueError, match=r"segments replaces attention_mask"):
+        _call(q, k, segments=segments, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"segments\[0\] .* does not fit q with B = 2, T = 12"):
+        _call(q[:, :, :12], k[:, :, :12], segments=segments)
+    with pytest.raises(TypeError, match=r"segments must be a rhythm_kernels.segments.Segments"):
+        _call(q, k, segments=[(0, 0, 16, 0)])
