@@ -211,14 +211,21 @@ def test_hooks_reach_a_fresh_process_through_verl_env_var(tmp_path):
             "import verl.trainer.ppo.ray_trainer as rt, late_user\n"
             "assert rt.compute_advantage.__rhythm_wrapped__ and late_user.compute_advantage is rt.compute_advantage\n"
             "print('wrapped')\n")
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rhythm.integrations.verl_hooks",
-               PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert "wrapped" in _run_with_verl_hooks(code, "trainer", extra_path=tmp_path)
+
+
+def _run_with_verl_hooks(code: str, what: str, extra_path=None) -> str:
+    """Run ``code`` in a fresh interpreter with VERL_USE_EXTERNAL_MODULES naming our hooks (what a Ray worker
+    or driver process does); returns its stdout. Skips when verl's ``what`` module cannot import here."""
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rhythm.integrations.verl_hooks")
+    if extra_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(extra_path), os.environ.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
                             timeout=300)
     if result.returncode != 0 and "No module named" in result.stderr and "rhythm" not in result.stderr:
-        pytest.skip(f"verl's trainer module does not import here: {result.stderr.strip().splitlines()[-1]}")
+        pytest.skip(f"verl's {what} module does not import here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrapped" in result.stdout
+    return result.stdout
 
 
 def _algo_config(estimator):
@@ -441,10 +448,4 @@ def test_hooks_wrap_the_worker_method_in_a_fresh_process():
             "assert m.__rhythm_wrapped__ and getattr(m, MAGIC_ATTR) == getattr(m.__rhythm_original__, MAGIC_ATTR)\n"
             "assert RayPPOTrainer._compute_old_log_prob.__rhythm_wrapped__\n"
             "print('worker wrapped', getattr(m, MAGIC_ATTR)['dispatch_mode'])\n")
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="rhythm.integrations.verl_hooks")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
-                            timeout=300)
-    if result.returncode != 0 and "No module named" in result.stderr and "rhythm" not in result.stderr:
-        pytest.skip(f"verl's worker module does not import here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "worker wrapped" in result.stdout
+    assert "worker wrapped" in _run_with_verl_hooks(code, "worker")
