@@ -27,7 +27,7 @@ def _peak_rss_bytes() -> int:
 
 
 def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
-    """Worst error / SPEC section 7 bound (<= 1 passes) of the torch backend against fp64 rows and columns
+    """Worst error / bound of docs/definitions.md section 7 (<= 1 passes) of the torch backend against fp64 rows and columns
     recomputed from q and k: lse, distance and waad on the last rows and on random rows (the long-range,
     cancellation-prone ones), fai on random columns of the response (every attending row of the column's
     horizon recomputed). The full oracle would need T x T fp64 maps."""

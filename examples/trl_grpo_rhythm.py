@@ -1,6 +1,6 @@
 """GRPO with attention-rhythm credit in TRL, on CPU in seconds.
 
-A tiny random 3-layer Llama (SPEC's middle-third layer sampling needs >= 3 layers) with the bundled SmolLM2
+A tiny random 3-layer Llama (the middle-third layer sampling needs >= 3 layers) with the bundled SmolLM2
 tokenizer learns nothing useful here; the point is the wiring: RhythmGRPOTrainer replaces GRPO's per-sequence
 advantages (B,) by per-token ones (B, C) = A * gamma, and logs rhythm/frac_amplified, rhythm/gamma_mean and
 rhythm/scorer_time_s. For a real run, pass your model name/path and a real reward instead.
@@ -44,7 +44,7 @@ def main():
                       num_generations=4, max_completion_length=24, max_steps=3, learning_rate=1e-5, use_cpu=True,
                       report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
                       bf16=False)  # fp32 on CPU (see docs/integrations.md on mixed precision)
-    # SPEC defaults are window=10, horizon=(10, 100); the toy completions are ~20 tokens, so scale them down.
+    # The defaults are window=10, horizon=(10, 100); the toy completions are ~20 tokens, so scale them down.
     rhythm = RhythmCreditConfig(strategy="coupled", sign="both", q=0.4, gamma_amp=1.5, alpha=0.5, k=3,
                                 window=4, horizon=(2, 100))
     trainer = RhythmGRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=dataset,

@@ -1,5 +1,6 @@
-"""The naive oracle: materialise the attention matrix of each sequence and read every SPEC section 2
-quantity off it. Slow and memory-hungry on purpose (O(T^2) per head): it is the reference of every test.
+"""The naive oracle: materialise the attention matrix of each sequence and read every quantity of
+docs/definitions.md section 2 off it. Slow and memory-hungry on purpose (O(T^2) per head): it is the
+reference of every test.
 
     S[t,s] = scale * q_t . k_s                  A[t,s] = softmax_s(S[t,s]) over s <= t
     lse[t]      = log sum_{s<=t} exp(S[t,s])
@@ -20,7 +21,8 @@ def naive_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | 
     """Materialised reference.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D]. Every product, softmax and sum runs in ``compute_dtype``
-    (float64 for the exact reference; the input's fp16/bf16 for SPEC section 7's low-precision reference).
+    (float64 for the exact reference; the input's fp16/bf16 for the low-precision reference of
+    docs/definitions.md section 7).
     Returns lse, distance, waad, fai ([B, Hq, T], compute_dtype, 0 on padding), fai_valid (bool [B, Hq, T])
     and out ([B, T, Hq, D] in compute_dtype) when v is given.
     """

@@ -163,7 +163,7 @@ def position_table(segments: Segments, batch: int, length: int) -> dict[str, tor
 def influence_counts(segments: Segments, batch: int, length: int, horizon: Horizon) -> torch.Tensor:
     """|T(s)| for every key position s: int64 [B, T] (0 on padding).
 
-    T(s) = { t in [response_start, end) : s + H_lo <= t <= min(end - 1, s + H_hi) }   (SPEC section 2)
+    T(s) = { t in [response_start, end) : s + H_lo <= t <= min(end - 1, s + H_hi) }   (docs/definitions.md section 2)
     """
     h_lo, h_hi = horizon
     table = position_table(segments, batch, length)

@@ -5,7 +5,7 @@ the keys [0, t1) (causal: no key beyond the block), and never more. Per block ro
 
     m = max_s S,  P = exp(S - m),  l = sum_s P,  lse = m + log l,  A = P / l
     distance[t] = (t - t0) + sum_s A[t,s] (t0 - s)          exact: no large t minus a large mean
-    waad[t]     = W - sum_{t-W < s <= t} A[t,s] (W - (t - s))   (the W-band identity, SPEC section 2)
+    waad[t]     = W - sum_{t-W < s <= t} A[t,s] (W - (t - s))   (W-band identity, docs/definitions.md 2)
     fai_sum[s] += sum_{t in block, t in R, H_lo <= t-s <= H_hi} A[t,s]   (only the horizon band's columns)
     out[t]      = sum_s A[t,s] v_s                            (only when v is given)
 
@@ -147,8 +147,9 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
         band_lo = max(0, t0 - window + 1)
         band_weight = _window_weight(t0 - band_lo, rows, t1 - band_lo, window, device)
         band = (probs[:, :, band_lo:t1] * band_weight).sum(dim=-1)
-        # Clamped to the SPEC section 7 invariants 0 <= waad <= min(W, distance): for t < W both are the same
-        # sum computed two ways, and rounding must not put waad above distance (the Triton pass does the same).
+        # Clamped to the invariants 0 <= waad <= min(W, distance) (docs/definitions.md section 7): for t < W
+        # both are the same sum computed two ways, and rounding must not put waad above distance (the Triton
+        # pass does the same).
         waad[:, t0:t1] = torch.minimum((window - band * inv_sum).clamp_(0, window), distance[:, t0:t1])
         # FAI column sums over the response rows of this block, inside the horizon band only.
         if t1 > response_offset:

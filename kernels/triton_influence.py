@@ -1,7 +1,7 @@
 """Influence pass: Future Attention Influence, column-parallel (FlashAttention backward dK/dV shape).
 
     fai[s] = (1 / |T(s)|) * sum_{t in T(s)} A[t,s],
-    T(s)   = { t : response_start <= t < seg_end, s + H_lo <= t <= s + H_hi }       (SPEC section 2)
+    T(s)   = { t : response_start <= t < seg_end, s + H_lo <= t <= s + H_hi }       (docs/definitions.md section 2)
 
 One program per (key block [n0, n0 + BLOCK_N) of a segment, KV head). The K tile stays in registers; the
 program loops over the query heads of the GQA group (query head h reads kv head h // group) and, per head,

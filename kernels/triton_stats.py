@@ -1,6 +1,7 @@
 """Stats pass: one FlashAttention-style forward over query blocks (row-parallel).
 
-For every query row t of every query head (SPEC section 2), in one sweep over the causal keys of its segment:
+For every query row t of every query head (docs/definitions.md section 2), in one sweep over the causal keys
+of its segment:
 
     lse[t]      = log sum_{s<=t} exp(S[t,s])                          (natural log)
     distance[t] = sum_{s<=t} A[t,s] * (t - s)

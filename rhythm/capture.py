@@ -1,4 +1,4 @@
-"""Capture: record the per-head SPEC section 2 metrics from inside a transformers model's forward.
+"""Capture: record the per-head docs/definitions.md section 2 metrics from inside a transformers model's forward.
 
 A :class:`Capture` registers one attention function under a name of ours in transformers'
 ``AttentionInterface`` (and sdpa's mask function under the same name in ``AttentionMaskInterface``, otherwise

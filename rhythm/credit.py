@@ -1,4 +1,4 @@
-"""Credit multipliers gamma [B, T] and shaped advantages (SPEC sections 4 and 8).
+"""Credit multipliers gamma [B, T] and shaped advantages (docs/definitions.md sections 4 and 8).
 
     local:   gamma = 1 + (gamma_amp - 1) * 1{t in T_loc}
     global:  gamma = 1 + (gamma_amp - 1) * 1{t in T_glob}
@@ -23,7 +23,7 @@ SIGNS = ("both", "positive", "negative")
 def credit_multipliers(waad, fai, response_mask, *, strategy: str = "coupled", fai_valid=None, entropy=None,
                        q: float = 0.4, gamma_amp: float = 1.5, alpha: float = 0.5, k: int = 3,
                        seed: int = 0) -> torch.Tensor:
-    """Per-token credit multipliers gamma (SPEC section 4).
+    """Per-token credit multipliers gamma (docs/definitions.md section 4).
 
     Args:
         waad, fai: float [B, T] per-token signals after head grouping (``token_signals``); a strategy that

@@ -1,9 +1,9 @@
-"""Layer sampling, head groups and per-token signals (SPEC section 3).
+"""Layer sampling, head groups and per-token signals (docs/definitions.md section 3).
 
 Heads of all sampled layers are flattened into one axis of ``n_heads = len(layers) * heads_per_layer``
 entries in (layer, head) order: flat index ``i`` is head ``i % heads_per_layer`` of the
 ``i // heads_per_layer``-th sampled layer. Sorting by flat index therefore equals sorting by (layer, head),
-which is SPEC's tie-break.
+which is the tie-break of docs/definitions.md section 3.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def select_head_groups(d: torch.Tensor, fraction: float = 0.3) -> HeadGroups:
 
 def fixed_head_groups(d: torch.Tensor, has_response: torch.Tensor | None = None,
                       fraction: float = 0.3) -> HeadGroups:
-    """One grouping computed once and reused (SPEC's option): select on d averaged over rows.
+    """One grouping computed once and reused (docs/definitions.md section 3): select on d averaged over rows.
 
     Args:
         d: float [B, n_heads] (``mean_response_distance`` of a calibration batch).

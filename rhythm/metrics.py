@@ -1,4 +1,4 @@
-"""``attention_metrics``: the per-head SPEC section 2 quantities, without materialising attention."""
+"""``attention_metrics``: the per-head docs/definitions.md section 2 quantities, without materialising attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +48,7 @@ def _run_backend(name, q, k, v, segments, counts, window, horizon, scale) -> dic
 def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None, attention_mask=None,
                       response_start=None, cu_seqlens=None, backend="auto", validate=True,
                       segments: Segments | None = None) -> AttentionMetrics:
-    """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (SPEC sections 2 and 8).
+    """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (docs/definitions.md sections 2 and 8).
 
     Args:
         q: [B, Hq, T, D] post-RoPE queries. k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated). v is

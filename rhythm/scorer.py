@@ -1,6 +1,6 @@
 """``RhythmScorer``: one no-grad pass over rollouts -> per-token WAAD / FAI and credit multipliers.
 
-Data flow (DESIGN.md "The thin layer"): input_ids + masks -> :class:`rhythm.capture.Capture` (per-head
+Data flow: input_ids + masks -> :class:`rhythm.capture.Capture` (per-head
 lse / distance / waad / fai of the sampled layers, the forward stopped after the last one) -> head groups
 (``rhythm.heads``) -> per-token signals -> ``credit_multipliers`` on demand (``RhythmScores.gamma``).
 
@@ -34,16 +34,18 @@ GAMMA_OVERRIDES = ("q", "gamma_amp", "alpha", "k", "seed")
 
 @dataclass
 class ScorerConfig:
-    """Every default of SPEC sections 2-4 (and the scorer's own knobs).
+    """Every default of docs/definitions.md sections 2-4 (and the scorer's own knobs).
 
     window: W of WAAD. horizon: (H_lo, H_hi) of FAI, H_hi None = to the end. head_fraction: size of H_loc
-    and H_glob as a fraction of the sampled heads. q, gamma_amp, alpha, k, seed: credit defaults (SPEC 4).
-    layers: sampled layers (None = SPEC's five middle-third layers). grouping: "per_sequence" (SPEC default)
+    and H_glob as a fraction of the sampled heads. q, gamma_amp, alpha, k, seed: credit defaults
+    (docs/definitions.md section 4).
+    layers: sampled layers (None = the five middle-third layers of docs/definitions.md section 3). grouping:
+    "per_sequence" (the default)
     or "fixed" (computed once from the first micro-batch with a response, then reused; or pass
     ``fixed_groups``). micro_batch_size: sequences per forward. backend: ``attention_metrics`` backend.
     validate: let ``attention_metrics`` check q/k/v for NaN/Inf (one host sync per layer).
     temperature: sampling temperature of the rollouts; the entropy baseline (``with_entropy``) reads the
-    entropy of softmax(logits / temperature), the distribution that sampled each token (SPEC section 4).
+    entropy of softmax(logits / temperature), the distribution that sampled each token (docs/definitions.md section 4).
     """
 
     window: int = 10
@@ -177,7 +179,7 @@ def trainer_response_mask(attention_mask: torch.Tensor, response_length: int) ->
 
 def to_response_tensor(x: torch.Tensor, response_length: int, response_mask: torch.Tensor | None = None,
                        fill=None) -> torch.Tensor:
-    """Map a scorer tensor [B, T] to a trainer's response tensor [B, R_len] (SPEC section 6).
+    """Map a scorer tensor [B, T] to a trainer's response tensor [B, R_len] (docs/definitions.md section 6).
 
     The trainer's response tensors cover positions [T - R_len, T) of ``prompt (left-padded) + response
     (right-padded)``; entry i multiplies the advantage of response token i, the token *at* position
@@ -209,7 +211,7 @@ def to_response_tensor(x: torch.Tensor, response_length: int, response_mask: tor
 # ---- the scorer ---------------------------------------------------------------------------------------------
 
 class RhythmScorer:
-    """Score rollouts of a transformers causal LM (SPEC section 8).
+    """Score rollouts of a transformers causal LM (docs/definitions.md section 8).
 
     ``RhythmScorer(model, **config)`` with config keys of :class:`ScorerConfig`;
     ``.score(input_ids, attention_mask, response_mask, *, position_ids=None, cu_seqlens=None,
@@ -230,7 +232,8 @@ class RhythmScorer:
             raise ValueError(f"model config ({type(text_config).__name__}) has no num_attention_heads")
         if self.config.layers is None:
             if self.num_layers < 3:
-                raise ValueError(f"the model has {self.num_layers} layer(s); SPEC's middle-third layer sampling needs "
+                raise ValueError(f"the model has {self.num_layers} layer(s); the middle-third layer sampling "
+                                 "(docs/definitions.md section 3) needs "
                                  "at least 3 (pass layers=... explicitly)")
             self.layers = sample_layers(self.num_layers)
         else:

@@ -1,11 +1,12 @@
-"""Token selection of SPEC section 4 as boolean masks [B, T] that can be inspected and plotted.
+"""Token selection of docs/definitions.md section 4 as boolean masks [B, T] that can be inspected and plotted.
 
 All functions are batched over rows and vectorised over tokens (selections, shifts and scatters; the only
 Python loop is over the k offsets of the look-back window). The response of a row is the one contiguous run
 of True in ``response_mask`` (any left/right padding and prompt are False); a row with no True is an empty
 response and selects nothing.
 
-Counts follow SPEC: count = ceil(q * n_eligible) in float64 (exactly Python's ``math.ceil(q * n)``), and
+Counts follow docs/definitions.md section 4: count = ceil(q * n_eligible) in float64 (exactly Python's
+``math.ceil(q * n)``), and
 ties are broken by lower position.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
 
 def rhythm_selection(waad: torch.Tensor, fai: torch.Tensor, response_mask: torch.Tensor,
                      fai_valid: torch.Tensor | None = None, *, q: float = 0.4, k: int = 3) -> RhythmSelection:
-    """Preplan tokens, anchors, locally dominated anchors and their intro tokens (SPEC section 4).
+    """Preplan tokens, anchors, locally dominated anchors and their intro tokens (docs/definitions.md section 4).
 
     Args:
         waad, fai: float [B, T] per-token signals (``token_signals``). response_mask: bool [B, T], one

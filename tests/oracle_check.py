@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs and the SPEC section 7 comparison against the naive oracle."""
+"""Shared test helpers: random inputs and the docs/definitions.md section 7 comparison against the naive oracle."""
 from __future__ import annotations
 
 import torch
@@ -32,7 +32,8 @@ def oracle(q, k, v, *, window=10, horizon=(10, 100), scale=None, attention_mask=
 
 
 def assert_matches_oracle(metrics, q, k, v=None, **kwargs) -> None:
-    """SPEC section 7: fp32 inputs against the fp64 reference with fixed tolerances; fp16/bf16 inputs within
+    """docs/definitions.md section 7: fp32 inputs against the fp64 reference with fixed tolerances; fp16/bf16
+    inputs within
     2x the error of the low-precision reference (plus a small floor)."""
     ref64 = oracle(q.double(), k.double(), None if v is None else v.double(), **kwargs)
     assert torch.equal(metrics.fai_valid.cpu(), ref64["fai_valid"].cpu()), "fai_valid differs from the oracle"
@@ -46,7 +47,7 @@ def assert_matches_oracle(metrics, q, k, v=None, **kwargs) -> None:
             else:
                 bound = 1e-6 + 1e-4 * want.abs()
             worst = (err - bound).max().item()
-            assert worst <= 0, f"{name}: max error {err.max().item():.3g} exceeds the SPEC section 7 bound"
+            assert worst <= 0, f"{name}: max error {err.max().item():.3g} exceeds docs/definitions.md section 7"
         if v is not None:
             err = (metrics.out.double().cpu() - ref64["out"].cpu()).abs().max().item()
             assert err <= 1e-4, f"out: max error {err:.3g} against the fp64 reference"

@@ -81,7 +81,7 @@ def maps_metrics(attn: torch.Tensor, segments, window: int = WINDOW, horizon=HOR
 
 
 def assert_within_spec(name: str, got: torch.Tensor, want: torch.Tensor, where: str = "") -> float:
-    """SPEC section 7 fp32 bounds, elementwise; returns the worst absolute error."""
+    """docs/definitions.md section 7 fp32 bounds, elementwise; returns the worst absolute error."""
     got, want = got.double().cpu(), want.double().cpu()
     err = (got - want).abs()
     if name == "waad":
@@ -91,7 +91,7 @@ def assert_within_spec(name: str, got: torch.Tensor, want: torch.Tensor, where: 
     else:
         bound = 1e-6 + 1e-4 * want.abs()
     excess = (err - bound).max().item()
-    assert excess <= 0, f"{name}{where}: max error {err.max().item():.3g} exceeds the SPEC section 7 bound"
+    assert excess <= 0, f"{name}{where}: max error {err.max().item():.3g} exceeds docs/definitions.md section 7"
     return err.max().item()
 
 
@@ -259,7 +259,7 @@ def test_mixed_dtypes_under_autocast_follow_sdpa():
 
 def test_layout_is_read_once_per_pass(monkeypatch):
     """Reading the padding mask syncs with the host: the capture builds the layout at the first sampled
-    layer and hands it to the others (SPEC 8: capture passes validate=False to avoid host syncs)."""
+    layer and hands it to the others (docs/definitions.md section 8: the capture passes validate=False)."""
     import rhythm.capture as capture_module
 
     calls = []

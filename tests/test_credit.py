@@ -1,4 +1,4 @@
-"""Credit multipliers and shaped advantages (SPEC sections 4 and 8): hand-worked examples, edge cases,
+"""Credit multipliers and shaped advantages (docs/definitions.md sections 4 and 8): hand-worked examples, edge cases,
 agreement with a plain per-sequence loop (also as a hypothesis property), invariants and bad inputs."""
 import math
 
@@ -13,7 +13,7 @@ from rhythm import credit_multipliers, rhythm_selection, shape_advantages
 STRATEGIES = ["local", "global", "coupled", "random", "entropy"]
 
 
-# ---- the per-sequence reference: a plain Python re-implementation of SPEC section 4 -----------------------
+# ---- the per-sequence reference: a plain Python re-implementation of docs/definitions.md section 4 -------
 
 def reference_selection(waad, fai, mask, fai_valid=None, q=0.4, k=3):
     """One row at a time with Python lists. Returns per row (T_loc, T_glob, D, I(D)) as sets of positions."""

@@ -1,4 +1,4 @@
-"""Layer sampling, head groups and per-token signals (SPEC section 3)."""
+"""Layer sampling, head groups and per-token signals (docs/definitions.md section 3)."""
 import math
 
 import pytest
@@ -10,8 +10,8 @@ from rhythm.heads import group_size
 
 
 @pytest.mark.parametrize("num_layers, expected", [
-    (36, [12, 15, 18, 21, 24]),   # SPEC's example
-    (30, [10, 12, 15, 17, 20]),   # SPEC's example
+    (36, [12, 15, 18, 21, 24]),   # docs/definitions.md section 3's example
+    (30, [10, 12, 15, 17, 20]),   # docs/definitions.md section 3's example
     (24, [8, 10, 12, 14, 16]),    # lo 8, hi 16, step 2
     (3, [1, 2]),                  # lo 1, hi 2: 1 + (i * 1) // 4 = 1, 1, 1, 1, 2 -> deduplicated
 ])
@@ -26,7 +26,7 @@ def test_sample_layers_rejects(bad):
 
 
 def test_group_size_float64_ceil():
-    # SPEC: ceil(0.3 * 50) = 15 in float64 (0.3 * 50 == 15.0 exactly), while float32 arithmetic gives 16.
+    # docs/definitions.md section 3: ceil(0.3 * 50) = 15 in float64 (0.3 * 50 == 15.0 exactly); float32 gives 16.
     assert group_size(50, 0.3) == 15 == math.ceil(0.3 * 50)
     assert math.ceil((torch.tensor(0.3, dtype=torch.float32) * 50).item()) == 16
     groups = select_head_groups(torch.arange(50, dtype=torch.float32)[None])

@@ -1,4 +1,4 @@
-"""The oracle itself, checked against per-element loops written straight from SPEC section 2."""
+"""The oracle itself, checked against per-element loops written straight from docs/definitions.md section 2."""
 import math
 
 import torch
@@ -8,7 +8,7 @@ from tests.oracle_check import oracle, random_qkv
 
 
 def _loop_metrics(q, k, start, end, resp, window, horizon, scale):
-    """Per-element SPEC section 2 for one head of one sequence, in Python floats (fp64)."""
+    """Per-element docs/definitions.md section 2 for one head of one sequence, in Python floats (fp64)."""
     h_lo, h_hi = horizon
     n = end - start
     scores = [[scale * float(q[t] @ k[s]) for s in range(n)] for t in range(n)]

@@ -1,5 +1,5 @@
 """RhythmScorer: per-token signals against eager maps + the naive formulas, packed == padded, micro-batch
-invariance, entropy, trainer alignment (SPEC section 6), input validation, and the real SmolLM2-135M."""
+invariance, entropy, trainer alignment (docs/definitions.md section 6), input validation, and the real SmolLM2-135M."""
 from __future__ import annotations
 
 import importlib.util
@@ -182,7 +182,7 @@ def test_temperature_must_be_positive():
 
 
 def test_trainer_alignment_worked_example():
-    """SPEC section 6 on numbers. Two rollouts: prompts [11, 12, 13] and [21, 22, 23, 24, 25], responses
+    """docs/definitions.md section 6 on numbers. Two rollouts: prompts [11, 12, 13] and [21, 22, 23, 24, 25], responses
     [31, 32, 33, 34] and [41, 42]; the trainer pads prompts left to P = 5 and responses right to R_len = 4:
 
         row 0:  pad pad 11 12 13 | 31 32 33 34        positions 0..8, response tensors = positions 5..8

@@ -1,4 +1,5 @@
-"""Token selection masks (SPEC section 4): top-q counts and ties, thresholds, dominated anchors, intro tokens,
+"""Token selection masks (docs/definitions.md section 4): top-q counts and ties, thresholds, dominated anchors,
+intro tokens,
 random and entropy baselines."""
 import math
 

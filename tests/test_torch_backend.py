@@ -1,4 +1,4 @@
-"""backend="torch" (and "reference" through the public API) against the naive oracle, SPEC section 7."""
+"""backend="torch" (and "reference" through the public API) against the naive oracle, docs/definitions.md section 7."""
 import pytest
 import torch
 
@@ -92,7 +92,8 @@ def test_head_dim_128_and_custom_scale():
 
 @pytest.mark.parametrize("seed,spread", [(19, 1.5), (0, 0.3), (3, 0.3)])
 def test_invariants(seed, spread):
-    """SPEC section 7's invariants hold exactly (waad <= distance too: for t < W the two are the same sum)."""
+    """The invariants of docs/definitions.md section 7 hold exactly (waad <= distance too: for t < W the two
+    are the same sum)."""
     q, k, _ = random_qkv(2, 6, 3, 255, 32, seed=seed, spread=spread)
     for window in (1, 10, 64):
         m = rhythm.attention_metrics(q, k, window=window, response_start=100, backend="torch")

@@ -1,4 +1,4 @@
-"""The Triton backend (``backend="triton"``) against the fp64 oracle, SPEC section 7.
+"""The Triton backend (``backend="triton"``) against the fp64 oracle, docs/definitions.md section 7.
 
 Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with
 one small fixed config; sizes stay small (T <= 512, few heads) so the file runs in about 35 s. The
@@ -30,7 +30,8 @@ def run(q, k, v=None, **kwargs):
 
 
 def check(q, k, v=None, **kwargs):
-    """Run the triton backend, compare with the oracle, and check the SPEC invariants and padding zeros."""
+    """Run the triton backend, compare with the oracle, and check the invariants (docs/definitions.md section 7) and
+    padding zeros."""
     metrics = run(q, k, v, **kwargs)
     assert_matches_oracle(metrics, q, k, v, **kwargs)
     window = kwargs.get("window", 10)

@@ -40,7 +40,7 @@ def tokenizer():
 
 
 def tiny_model(tokenizer, seed=0):
-    """3-layer random Llama (SPEC's layer sampling needs >= 3 layers) whose EOS logit is scaled up so
+    """3-layer random Llama (the middle-third layer sampling needs >= 3 layers) whose EOS logit is scaled up so
     completions end at varied lengths (padding inside the completion tensor)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

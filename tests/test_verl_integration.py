@@ -101,7 +101,7 @@ def test_gamma_aligned_to_responses_padded_and_remove_padding(model, strategy):
     assert bool((padded[~mask] == 1).all())  # response padding (and the empty response) untouched
     assert bool((padded[mask] > 1).any())
     assert 0 < metrics["rhythm/frac_amplified"] < 1 and metrics["rhythm/gamma_mean"] > 1
-    # gamma of response token i is that of its own position, not the one before (SPEC section 6)
+    # gamma of response token i is that of its own position, not the one before (docs/definitions.md section 6)
     shifted = torch.ones_like(reference)
     shifted[:, 1:] = reference[:, :-1]
     assert not torch.equal(padded, shifted)

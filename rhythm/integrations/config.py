@@ -1,6 +1,7 @@
 """``RhythmCreditConfig``: the one knob set shared by the trainer adapters (TRL, verl).
 
-It carries every SPEC constant (sections 2-4) plus the adapter's own choices (strategy, sign mode), splits
+It carries every constant of docs/definitions.md sections 2-4 plus the adapter's own choices (strategy, sign),
+splits
 itself into the :class:`rhythm.RhythmScorer` config and the credit options, and derives the per-step seed
 of the ``random`` baseline. No framework is imported here.
 """
@@ -17,7 +18,7 @@ ATTENTION_STRATEGIES = ("local", "global", "coupled")
 
 @dataclass
 class RhythmCreditConfig:
-    """How advantages are reshaped: A~_t = gamma_t * A_t on response tokens (SPEC section 4).
+    """How advantages are reshaped: A~_t = gamma_t * A_t on response tokens (docs/definitions.md section 4).
 
     strategy: "coupled" (paper's rhythm credit, default) | "local" (preplan only) | "global" (anchors only)
         | "random" (baseline: ceil(q |R|) random tokens, a new seed every step) | "entropy" (baseline: top q by
@@ -26,7 +27,7 @@ class RhythmCreditConfig:
     q, gamma_amp, alpha, k: selection fraction, amplification, intro share, look-back of dominated anchors.
     seed: base seed of the "random" strategy (mixed with the step and the process rank).
     window, horizon, head_fraction, layers, grouping: WAAD window W, FAI horizon (H_lo, H_hi) with H_hi None
-        = to the end, size of H_loc / H_glob, sampled layers (None = SPEC's five middle-third layers),
+        = to the end, size of H_loc / H_glob, sampled layers (None = the five middle-third layers),
         "per_sequence" or "fixed" head grouping.
     micro_batch_size: sequences per scorer forward (None: the trainer's per-device batch size).
     backend: ``attention_metrics`` backend ("auto" = triton on CUDA, torch on CPU).

@@ -7,7 +7,7 @@ Where it hooks (TRL >= 1.16, read from ``trl/trainer/grpo_trainer.py``):
   (B,) - one group-normalised value per completion. The subclass calls it, then runs one extra no-grad pass
   of the *current policy* over prompt + completion (:class:`rhythm.RhythmScorer`), turns the per-token signals
   into gamma [B, P + C] and replaces ``advantages`` by ``shape_advantages(advantages, gamma[:, P:])``:
-  shape (B, C), completion token i multiplied by the gamma of its own position P + i (SPEC section 6: no
+  shape (B, C), completion token i multiplied by the gamma of its own position P + i (docs/definitions.md section 6: no
   shift; log-probs are shifted, metrics are not), padding left at the sequence advantage (gamma = 1 there).
 - ``GRPOTrainer._compute_loss`` unsqueezes advantages only when they are 1-D; (B, C) advantages flow into
   every supported loss type token by token. Buffering (``steps_per_generation``, ``num_iterations``) and
@@ -62,7 +62,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` with per-token attention-rhythm credit: (B, C) advantages A_i * gamma_i.
 
     Same arguments as ``trl.GRPOTrainer`` plus ``rhythm_config`` (:class:`RhythmCreditConfig`, default: the
-    paper's coupled rhythm credit with SPEC defaults) and ``apply_in_eval`` (shape the eval-mode advantages
+    paper's coupled rhythm credit with the default settings) and ``apply_in_eval`` (shape the eval-mode advantages
     too; default False: the eval loss stays plain GRPO). The model must be a transformers causal LM whose
     attention goes through ``AttentionInterface`` (any model the scorer supports).
     """

@@ -5,8 +5,8 @@ Three pieces, none of which forks verl:
 (a) worker side - :func:`compute_rhythm_gamma` runs the scorer (the current policy, no grad) over a verl batch
     ``input_ids`` / ``attention_mask`` / ``position_ids`` [B, T] (``input_ids = prompt (left-padded) + response
     (right-padded)``) and returns gamma aligned to ``responses`` [B, R_len]: entry i is gamma of the token at
-    position T - R_len + i (SPEC section 6: no shift). ``use_remove_padding=True`` packs the batch the way
-    verl's remove-padding path does (tokens of ``attention_mask`` in row-major order, B = 1, attention_mask
+    position T - R_len + i (docs/definitions.md section 6: no shift). ``use_remove_padding=True`` packs the batch
+    the way verl's remove-padding path does (tokens of ``attention_mask`` in row-major order, B = 1, attention_mask
     None, position_ids restarting at each sequence) before scoring; :func:`rhythm_gamma_packed` takes an
     already packed batch (``input_ids_rmpad [1, N]``, ``position_ids_rmpad [1, N]``).
 (b) driver side - :func:`apply_rhythm_gamma` multiplies ``data.batch["advantages"]`` [B, R_len] by gamma on
