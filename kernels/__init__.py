@@ -4,7 +4,9 @@
 - ``torch_blocked``: the blocked pure-torch algorithm (CPU production path and fallback).
 - ``triton_stats`` / ``triton_influence``: the fused Triton kernels (GPU; CPU under TRITON_INTERPRET=1).
 - ``segments``: the one description of padded and packed batches all of them share.
+- ``layer_attention``: ``LayerAttention``, a layer's sliding window / chunks / softcap / sinks, taken by all of them.
 """
+from .layer_attention import LayerAttention
 from .segments import Segments, influence_counts, segments_from_cu_seqlens, segments_from_mask
 
-__all__ = ["Segments", "influence_counts", "segments_from_cu_seqlens", "segments_from_mask"]
+__all__ = ["LayerAttention", "Segments", "influence_counts", "segments_from_cu_seqlens", "segments_from_mask"]

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from .layer_attention import LayerAttention
 from .segments import Horizon, Segments
 from .triton_influence import influence_pass
 from .triton_stats import interpreting, stats_pass
@@ -20,7 +21,7 @@ MAX_HEAD_DIM = 256
 
 def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments: Segments,
                              counts: torch.Tensor, *, window: int, horizon: Horizon,
-                             scale: float) -> dict[str, torch.Tensor]:
+                             scale: float, layer: LayerAttention | None = None) -> dict[str, torch.Tensor]:
     """Exact per-head metrics of causal softmax attention with the fused Triton kernels.
 
     Args:
@@ -28,10 +29,15 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
         segments: where the sequences live on the T axis (padded rows or packed cu_seqlens).
         counts: int64 [B, T], |T(s)| per key position (``influence_counts``).
         window: W of WAAD. horizon: (H_lo, H_hi), H_hi None = to the segment end. scale: softmax scale.
+        layer: must be None or plain causal: the kernels do not implement windows, chunks, softcaps or sinks
+            yet, and refuse them rather than return plain-causal numbers.
     Returns:
         {"lse", "distance", "waad", "fai"}: float32 [B, Hq, T], exactly 0 on padding positions, and
         "out": [B, T, Hq, D] in q.dtype (zeros on padding rows) when v is given.
     """
+    if layer is not None and not layer.is_plain:
+        raise ValueError(f"layer={layer!r}: the triton backend does not implement sliding windows, chunked "
+                         "attention, softcapping or sinks yet; use backend='torch'")
     dim = q.shape[-1]
     if dim > MAX_HEAD_DIM:
         raise ValueError(f"q: head dim D = {dim} is not supported by the triton backend (D <= {MAX_HEAD_DIM}); "

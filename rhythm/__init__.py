@@ -1,11 +1,13 @@
 """attention-rhythm: exact attention-derived token credit for RL (arXiv 2510.13554), without attention maps."""
+from rhythm_kernels.layer_attention import LayerAttention
+
 from .metrics import AttentionMetrics, attention_metrics
 from .heads import (HeadGroups, fixed_head_groups, head_to_layer, mean_response_distance, sample_layers,
                     select_head_groups, token_signals)
 from .selection import RhythmSelection, entropy_selection, random_selection, rhythm_selection, top_q_mask
 from .credit import credit_multipliers, shape_advantages
 
-__all__ = ["AttentionMetrics", "attention_metrics"]
+__all__ = ["AttentionMetrics", "LayerAttention", "attention_metrics"]
 __all__ += ["HeadGroups", "fixed_head_groups", "head_to_layer", "mean_response_distance", "sample_layers",
             "select_head_groups", "token_signals"]
 __all__ += ["RhythmSelection", "entropy_selection", "random_selection", "rhythm_selection", "top_q_mask"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rhythm_kernels.layer_attention import LayerAttention, check_layer
 from rhythm_kernels.segments import Segments, influence_counts, segments_from_cu_seqlens, segments_from_mask
 
 from . import validation
@@ -27,11 +28,12 @@ class AttentionMetrics:
     out: torch.Tensor | None = None
 
 
-def _run_backend(name, q, k, v, segments, counts, window, horizon, scale) -> dict[str, torch.Tensor]:
+def _run_backend(name, q, k, v, segments, counts, window, horizon, scale,
+                 layer: LayerAttention | None = None) -> dict[str, torch.Tensor]:
     if name == "reference":
         from rhythm_kernels.naive import naive_attention_metrics
 
-        ref = naive_attention_metrics(q, k, v, segments, window=window, horizon=horizon, scale=scale)
+        ref = naive_attention_metrics(q, k, v, segments, window=window, horizon=horizon, scale=scale, layer=layer)
         result = {key: ref[key].float() for key in ("lse", "distance", "waad", "fai")}
         if v is not None:
             result["out"] = ref["out"].to(q.dtype)
@@ -39,15 +41,17 @@ def _run_backend(name, q, k, v, segments, counts, window, horizon, scale) -> dic
     if name == "torch":
         from rhythm_kernels.torch_blocked import blocked_attention_metrics
 
-        return blocked_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale)
+        return blocked_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale,
+                                         layer=layer)
     from rhythm_kernels.triton_metrics import triton_attention_metrics
 
-    return triton_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale)
+    return triton_attention_metrics(q, k, v, segments, counts, window=window, horizon=horizon, scale=scale,
+                                    layer=layer)
 
 
 def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None, attention_mask=None,
                       response_start=None, cu_seqlens=None, backend="auto", validate=True,
-                      segments: Segments | None = None) -> AttentionMetrics:
+                      segments: Segments | None = None, layer: LayerAttention | None = None) -> AttentionMetrics:
     """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (docs/definitions.md sections 2 and 8).
 
     Args:
@@ -65,6 +69,9 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
             ``segments_from_cu_seqlens``), in place of attention_mask / response_start / cu_seqlens. Reading
             a mask costs a host synchronisation; callers that run several layers over one batch (the capture)
             build the layout once and pass it to every layer. Checked against q's B, T and device on the host.
+        layer: the layer's attention mechanisms (``rhythm.LayerAttention``: sliding window, chunks, logit
+            softcap, sink logits [Hq] on q's device). The metrics are computed on the probabilities the layer
+            really uses; None = plain causal softmax.
     """
     validation.check_qkv(q, k, v)
     horizon = validation.check_options(window, horizon, scale, backend)
@@ -84,13 +91,14 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
         segments = segments_from_mask(attention_mask, batch, length, response_start, q.device)
     if validate:
         validation.check_finite(q=q, k=k, v=v)
+    layer = check_layer(layer, q, finite=validate)
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
     if backend == "triton" and not validation.triton_available(q.device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got q on {q.device}")
     scale = float(scale) if scale is not None else dim ** -0.5
     counts = influence_counts(segments, batch, length, horizon)
-    result = _run_backend(backend, q, k, v, segments, counts, window, horizon, scale)
+    result = _run_backend(backend, q, k, v, segments, counts, window, horizon, scale, layer)
     fai_valid = (counts > 0)[:, None, :].expand(batch, heads, length).clone()
     return AttentionMetrics(lse=result["lse"], distance=result["distance"], waad=result["waad"],
                             fai=result["fai"], fai_valid=fai_valid, out=result.get("out"))

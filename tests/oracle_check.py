@@ -21,14 +21,15 @@ def random_qkv(batch, q_heads, kv_heads, length, dim, *, dtype=torch.float32, de
 
 
 def oracle(q, k, v, *, window=10, horizon=(10, 100), scale=None, attention_mask=None, response_start=None,
-           cu_seqlens=None, compute_dtype=torch.float64):
+           cu_seqlens=None, compute_dtype=torch.float64, layer=None):
     batch, _, length, dim = q.shape
     if cu_seqlens is not None:
         segments = segments_from_cu_seqlens(cu_seqlens, batch, length, response_start, q.device)
     else:
         segments = segments_from_mask(attention_mask, batch, length, response_start, q.device)
     return naive_attention_metrics(q, k, v, segments, window=window, horizon=horizon,
-                                   scale=dim ** -0.5 if scale is None else scale, compute_dtype=compute_dtype)
+                                   scale=dim ** -0.5 if scale is None else scale, compute_dtype=compute_dtype,
+                                   layer=layer)
 
 
 def assert_matches_oracle(metrics, q, k, v=None, **kwargs) -> None:
