@@ -10,19 +10,16 @@ gamma = 1 off the response, on padding and on every position of a row with an em
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import selection as sel
-
-STRATEGIES = ("local", "global", "coupled", "random", "entropy")
-SIGNS = ("both", "positive", "negative")
+from .config import check, default
 
 
-def credit_multipliers(waad, fai, response_mask, *, strategy: str = "coupled", fai_valid=None, entropy=None,
-                       q: float = 0.4, gamma_amp: float = 1.5, alpha: float = 0.5, k: int = 3,
-                       seed: int = 0) -> torch.Tensor:
+def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("strategy"), fai_valid=None,
+                       entropy=None, q: float = default("q"), gamma_amp: float = default("gamma_amp"),
+                       alpha: float = default("alpha"), k: int = default("k"),
+                       seed: int = default("seed")) -> torch.Tensor:
     """Per-token credit multipliers gamma (docs/definitions.md section 4).
 
     Args:
@@ -37,8 +34,7 @@ def credit_multipliers(waad, fai, response_mask, *, strategy: str = "coupled", f
     Returns:
         gamma: float32 [B, T], 1 off the response; in [1, 1 + (1 + alpha)(gamma_amp - 1)].
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    strategy = check("strategy", strategy)
     needs_waad = strategy in ("local", "coupled")
     needs_fai = strategy in ("global", "coupled")
     if needs_waad and waad is None:
@@ -49,12 +45,8 @@ def credit_multipliers(waad, fai, response_mask, *, strategy: str = "coupled", f
         raise ValueError("entropy [B, T] is required for strategy='entropy' (the per-token entropy of the "
                          "rollout's sampling distribution)")
     sel.check_signals(response_mask=response_mask, waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy)
-    sel.check_q(q)
-    _check_gamma_amp(gamma_amp)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    sel.check_k(k)
-    sel.check_seed(seed)
+    q, gamma_amp, alpha, k, seed = (check(name, value) for name, value in
+                                    (("q", q), ("gamma_amp", gamma_amp), ("alpha", alpha), ("k", k), ("seed", seed)))
     sel.check_contents(response_mask, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
                        entropy=entropy if strategy == "entropy" else None)
 
@@ -113,7 +105,7 @@ def _local_selection(waad, response_mask, q) -> torch.Tensor:
     return sel.top_q_mask(delta, delta_valid, q)[0]
 
 
-def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = "both") -> torch.Tensor:
+def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = default("sign")) -> torch.Tensor:
     """A~_t = gamma_t * A_t where the sign allows, A_t elsewhere (gamma detached, not renormalised).
 
     Args:
@@ -123,8 +115,7 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
     Returns:
         float [B, T] in the dtype of ``advantages``.
     """
-    if sign not in SIGNS:
-        raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+    sign = check("sign", sign)
     for name, x in (("advantages", advantages), ("gamma", gamma)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a float tensor, got {type(x).__name__}")
@@ -147,9 +138,3 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
         return shaped
     allowed = adv >= 0 if sign == "positive" else adv < 0
     return torch.where(allowed, shaped, adv)
-
-
-def _check_gamma_amp(gamma_amp) -> None:
-    if (isinstance(gamma_amp, bool) or not isinstance(gamma_amp, (int, float)) or not math.isfinite(gamma_amp)
-            or gamma_amp < 1):
-        raise ValueError(f"gamma_amp must be a finite number >= 1, got {gamma_amp!r}")

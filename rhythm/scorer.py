@@ -23,58 +23,36 @@ import torch
 
 from rhythm_kernels.segments import segments_from_cu_seqlens, segments_from_mask
 
+from .config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
 from .capture import Capture, CaptureContext, cu_seqlens_from_position_ids
 from .credit import credit_multipliers
 from .heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
     token_signals
 
-GROUPINGS = ("per_sequence", "fixed")
-GAMMA_OVERRIDES = ("q", "gamma_amp", "alpha", "k", "seed")
+GAMMA_OVERRIDES = GAMMA_KNOBS
 
 
-@dataclass
+@knob_dataclass(SCORER_KNOBS)
 class ScorerConfig:
-    """Every default of docs/definitions.md sections 2-4 (and the scorer's own knobs).
+    """Every default of docs/definitions.md sections 2-4 and the scorer's own knobs (defined once, with their
+    checks, in :mod:`rhythm.config`; a bad value fails here, on construction, naming the field).
 
     window: W of WAAD. horizon: (H_lo, H_hi) of FAI, H_hi None = to the end. head_fraction: size of H_loc
-    and H_glob as a fraction of the sampled heads. q, gamma_amp, alpha, k, seed: credit defaults
-    (docs/definitions.md section 4).
-    layers: sampled layers (None = the five middle-third layers of docs/definitions.md section 3). grouping:
-    "per_sequence" (the default)
+    and H_glob as a fraction of the sampled heads. q, gamma_amp, alpha, k, seed: credit defaults (section 4).
+    layers: sampled layers (None = the five middle-third layers). grouping: "per_sequence" (default)
     or "fixed" (computed once from the first micro-batch with a response, then reused; or pass
     ``fixed_groups``). micro_batch_size: sequences per forward. backend: ``attention_metrics`` backend.
     validate: let ``attention_metrics`` check q/k/v for NaN/Inf (one host sync per layer).
     temperature: sampling temperature of the rollouts; the entropy baseline (``with_entropy``) reads the
-    entropy of softmax(logits / temperature), the distribution that sampled each token (docs/definitions.md section 4).
+    entropy of softmax(logits / temperature), the distribution that sampled each token (section 4).
     """
 
-    window: int = 10
-    horizon: tuple[int, int | None] = (10, 100)
-    head_fraction: float = 0.3
-    q: float = 0.4
-    gamma_amp: float = 1.5
-    alpha: float = 0.5
-    k: int = 3
-    seed: int = 0
-    layers: tuple[int, ...] | None = None
-    grouping: str = "per_sequence"
     fixed_groups: HeadGroups | None = None
-    micro_batch_size: int = 8
-    backend: str = "auto"
-    validate: bool = False
-    temperature: float = 1.0
 
     def __post_init__(self):
-        if self.grouping not in GROUPINGS:
-            raise ValueError(f"grouping must be one of {GROUPINGS}, got {self.grouping!r}")
-        if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
-                or self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be an int >= 1, got {self.micro_batch_size!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not 0 < float(self.head_fraction) <= 1:
-            raise ValueError(f"head_fraction must be in (0, 1], got {self.head_fraction!r}")
-        self.horizon = tuple(self.horizon)
+        if self.fixed_groups is not None and not isinstance(self.fixed_groups, HeadGroups):
+            raise ConfigError(f"ScorerConfig.fixed_groups must be None or a rhythm.HeadGroups, got "
+                              f"{type(self.fixed_groups).__name__}")
 
 
 @dataclass

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import check
+
 INF = float("inf")
 
 
@@ -100,8 +102,7 @@ def rhythm_selection(waad: torch.Tensor, fai: torch.Tensor, response_mask: torch
             contiguous run per row. fai_valid: bool [B, T] or None (= all valid). q in (0, 1]. k >= 1.
     """
     check_signals(waad=waad, fai=fai, response_mask=response_mask, fai_valid=fai_valid)
-    check_q(q)
-    check_k(k)
+    q, k = check("q", q), check("k", k)
     check_contents(response_mask, waad=waad, fai=fai)
     return _rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
 
@@ -114,8 +115,7 @@ def random_selection(response_mask: torch.Tensor, *, q: float = 0.4, seed: int =
     training step for fresh draws.
     """
     check_signals(response_mask=response_mask)
-    check_q(q)
-    check_seed(seed)
+    q, seed = check("q", q), check("seed", seed)
     check_contents(response_mask)
     return _random_selection(response_mask, q, seed)
 
@@ -123,7 +123,7 @@ def random_selection(response_mask: torch.Tensor, *, q: float = 0.4, seed: int =
 def entropy_selection(entropy: torch.Tensor, response_mask: torch.Tensor, *, q: float = 0.4) -> torch.Tensor:
     """Top ceil(q * |R|) response tokens per row by the rollout's per-token entropy (bool [B, T])."""
     check_signals(entropy=entropy, response_mask=response_mask)
-    check_q(q)
+    q = check("q", q)
     check_contents(response_mask, entropy=entropy)
     return top_q_mask(entropy, response_mask, q)[0]
 
@@ -245,18 +245,3 @@ def check_contents(response_mask, **signals) -> None:
     for name, is_bad in zip(names, bad[1:]):
         if is_bad:
             raise ValueError(f"{name} holds NaN or Inf on response positions")
-
-
-def check_q(q) -> None:
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
-        raise ValueError(f"q must be a number in (0, 1], got {q!r}")
-
-
-def check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1 (the look-back window), got {k!r}")
-
-
-def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")

@@ -1,24 +1,25 @@
 """``RhythmCreditConfig``: the one knob set shared by the trainer adapters (TRL, verl).
 
-It carries every constant of docs/definitions.md sections 2-4 plus the adapter's own choices (strategy, sign),
-splits
-itself into the :class:`rhythm.RhythmScorer` config and the credit options, and derives the per-step seed
-of the ``random`` baseline. No framework is imported here.
+It carries every constant of docs/definitions.md sections 2-4 plus the adapter's own choices (strategy, sign
+mode), splits itself into the :class:`rhythm.RhythmScorer` config and the credit options, and derives the
+per-step seed of the ``random`` baseline. No framework is imported here.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
-STRATEGIES = ("local", "global", "coupled", "random", "entropy")
-SIGNS = ("both", "positive", "negative")
-# Strategies that need the attention pass (the scorer); random and entropy read neither WAAD nor FAI.
-ATTENTION_STRATEGIES = ("local", "global", "coupled")
+from ..config import (ATTENTION_STRATEGIES, CREDIT_KNOBS, GAMMA_KNOBS, SCORER_KNOBS, SIGNS, STRATEGIES, check, default,
+                      from_mapping, knob_dataclass)
+
+__all__ = ["ATTENTION_STRATEGIES", "RhythmCreditConfig", "SIGNS", "STRATEGIES"]
 
 
-@dataclass
+@knob_dataclass(CREDIT_KNOBS, defaults={"micro_batch_size": None}, optional_names=("micro_batch_size",))
 class RhythmCreditConfig:
     """How advantages are reshaped: A~_t = gamma_t * A_t on response tokens (docs/definitions.md section 4).
+
+    Every field, default and check is defined once in :mod:`rhythm.config` (a bad value fails here, on
+    construction, naming the field).
 
     strategy: "coupled" (paper's rhythm credit, default) | "local" (preplan only) | "global" (anchors only)
         | "random" (baseline: ceil(q |R|) random tokens, a new seed every step) | "entropy" (baseline: top q by
@@ -33,60 +34,30 @@ class RhythmCreditConfig:
     backend: ``attention_metrics`` backend ("auto" = triton on CUDA, torch on CPU).
     """
 
-    strategy: str = "coupled"
-    sign: str = "both"
-    q: float = 0.4
-    gamma_amp: float = 1.5
-    alpha: float = 0.5
-    k: int = 3
-    seed: int = 0
-    window: int = 10
-    horizon: tuple = (10, 100)
-    head_fraction: float = 0.3
-    layers: tuple | None = None
-    grouping: str = "per_sequence"
-    micro_batch_size: int | None = None
-    backend: str = "auto"
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"RhythmCreditConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.sign not in SIGNS:
-            raise ValueError(f"RhythmCreditConfig.sign must be one of {SIGNS}, got {self.sign!r}")
-        if not (isinstance(self.q, (int, float)) and 0 < self.q <= 1):
-            raise ValueError(f"RhythmCreditConfig.q must be in (0, 1], got {self.q!r}")
-        if not (isinstance(self.gamma_amp, (int, float)) and math.isfinite(self.gamma_amp) and self.gamma_amp >= 1):
-            raise ValueError(f"RhythmCreditConfig.gamma_amp must be a finite number >= 1, got {self.gamma_amp!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
-            raise ValueError(f"RhythmCreditConfig.alpha must be in [0, 1], got {self.alpha!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"RhythmCreditConfig.k must be an int >= 1, got {self.k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"RhythmCreditConfig.seed must be an int, got {self.seed!r}")
-        if self.micro_batch_size is not None and (isinstance(self.micro_batch_size, bool) or not isinstance(
-                self.micro_batch_size, int) or self.micro_batch_size < 1):
-            raise ValueError(f"RhythmCreditConfig.micro_batch_size must be None or an int >= 1, "
-                             f"got {self.micro_batch_size!r}")
-        self.horizon = tuple(self.horizon)
-        if self.layers is not None:
-            self.layers = tuple(int(x) for x in self.layers)
+    @classmethod
+    def from_mapping(cls, mapping, *, where: str | None = None) -> "RhythmCreditConfig":
+        """From a JSON object / Hydra node; unknown keys are refused naming the closest known one."""
+        return from_mapping(mapping, cls, where=where)
 
     @property
     def needs_scorer(self) -> bool:
         """True when the strategy reads WAAD / FAI (one extra no-grad attention pass per rollout batch)."""
         return self.strategy in ATTENTION_STRATEGIES
 
-    def scorer_kwargs(self, default_micro_batch_size: int = 8) -> dict:
-        """Config of :class:`rhythm.RhythmScorer` (``RhythmScorer(model, **cfg.scorer_kwargs())``)."""
-        return dict(window=self.window, horizon=self.horizon, head_fraction=self.head_fraction, q=self.q,
-                    gamma_amp=self.gamma_amp, alpha=self.alpha, k=self.k, seed=self.seed, layers=self.layers,
-                    grouping=self.grouping, backend=self.backend,
-                    micro_batch_size=self.micro_batch_size or int(default_micro_batch_size))
+    def scorer_kwargs(self, default_micro_batch_size: int | None = None) -> dict:
+        """Config of :class:`rhythm.RhythmScorer` (``RhythmScorer(model, **cfg.scorer_kwargs())``): the shared
+        knobs; micro_batch_size None becomes ``default_micro_batch_size`` (the trainer's), else the scorer's."""
+        kwargs = {name: getattr(self, name) for name in CREDIT_KNOBS if name in SCORER_KNOBS}
+        size = self.micro_batch_size or default_micro_batch_size or default("micro_batch_size")
+        kwargs["micro_batch_size"] = check("micro_batch_size", size, "scorer_kwargs(default_micro_batch_size)")
+        return kwargs
 
     def credit_kwargs(self, seed: int | None = None) -> dict:
         """Options of :func:`rhythm.credit_multipliers` (and overrides of ``RhythmScores.gamma``)."""
-        return dict(q=self.q, gamma_amp=self.gamma_amp, alpha=self.alpha, k=self.k,
-                    seed=self.seed if seed is None else int(seed))
+        kwargs = {name: getattr(self, name) for name in GAMMA_KNOBS}
+        if seed is not None:
+            kwargs["seed"] = check("seed", seed, "credit_kwargs(seed)")
+        return kwargs
 
     def step_seed(self, step: int, rank: int = 0, call: int = 0) -> int:
         """Seed of the ``random`` baseline for one rollout batch: changes with the training step, the process
