@@ -13,9 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from rhythm.capture import is_registered  # noqa: E402
-from rhythm.heads import mean_response_distance, select_head_groups, token_signals  # noqa: E402
 from rhythm.scorer import RhythmScorer, to_response_tensor, trainer_response_mask  # noqa: E402
-from rhythm_kernels.segments import segments_from_cu_seqlens, segments_from_mask  # noqa: E402
+from tests.oracle_check import brute_force_layout  # noqa: E402
 
 from .test_capture import VOCAB, assert_within_spec, eager_attentions, maps_metrics, padded_batch, tiny_model  # noqa: E402
 
@@ -32,15 +31,38 @@ def response_suffix(mask: torch.Tensor, lengths) -> torch.Tensor:
     return response
 
 
-def oracle_scores(model, ids, layers, segments, attention_mask=None, position_ids=None, fraction=0.3):
+def oracle_groups(distance, response, fraction=0.3):
+    """Head groups from the definitions, in plain Python: d(l, h) = mean distance over the response rows;
+    H_loc = the ceil(fraction * n) heads sorted by (d, layer, head), H_glob by (-d, layer, head). Flat head
+    index = slot of the sampled layer * heads per layer + head, so (layer, head) order is index order.
+
+    distance: float64 [n_seq, n_heads, width]; response: bool [n_seq, width].
+    Returns (local, global_, d): lists of per-sequence index lists and of per-head d lists."""
+    local, global_, ds = [], [], []
+    for i in range(distance.shape[0]):
+        rows = [t for t in range(distance.shape[2]) if bool(response[i, t])]
+        n = distance.shape[1]
+        d = [sum(float(distance[i, h, t]) for t in rows) / len(rows) if rows else 0.0 for h in range(n)]
+        size = math.ceil(fraction * n)
+        local.append(sorted(range(n), key=lambda h: (d[h], h))[:size])
+        global_.append(sorted(range(n), key=lambda h: (-d[h], h))[:size])
+        ds.append(d)
+    return local, global_, ds
+
+
+def oracle_scores(model, ids, layers, segments, attention_mask=None, position_ids=None, fraction=0.3,
+                  horizon=(10, 100)):
     """Per-token WAAD/FAI the paper's way: eager maps of the sampled layers -> per-head metrics -> head
-    groups -> means over the groups. Returns rows [n_seq, L] (segment-aligned) plus the groups."""
+    groups -> means over the groups, none of it through the package's code.
+
+    segments: [(row, start, end, response_start)]. Returns rows [n_seq, L] (segment-aligned), the groups
+    (local, global_ index lists) and per-token waad / fai float64 [n_seq, width]."""
     maps = eager_attentions(model, ids, attention_mask, position_ids)
-    per_layer = [maps_metrics(maps[layer], segments) for layer in layers]
+    per_layer = [maps_metrics(maps[layer], segments, horizon=horizon) for layer in layers]
     stack = {name: torch.cat([m[name] for m in per_layer], dim=1) for name in ("distance", "waad", "fai")}
     rows = {name: [] for name in ("distance", "waad", "fai", "response", "fai_valid")}
-    width = max(e - s for _, s, e, _ in segments.host)
-    for b, s, e, r in segments.host:
+    width = max(e - s for _, s, e, _ in segments)
+    for b, s, e, r in segments:
         for name in ("distance", "waad", "fai"):
             x = torch.zeros(stack[name].shape[1], width, dtype=torch.float64)
             x[:, : e - s] = stack[name][b, :, s:e]
@@ -52,42 +74,44 @@ def oracle_scores(model, ids, layers, segments, attention_mask=None, position_id
         valid[: e - s] = per_layer[0]["fai_valid"][b, 0, s:e]
         rows["fai_valid"].append(valid)
     rows = {name: torch.stack(x) for name, x in rows.items()}
-    d = mean_response_distance(rows["distance"], rows["response"])
-    groups = select_head_groups(d, fraction)
-    waad, fai = token_signals(rows["waad"].double(), rows["fai"].double(), groups)
-    return rows, groups, waad.double(), fai.double(), d
+    local, global_, d = oracle_groups(rows["distance"], rows["response"], fraction)
+    waad = torch.stack([rows["waad"][i, idx].mean(0) for i, idx in enumerate(local)])
+    fai = torch.stack([rows["fai"][i, idx].mean(0) for i, idx in enumerate(global_)])
+    return rows, (local, global_), waad, fai, d
 
 
-def check_against_oracle(scores, model, ids, segments, **model_inputs):
-    rows, groups, waad, fai, _ = oracle_scores(model, ids, scores.layers, segments, **model_inputs)
+def check_against_oracle(scores, model, ids, segments, horizon=(10, 100), **model_inputs):
+    rows, groups, waad, fai, _ = oracle_scores(model, ids, scores.layers, segments, horizon=horizon, **model_inputs)
     worst = {}
-    for i, (b, s, e, r) in enumerate(segments.host):
-        assert torch.equal(scores.groups.local[i], groups.local[i]), f"sequence {i}: H_loc differs"
-        assert torch.equal(scores.groups.global_[i], groups.global_[i]), f"sequence {i}: H_glob differs"
+    for i, (b, s, e, r) in enumerate(segments):
+        assert scores.groups.local[i].tolist() == groups[0][i], f"sequence {i}: H_loc differs"
+        assert scores.groups.global_[i].tolist() == groups[1][i], f"sequence {i}: H_glob differs"
         worst["waad"] = max(worst.get("waad", 0), assert_within_spec("waad", scores.waad[b, s:e], waad[i, : e - s]))
         worst["fai"] = max(worst.get("fai", 0), assert_within_spec("fai", scores.fai[b, s:e], fai[i, : e - s]))
         assert torch.equal(scores.fai_valid[b, s:e], rows["fai_valid"][i, : e - s])
     real = torch.zeros_like(scores.waad, dtype=torch.bool)
-    for b, s, e, _ in segments.host:
+    for b, s, e, _ in segments:
         real[b, s:e] = True
     assert torch.all(scores.waad[~real] == 0) and torch.all(scores.fai[~real] == 0)
     assert not scores.fai_valid[~real].any()
     return worst
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind,horizon", [("llama", (10, 100)), ("qwen2", (10, 100)), ("qwen2", (1, 6))])
 @pytest.mark.parametrize("padding", ["left", "right"])
-def test_scorer_matches_eager_oracle_padded(kind, padding):
+def test_scorer_matches_eager_oracle_padded(kind, horizon, padding):
+    """(1, 6): H_hi cuts inside the 56-token rows, so a scorer that drops H_hi fails."""
     model = tiny_model(kind)
     ids, mask = padded_batch(padding, length=56)
     response = response_suffix(mask, [20, 25, 14])
-    scores = RhythmScorer(model, micro_batch_size=2).score(ids, mask, response)
+    scores = RhythmScorer(model, micro_batch_size=2, horizon=horizon).score(ids, mask, response)
     assert scores.layers == [2, 3, 4]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    segments = segments_from_mask(mask.bool(), *ids.shape, None, CPU)
-    starts = torch.tensor([e - n for (_, _, e, _), n in zip(segments.host, [20, 25, 14])])
-    segments = segments_from_mask(mask.bool(), *ids.shape, starts, CPU)
-    check_against_oracle(scores, model, ids, segments, attention_mask=mask, position_ids=position_ids)
+    segments = brute_force_layout(*ids.shape, mask)
+    starts = torch.tensor([e - n for (_, _, e, _), n in zip(segments, [20, 25, 14])])
+    segments = brute_force_layout(*ids.shape, mask, starts)
+    check_against_oracle(scores, model, ids, segments, horizon=horizon, attention_mask=mask,
+                         position_ids=position_ids)
     gamma = scores.gamma("coupled")
     assert gamma.shape == ids.shape and torch.all(gamma[~response] == 1)
 
@@ -110,7 +134,7 @@ def test_scorer_packed_matches_oracle_and_padded(kind, source):
         packed = scorer.score(ids, None, response, position_ids=position_ids)
     assert packed.packed and len(packed.segments) == 3
     starts = torch.tensor([a + n - r for a, n, r in zip(cu[:-1].tolist(), lengths, resp)])
-    segments = segments_from_cu_seqlens(cu, 1, 74, starts, CPU)
+    segments = brute_force_layout(1, 74, None, starts, cu)
     check_against_oracle(packed, model, ids, segments, position_ids=position_ids)
 
     # the same sequences right-padded into [3, 35] score the same
@@ -277,6 +301,6 @@ def test_smollm2_matches_eager_oracle():
     response[:, prompt_ids.shape[1]:] = True
     scores = RhythmScorer(model).score(ids, None, response)
     assert scores.layers == [10, 12, 15, 17, 20] and scores.heads_per_layer == 9
-    segments = segments_from_mask(None, *ids.shape, torch.tensor([prompt_ids.shape[1]]), CPU)
+    segments = brute_force_layout(*ids.shape, None, torch.tensor([prompt_ids.shape[1]]))
     worst = check_against_oracle(scores, model, ids, segments)
     print(f"SmolLM2 T={ids.shape[1]}: worst per-token errors {worst}")
