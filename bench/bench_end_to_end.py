@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CPU_CASES = [(4, 1024), (1, 4096)]
@@ -112,7 +111,7 @@ def run_cpu_case(method, batch, length, repeats, memory_limit_gib) -> dict:
 
 
 def main_cpu(args) -> dict:
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, str(ROOT))       # the CPU mode's helpers live in bench/ (the GPU mode needs only rhythm)
     from bench.machine import describe
 
     import transformers
@@ -157,7 +156,8 @@ def main_cpu(args) -> dict:
 
 # ---- GPU (one process; CUDA memory counters) -----------------------------------------------------------------------
 
-def main_gpu(args) -> dict:
+def main_gpu(args, save) -> dict:
+    """Scorer, SDPA forward, eager forward: ``save(result)`` after each, so a time box loses nothing measured."""
     import torch
     import transformers
 
@@ -203,13 +203,16 @@ def main_gpu(args) -> dict:
               "length": length, "dtype": str(dtype), "transformers": transformers.__version__,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "layers": scorer.layers}
+    save(result)
     result["scorer"] = timed(lambda: scorer.score(ids, None, response), args.repeats)
+    save(result)
 
     def sdpa_forward():
         with torch.inference_mode():
             model(input_ids=ids_d, use_cache=False, logits_to_keep=1)
     result["sdpa_full_forward"] = timed(sdpa_forward, args.repeats)
     result["scorer_over_sdpa_forward"] = result["scorer"]["time_s"] / result["sdpa_full_forward"]["time_s"]
+    save(result)
 
     def eager_forward():
         with torch.inference_mode():
@@ -244,8 +247,8 @@ def main() -> None:
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.gpu:
-        result = main_gpu(args)
         name = "end_to_end_gpu_dryrun.json" if args.dry_run else "end_to_end_gpu.json"
+        result = main_gpu(args, lambda partial: (out_dir / name).write_text(json.dumps(partial, indent=1) + "\n"))
     else:
         result = main_cpu(args)
         name = "end_to_end_cpu.json"

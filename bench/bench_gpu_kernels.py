@@ -1,7 +1,9 @@
-"""GPU benchmark of the Triton kernels against torch SDPA (flash) and the eager-maps pipeline.
+"""GPU benchmark of the Triton kernels against torch SDPA (flash) and the eager-maps pipeline, each method's
+outputs checked against an fp64 reference in the same run (docs/definitions.md section 7).
 
-bf16, causal, one layer B x Hq x Hkv x D = 1 x 32 x 8 x {128, 64}, T = 2K, 8K, 32K, every position a response
-position (the most influence work). Per (D, T) it times (CUDA events, warmup, median of the repeats):
+bf16, causal, one layer B x Hq x Hkv x D = 1 x 32 x 8 x D (Qwen3-4B's heads), every position a response
+position. Shapes run in the order given (``--shapes D:T ...``; default D=128 at T=8192 and 32768, then D=64,
+then both at 2048). Per shape and method: CUDA events, 3 warm-ups, median of 10 repeats (5 at T > 8192).
 
     sdpa_flash          F.scaled_dot_product_attention(is_causal=True) under SDPBackend.FLASH_ATTENTION
     stats_with_out      our stats pass with v: lse, distance, waad and the attention output O
@@ -12,6 +14,12 @@ position (the most influence work). Per (D, T) it times (CUDA events, warmup, me
     api_metrics_only    rhythm.attention_metrics(backend="triton", validate=False): the same plus host work
     eager_maps          softmax(QK^T) materialised in fp32, then distance/waad/fai read off it ("oom" if so)
 
+Checks: lse, distance, waad and fai of every method against bench/reference_check.py (fp64 and, for bf16
+inputs, the bf16 reference that sets the bound), computed over row blocks at every T. Each record holds
+max error, error / bound ("ratio", <= 1 passes) and ok; a failing method is recorded, never fatal.
+Every measurement is printed and appended to $OUT/results.jsonl at once; $OUT/bench_gpu_kernels.json is
+rewritten from it; the autotuner's picks go to $OUT/tuned_configs.json (rhythm_kernels.tuned_configs).
+
 FLOPs (FlashAttention's convention: only the useful entries of the causal triangle, 2 FLOPs per MAC):
     sdpa_flash, stats_with_out   4 * B * Hq * T^2 * D / 2        (QK^T and PV)
     stats_no_out, influence_full 2 * B * Hq * T^2 * D / 2        (QK^T only; the influence pass recomputes it)
@@ -19,46 +27,51 @@ FLOPs (FlashAttention's convention: only the useful entries of the causal triang
     metrics_only, api, eager     stats_no_out + influence_band    (the same useful work, to compare)
 Peak memory: torch.cuda.max_memory_allocated() minus the allocation before the call (outputs included).
 
-    python3 bench/bench_gpu_kernels.py                    # on a CUDA machine (about 2 minutes on an H100)
-    python3 bench/bench_gpu_kernels.py --dry-run          # CPU, Triton interpreter, tiny shapes: checks the script
-    python3 bench/bench_gpu_kernels.py --compile-only     # no GPU needed: compile every kernel variant for sm_90
-                                                          # and report shared memory, registers and spills (ptxas -v)
+    python3 bench/bench_gpu_kernels.py [--shapes 128:8192 ...] [--budget-s S]   # CUDA
+    python3 bench/bench_gpu_kernels.py --smoke          # correctness: fp32 T=2048 and bf16 T=1024 vs fp64
+    python3 bench/bench_gpu_kernels.py --warm [--jobs 16]     # compile the variants in parallel (Triton cache)
+    python3 bench/bench_gpu_kernels.py --compile-only [--quick] [--jobs N]   # no GPU: sm_90 resource report
+    ... --dry-run                                       # CPU, Triton interpreter, tiny shapes: checks the script
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.eager_maps import eager_maps  # noqa: E402  (the shared baseline)
+from gpu_records import Records, machine, out_dir          # siblings: bench/ is sys.path[0] for this script
 
 WINDOW = 10
 BAND = (10, 100)
 FULL = (10, None)
 TARGETS = {"stats_with_out": 1.05, "metrics_only": 0.75, "influence_full": 0.6}
+DEFAULT_SHAPES = ["128:8192", "128:32768", "64:8192", "64:32768", "128:2048", "64:2048"]
+DRY_SHAPES = ["64:96", "64:64"]
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1 with tiny shapes")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="D:T", help="head dim:length, in order")
     parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"))
     parser.add_argument("--budget-s", type=float, default=210.0,
-                        help="stop starting new shapes after this many seconds (the rest is marked skipped)")
+                        help="start no new method after this many seconds (the rest is recorded as skipped)")
     parser.add_argument("--no-eager", action="store_true")
+    parser.add_argument("--no-check", action="store_true", help="time only (no reference)")
+    parser.add_argument("--step", default="bench", help="label of this run in the records")
+    parser.add_argument("--smoke", action="store_true", help="correctness smoke instead of the benchmark")
+    parser.add_argument("--warm", action="store_true", help="compile the run's kernel variants in parallel")
     parser.add_argument("--compile-only", action="store_true",
-                        help="compile the kernels for --arch without a GPU (needs no TRITON_INTERPRET)")
+                        help="compile for --arch without a GPU, specialised as the runtime does")
     parser.add_argument("--quick", action="store_true", help="with --compile-only: four representative variants")
-    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability for --compile-only")
-    parser.add_argument("--out", default=None, help="JSON path (default: $OUT and bench/results/)")
-    return parser.parse_args()
+    parser.add_argument("--jobs", type=int, default=None, help="--warm / --compile-only: parallel processes")
+    parser.add_argument("--limit", type=int, default=None, help="--warm: only the first N jobs")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only")
+    parser.add_argument("--out", default=None, help="--compile-only: JSON path (default $OUT/compile_check.json)")
+    return parser.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -72,7 +85,7 @@ class Timer:
         import torch
 
         start = time.perf_counter()
-        fn()                                                     # first call: compile and autotune
+        fn()                                                     # first call: compile (or cache load), autotune
         if self.cuda:
             torch.cuda.synchronize()
         first_ms = (time.perf_counter() - start) * 1e3
@@ -94,27 +107,32 @@ class Timer:
         return {"ms": statistics.median(times), "ms_min": min(times), "repeats": repeats,
                 "first_call_ms": first_ms}
 
-    def peak_bytes(self, fn) -> int | None:
+    def peak_and_result(self, fn):
+        """One more call: (peak bytes over the allocation before it, or None on CPU; its result)."""
         import torch
 
         if not self.cuda:
-            return None
+            return None, fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         result = fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del result
-        return int(peak)
+        return int(torch.cuda.max_memory_allocated() - base), result
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 # --------------------------------------------------------------------------------------------------------
-# The methods
+# The methods and what each one's outputs are checked as
 # --------------------------------------------------------------------------------------------------------
-def sdpa_flash_fn(q, k, v, cuda: bool):
-    """SDPA forward under the flash backend (CPU: its flash kernel too). GQA via enable_gqa when the backend
-    takes it, else K/V repeated once outside the timed call. Returns (fn, how)."""
+def sdpa_flash_fn(q, k, v):
+    """SDPA forward under the flash backend. GQA via enable_gqa when the backend takes it, else K/V repeated
+    once outside the timed call. Returns (fn, how)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -140,323 +158,352 @@ def flops(name: str, batch: int, heads: int, length: int, dim: int) -> float:
             "influence_full": 2 * tri, "influence_band": band}.get(name, 2 * tri + band)
 
 
-def device_info(cuda: bool) -> dict:
-    import torch
-    import triton
-
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    if cuda:
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count)
-    else:
-        info["device"] = "cpu (Triton interpreter)"
-    return info
+def checked_outputs(name: str, result) -> dict:
+    """{reference name: [Hq, T]} of a method's result (B = 1), or {} for SDPA."""
+    if name in ("stats_with_out", "stats_no_out"):
+        return {"lse": result[0][0], "distance": result[1][0], "waad": result[2][0]}
+    if name == "influence_band":
+        return {"fai:band": result[0]}
+    if name == "influence_full":
+        return {"fai:full": result[0]}
+    if name == "api_metrics_only":
+        return {"lse": result.lse[0], "distance": result.distance[0], "waad": result.waad[0],
+                "fai:band": result.fai[0]}
+    if name == "eager_maps":
+        return {"distance": result[0][0], "waad": result[1][0], "fai:band": result[2][0]}
+    return {}
 
 
-def chosen_configs() -> dict:
-    """The autotuner's pick for the last call of each kernel (None without autotuning)."""
-    from rhythm_kernels import triton_influence, triton_stats
+class References:
+    """The fp64 reference (and the input-dtype one for fp16/bf16) of one shape, computed on first use."""
 
-    picks = {}
-    for name, kernel in (("stats", triton_stats._stats_kernel_tuned),
-                         ("influence", triton_influence._influence_kernel_tuned)):
-        best = getattr(kernel, "best_config", None)
-        picks[name] = None if best is None else str(best)
-    return picks
+    def __init__(self, q, k, scale, records, shape):
+        self.q, self.k, self.scale, self.records, self.shape = q, k, scale, records, shape
+        self.ref64 = self.ref_lp = None
+
+    def get(self):
+        import torch
+
+        from reference_check import reference_metrics
+
+        if self.ref64 is None:
+            started = time.perf_counter()
+            kwargs = dict(scale=self.scale, window=WINDOW, horizons={"band": BAND, "full": FULL})
+            self.ref64 = reference_metrics(self.q, self.k, compute_dtype=torch.float64, **kwargs)
+            if self.q.dtype != torch.float32:
+                self.ref_lp = reference_metrics(self.q, self.k, compute_dtype=self.q.dtype, **kwargs)
+            self.records.emit("reference", **self.shape, seconds=round(time.perf_counter() - started, 2),
+                              what="fp64" + ("" if self.ref_lp is None else f" and {self.q.dtype} (the bound)"))
+        return self.ref64, self.ref_lp
 
 
-def bench_shape(timer, cuda, batch, q_heads, kv_heads, length, dim, dtype, run_eager, warmup, repeats) -> dict:
+def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtype, warmup, repeats, started):
     import torch
 
     import rhythm
+    from eager_maps import eager_maps
+    from reference_check import compare
+    from rhythm_kernels import tuned_configs
     from rhythm_kernels.segments import influence_counts, segments_from_mask
     from rhythm_kernels.triton_influence import influence_pass
     from rhythm_kernels.triton_stats import stats_pass
 
     device = "cuda" if cuda else "cpu"
-    gen = torch.Generator(device=device).manual_seed(0)
-    make = lambda heads: torch.randn(batch, heads, length, dim, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    shape = {"B": 1, "Hq": q_heads, "Hkv": kv_heads, "T": length, "D": dim, "dtype": str(dtype)}
+    gen = torch.Generator(device=device).manual_seed(length * 1000 + dim)
+    make = lambda heads: torch.randn(1, heads, length, dim, generator=gen, device=device, dtype=dtype)  # noqa: E731
     q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
     scale = dim ** -0.5
-    segments = segments_from_mask(None, batch, length, None, q.device)
-    counts_band = influence_counts(segments, batch, length, BAND)
-    counts_full = influence_counts(segments, batch, length, FULL)
+    segments = segments_from_mask(None, 1, length, None, q.device)
+    counts_band = influence_counts(segments, 1, length, BAND)
+    counts_full = influence_counts(segments, 1, length, FULL)
     lse = stats_pass(q, k, None, segments, window=WINDOW, scale=scale)[0]
+    refs = References(q, k, scale, records, shape)
 
     methods = {
         "stats_with_out": lambda: stats_pass(q, k, v, segments, window=WINDOW, scale=scale),
         "stats_no_out": lambda: stats_pass(q, k, None, segments, window=WINDOW, scale=scale),
-        "influence_band": lambda: influence_pass(q, k, lse, segments, counts_band, horizon=BAND, scale=scale),
-        "influence_full": lambda: influence_pass(q, k, lse, segments, counts_full, horizon=FULL, scale=scale),
+        "influence_band": lambda: (influence_pass(q, k, lse, segments, counts_band, horizon=BAND, scale=scale),),
+        "influence_full": lambda: (influence_pass(q, k, lse, segments, counts_full, horizon=FULL, scale=scale),),
         "api_metrics_only": lambda: rhythm.attention_metrics(q, k, backend="triton", window=WINDOW, horizon=BAND,
                                                              validate=False),
     }
-    row = {"B": batch, "Hq": q_heads, "Hkv": kv_heads, "T": length, "D": dim, "dtype": str(dtype), "methods": {}}
+    sdpa_out = None
     try:
-        sdpa, how = sdpa_flash_fn(q, k, v, cuda)
+        sdpa, how = sdpa_flash_fn(q, k, v)
         methods = {"sdpa_flash": sdpa, **methods}
-        row["sdpa"] = how
+        shape_note = how
     except RuntimeError as exc:
-        row["methods"]["sdpa_flash"] = {"error": str(exc).splitlines()[0][:200]}
-    if run_eager:
+        shape_note = None
+        records.emit("bench", **shape, method="sdpa_flash", result="unavailable", error=str(exc).splitlines()[0][:200])
+    if not args.no_eager:
         methods["eager_maps"] = lambda: eager_maps(q, k, scale=scale, window=WINDOW, horizon=BAND)
 
+    measured = {}
     for name, fn in methods.items():
+        if time.perf_counter() - started > args.budget_s:
+            records.emit("skipped", **shape, method=name, reason=f"time budget of {args.budget_s:.0f} s spent")
+            continue
+        entry = {**shape, "method": name}
+        if name == "sdpa_flash" and shape_note:
+            entry["how"] = shape_note
         try:
-            entry = timer.measure(fn, warmup, repeats)
-            entry["peak_mem_bytes"] = timer.peak_bytes(fn)
-        except torch.cuda.OutOfMemoryError:
-            entry = {"ms": None, "result": "oom"}
-        except RuntimeError as exc:
-            if "out of memory" not in str(exc).lower():
-                raise
-            entry = {"ms": None, "result": "oom"}
+            entry.update(timer.measure(fn, warmup, repeats))
+            entry["peak_mem_bytes"], result = timer.peak_and_result(fn)
+            entry["tflops"] = flops(name, 1, q_heads, length, dim) / (entry["ms"] * 1e-3) / 1e12
+            measured[name] = entry["ms"]
+            if name == "sdpa_flash":
+                sdpa_out = result
+            elif not args.no_check:
+                ours = checked_outputs(name, result)
+                entry["check"] = compare(ours, *refs.get(), dtype)
+                entry["ok"] = all(c["ok"] for c in entry["check"].values())
+                if name == "stats_with_out" and sdpa_out is not None:
+                    # sanity, not a section 7 check: our O against SDPA's O, both in the input dtype
+                    entry["out_vs_sdpa_max_abs"] = float((result[3].float() - sdpa_out.transpose(1, 2).float())
+                                                         .abs().max())
+            del result
+        except Exception as exc:  # noqa: BLE001 - a failing method is recorded, the others still run
+            if is_oom(exc):
+                entry.update(ms=None, result="oom", error=str(exc).splitlines()[0][:200])
+            else:
+                entry.update(ms=None, result="error", ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         if cuda:
             torch.cuda.empty_cache()
-        if entry.get("ms"):
-            entry["tflops"] = flops(name, batch, q_heads, length, dim) / (entry["ms"] * 1e-3) / 1e12
-        row["methods"][name] = entry
+        try:   # the autotuner's picks so far (none under the interpreter): $OUT/tuned_configs.json
+            entry["tuned_configs"] = tuned_configs.write_entries(
+                os.path.join(records.folder, "tuned_configs.json"),
+                tuned_configs.entries_from_autotuners(torch.cuda.get_device_name(0) if cuda else "cpu"))
+        except Exception as exc:  # noqa: BLE001
+            entry["tuned_configs_error"] = f"{type(exc).__name__}: {exc}"
+        records.emit("bench", **entry)
 
-    m = row["methods"]
-    if m.get("stats_no_out", {}).get("ms") and m.get("influence_band", {}).get("ms"):
-        total = m["stats_no_out"]["ms"] + m["influence_band"]["ms"]
-        m["metrics_only"] = {"ms": total, "tflops": flops("metrics_only", batch, q_heads, length, dim) / total / 1e9,
-                             "note": "stats_no_out + influence_band (sum of medians)"}
-    base = m.get("sdpa_flash", {}).get("ms")
+    if "stats_no_out" in measured and "influence_band" in measured:
+        measured["metrics_only"] = measured["stats_no_out"] + measured["influence_band"]
+    base = measured.get("sdpa_flash")
     if base:
-        row["vs_sdpa_flash"] = {}
+        ratios = {}
         for name, target in TARGETS.items():
-            ms = m.get(name, {}).get("ms")
-            if ms:
+            if name in measured:
                 applies = cuda and (name != "influence_full" or length >= 8192)   # interpreter: not a timing
-                row["vs_sdpa_flash"][name] = {"ratio": ms / base, "target": target,
-                                             "met": (ms / base <= target) if applies else None}
-        # sanity: our O against SDPA's
-        ours = stats_pass(q, k, v, segments, window=WINDOW, scale=scale)[3]
-        ref = methods["sdpa_flash"]().transpose(1, 2)
-        row["out_vs_sdpa_max_abs"] = float((ours.float() - ref.float()).abs().max())
-    row["autotuned_configs"] = chosen_configs()
-    return row
+                ratios[name] = {"ratio": measured[name] / base, "target": target,
+                                "met": (measured[name] / base <= target) if applies else None}
+        records.emit("ratios", **shape, metrics_only_ms=measured.get("metrics_only"), vs_sdpa_flash=ratios)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Compile-only: the GPU code path (native fp16/bf16 dots, no interpreter upcast) checked without a GPU
-# --------------------------------------------------------------------------------------------------------
-_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+def parse_shapes(items):
+    shapes = []
+    for item in items:
+        try:
+            dim, length = (int(x) for x in item.split(":"))
+        except ValueError:
+            sys.exit(f"--shapes: expected D:T (e.g. 128:8192), got {item!r}")
+        shapes.append((dim, length))
+    return shapes
 
 
-def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    """Triton signature of ``fn``: pointers as given, batch strides int64 (the long-context path), other ints
-    int32, the scale fp32."""
-    sig = {}
-    for param in fn.params:
-        name = param.name
-        if param.is_constexpr:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        elif name == "scale2":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i64" if name.startswith("stride_") and name.endswith("b") else "i32"
-    missing = set(constexprs) - {p.name for p in fn.params if p.is_constexpr}
-    assert not missing, f"unknown constexprs {missing}"
-    return sig
-
-
-def compile_variant(kind: str, dtype, dim: int, flag: bool, meta: dict, arch: int) -> dict:
-    """Compile one kernel variant for ``arch``; report shared memory, registers, spills and the MMA used."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from rhythm_kernels import triton_influence, triton_stats
-
-    d_pad = max(16, triton.next_power_of_2(dim))
-    t = "*" + _DTYPE_NAMES[str(dtype).replace("torch.", "")]
-    meta = dict(meta)
-    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    prec = "ieee" if t == "*fp32" else "tf32"
-    if kind == "stats":
-        fn = triton_stats._stats_kernel
-        const = dict(HEAD_DIM=dim, D_PAD=d_pad, HAS_V=flag, UPCAST=False, DOT_PREC=prec, SMALL_M=meta["BLOCK_M"],
-                     **meta)
-        pointers = {"Q": t, "K": t, "V": t, "Out": t if flag else "*fp32", "Lse": "*fp32", "Dist": "*fp32",
-                    "Waad": "*fp32", "Table": "*i32"}
-    else:
-        fn = triton_influence._influence_kernel
-        const = dict(HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=flag, UPCAST=False, DOT_PREC=prec, SMALL_N=meta["BLOCK_N"],
-                     **meta)
-        pointers = {"Q": t, "K": t, "Lse": "*fp32", "Counts": "*i64", "Fai": "*fp32", "Table": "*i32"}
-    label = f"{kind} {t[1:]} D={dim} {'HAS_V' if kind == 'stats' else 'HAS_HI'}={flag} {meta} w{warps} s{stages}"
-    started = time.perf_counter()
-    try:
-        kernel = triton.compile(ASTSource(fn, _signature(fn, pointers, const), const),
-                                target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    except Exception as exc:  # noqa: BLE001 - report every compile failure
-        return {"variant": label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-    ptx = kernel.asm["ptx"]
-    report = {"variant": label, "ok": True, "shared_bytes": kernel.metadata.shared,
-              "mma": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "fma"),
-              "compile_s": round(time.perf_counter() - started, 2)}
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        ptxas = get_ptxas(arch).path
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
-            handle.write(ptx)
-        suffix = "a" if arch >= 90 else ""
-        info = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", handle.name, "-o", os.devnull],
-                              capture_output=True, text=True, timeout=120).stderr
-        os.unlink(handle.name)
-        regs = re.findall(r"Used (\d+) registers", info)
-        spills = re.findall(r"(\d+) bytes spill stores", info)
-        report.update(registers=int(regs[0]) if regs else None, spill_store_bytes=int(spills[0]) if spills else None)
-    except Exception as exc:  # noqa: BLE001 - ptxas -v is informative only
-        report["ptxas"] = f"unavailable: {exc}"
-    return report
-
-
-def compile_only(args) -> None:
+def benchmark(args, cuda, records) -> int:
     import torch
 
+    started = time.perf_counter()
+    if args.dry_run:
+        shapes, (q_heads, kv_heads), warmup = parse_shapes(args.shapes or DRY_SHAPES), args.heads or (4, 2), 0
+    else:
+        shapes, (q_heads, kv_heads), warmup = parse_shapes(args.shapes or DEFAULT_SHAPES), args.heads or (32, 8), 3
+    dtype = torch.bfloat16
+    timer = Timer(cuda)
+    header = {"benchmark": "rhythm triton kernels vs SDPA flash forward and the eager-maps pipeline",
+              "settings": {"causal": True, "window": WINDOW, "horizon_band": BAND, "horizon_full": FULL,
+                           "response_start": "0 (every position is a response position)", "warmup": warmup,
+                           "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)",
+                           "check": "docs/definitions.md section 7 against bench/reference_check.py"},
+              "targets_vs_sdpa_flash": TARGETS}
+    records.emit("machine", **machine(cuda), shapes=[f"{d}:{t}" for d, t in shapes], heads=[q_heads, kv_heads])
+    for dim, length in shapes:
+        if time.perf_counter() - started > args.budget_s:
+            records.emit("skipped", T=length, D=dim, reason=f"time budget of {args.budget_s:.0f} s spent")
+            continue
+        repeats = 1 if args.dry_run else (10 if length <= 8192 else 5)
+        bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtype, warmup, repeats, started)
+        records.rewrite_summary(header)
+    print(f"wrote {records.rewrite_summary(header)}")
+    failed = [r for r in records.read(("bench",)) if r["step"] == args.step and r.get("ok") is False]
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Smoke: short correctness runs of the public API, fp32 (ieee dots) and bf16, against the fp64 reference
+# --------------------------------------------------------------------------------------------------------
+def smoke(args, cuda, records) -> int:
+    import torch
+
+    import rhythm
+    from reference_check import compare, reference_metrics
+
+    os.environ["RHYTHM_TRITON_AUTOTUNE"] = "0"      # the fixed configs (what the test suite runs)
+    device = "cuda" if cuda else "cpu"
+    # (dtype, T, Hq, Hkv, D, response_start): fp32 at T >= 2K holds the ieee dot to the fp32 rule on a GPU
+    cases = ([(torch.float32, 128, 4, 2, 64, 40), (torch.bfloat16, 96, 4, 2, 64, 0)] if args.dry_run else
+             [(torch.float32, 2048, 32, 8, 128, 512), (torch.bfloat16, 1024, 32, 8, 128, 0)])
+    failed = 0
+    for dtype, length, q_heads, kv_heads, dim, resp in cases:
+        gen = torch.Generator(device=device).manual_seed(length + dim)
+        make = lambda heads: (torch.randn(1, heads, length, dim, generator=gen, device=device) * 1.5).to(dtype)  # noqa: E731
+        q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
+        horizons = {"band": BAND, "full": FULL}
+        refs = [reference_metrics(q, k, scale=dim ** -0.5, window=WINDOW, horizons=horizons, response_start=resp,
+                                  compute_dtype=cd) for cd in (torch.float64, dtype)]
+        for name, horizon in horizons.items():
+            entry = {"dtype": str(dtype), "T": length, "Hq": q_heads, "Hkv": kv_heads, "D": dim,
+                     "response_start": resp, "horizon": horizon, "with_v": name == "band"}
+            started = time.perf_counter()
+            try:
+                metrics = rhythm.attention_metrics(q, k, v if name == "band" else None, backend="triton",
+                                                   window=WINDOW, horizon=horizon, response_start=resp)
+                ours = {"lse": metrics.lse[0], "distance": metrics.distance[0], "waad": metrics.waad[0],
+                        f"fai:{name}": metrics.fai[0]}
+                entry["check"] = compare(ours, refs[0], None if dtype == torch.float32 else refs[1], dtype)
+                entry["ok"] = all(c["ok"] for c in entry["check"].values())
+            except Exception as exc:  # noqa: BLE001
+                entry.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+            entry["seconds"] = round(time.perf_counter() - started, 2)
+            failed += not entry["ok"]
+            records.emit("smoke", **entry)
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Warm / compile-only: the variants, compiled in parallel processes
+# --------------------------------------------------------------------------------------------------------
+def warm_jobs(dims=(128, 64)) -> list:
+    """What the check will launch, most needed first: the benchmark's autotune configs (bf16, Hq 32, Hkv 8),
+    the smoke's fixed configs, then the CUDA tests' (tests/test_triton_backend.py, the ``cuda`` cases)."""
+    from kernel_variants import Job
     from rhythm_kernels import triton_influence, triton_stats
 
-    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
-    variants = []
-    if args.quick:
-        variants += [("stats", bf16, 128, True, triton_stats.default_stats_config(128, bf16)),
-                     ("influence", bf16, 128, False, triton_influence.default_influence_config(128, bf16)),
-                     ("stats", fp32, 64, True, triton_stats.default_stats_config(64, fp32)),
-                     ("influence", fp32, 48, True, triton_influence.default_influence_config(64, fp32))]
-    else:
-        def meta(config):
-            return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    jobs = []
+    for dim in dims:
+        for kind, n_configs in (("stats", len(triton_stats.STATS_CONFIGS)),
+                                ("influence", len(triton_influence.INFLUENCE_CONFIGS))):
+            for flag in (True, False):
+                jobs += [Job(kind, "bf16", dim, flag, config=i) for i in range(n_configs)]
+    for dtype, length in (("fp32", 2048), ("bf16", 1024)):
+        for kind in ("stats", "influence"):
+            jobs += [Job(kind, dtype, 128, flag, length=length, autotune=False) for flag in (True, False)]
+    jobs += [Job("stats", "fp32", 64, False, length=8192, q_heads=2, kv_heads=1, autotune=False),
+             Job("influence", "fp32", 64, False, length=8192, q_heads=2, kv_heads=1, autotune=False),
+             Job("stats", "bf16", 128, True, length=2048, q_heads=4, kv_heads=1, autotune=False),
+             Job("influence", "bf16", 128, True, length=2048, q_heads=4, kv_heads=1, autotune=False),
+             Job("stats", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False),
+             Job("influence", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False)]
+    for i in range(len(triton_stats.STATS_CONFIGS)):
+        jobs.append(Job("stats", "bf16", 128, True, length=3000, q_heads=8, kv_heads=2, config=i))
+    for flag in (True, False):
+        for i in range(len(triton_influence.INFLUENCE_CONFIGS)):
+            jobs.append(Job("influence", "bf16", 128, flag, length=3000, q_heads=8, kv_heads=2, config=i))
+    return jobs
 
-        for config in triton_stats.STATS_CONFIGS:
-            for dim in (128, 64):
-                for has_v in (True, False):
-                    variants.append(("stats", bf16, dim, has_v, meta(config)))
-        for config in triton_influence.INFLUENCE_CONFIGS:
-            for dim in (128, 64):
-                for has_hi in (True, False):
-                    variants.append(("influence", bf16, dim, has_hi, meta(config)))
-        for dtype, dim in ((fp32, 64), (fp32, 128), (fp32, 48), (fp32, 256), (fp16, 256), (bf16, 256), (bf16, 80),
-                           (fp16, 128)):
-            d_pad = max(16, 1 << (dim - 1).bit_length())
-            variants.append(("stats", dtype, dim, True, triton_stats.default_stats_config(d_pad, dtype)))
-            variants.append(("influence", dtype, dim, False, triton_influence.default_influence_config(d_pad, dtype)))
+
+def compile_jobs(jobs, mode: str, arch: int, n_workers: int, records, report_path: str) -> list[dict]:
+    """Run ``kernel_variants.run_job`` over ``jobs`` in ``n_workers`` spawned processes; record each result as
+    it completes and rewrite ``report_path`` (JSON) after each. Returns the reports."""
+    import concurrent.futures
+    import multiprocessing
+
+    from kernel_variants import run_job
+
     reports = []
-    for variant in variants:
-        reports.append(compile_variant(*variant, arch=args.arch))
-        print(json.dumps(reports[-1]), flush=True)
-    failed = [r for r in reports if not r["ok"]]
-    path = args.out or os.path.join(os.environ.get("OUT") or os.environ.get("TMPDIR", "/tmp"), "compile_check.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump({"arch": args.arch, "variants": reports}, handle, indent=2)
-    print(f"{len(reports) - len(failed)}/{len(reports)} variants compiled for sm_{args.arch}; wrote {path}")
-    if failed:
-        sys.exit(1)
+
+    def save():
+        with open(report_path + ".tmp", "w") as handle:
+            json.dump({"mode": mode, "arch": arch, "variants": reports}, handle, indent=1)
+        os.replace(report_path + ".tmp", report_path)
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job, mode, arch): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                done = future.result()
+            except Exception as exc:  # noqa: BLE001 - a crashed worker (BrokenProcessPool) is a failed variant
+                done = [{"variant": futures[future].label, "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
+            for report in done:
+                reports.append(report)
+                records.emit("compile", **report)
+            save()
+    return reports
 
 
-def main():
-    args = parse_args()
+def warm(args, cuda, records) -> int:
+    from kernel_variants import Job
+
+    jobs = warm_jobs()
+    if args.dry_run:
+        # CPU: the same pool and records, compiling for sm_<arch> (no device): two small variants
+        jobs = [Job("stats", "bf16", 64, False, autotune=False), Job("influence", "bf16", 64, True, autotune=False)]
+    if args.limit:
+        jobs = jobs[: args.limit]
+    mode = "device" if cuda else "arch"
+    os.environ.pop("TRITON_INTERPRET", None)                     # the workers compile (they inherit the env)
+    n_workers = args.jobs or min(16, os.cpu_count() or 1)
+    started = time.perf_counter()
+    records.emit("warm_plan", jobs=len(jobs), workers=n_workers, mode=mode,
+                 triton_cache_dir=os.environ.get("TRITON_CACHE_DIR", "(Triton's default, ~/.triton/cache)"))
+    reports = compile_jobs(jobs, mode, args.arch, n_workers, records, os.path.join(records.folder, "warm.json"))
+    failed = sum(not r["ok"] for r in reports)
+    records.emit("warm_done", seconds=round(time.perf_counter() - started, 1), failed=failed)
+    return 1 if failed else 0
+
+
+def compile_only(args, records) -> int:
+    from kernel_variants import Job
+    from rhythm_kernels import triton_influence, triton_stats
+
+    if args.quick:
+        jobs = [Job("stats", "bf16", 128, True, q_heads=4, kv_heads=2, autotune=False),
+                Job("influence", "bf16", 128, False, q_heads=4, kv_heads=2, autotune=False),
+                Job("stats", "fp32", 64, True, q_heads=4, kv_heads=2, autotune=False),
+                Job("influence", "fp32", 48, True, q_heads=4, kv_heads=2, autotune=False)]
+    else:
+        jobs = []
+        for dim in (128, 64):
+            for kind, n in (("stats", len(triton_stats.STATS_CONFIGS)),
+                            ("influence", len(triton_influence.INFLUENCE_CONFIGS))):
+                for flag in (True, False):
+                    jobs += [Job(kind, "bf16", dim, flag, config=i) for i in range(n)]
+        for dtype, dim in (("fp32", 64), ("fp32", 128), ("fp32", 48), ("fp32", 256), ("fp16", 256), ("bf16", 256),
+                           ("bf16", 80), ("fp16", 128), ("bf16", 128), ("bf16", 64)):
+            for kind in ("stats", "influence"):
+                jobs += [Job(kind, dtype, dim, flag, autotune=False) for flag in (True, False)]
+    path = args.out or os.path.join(records.folder, "compile_check.json")
+    reports = compile_jobs(jobs, "arch", args.arch, args.jobs or 1, records, path)
+    failed = sum(not r["ok"] for r in reports)
+    print(f"{len(reports) - failed}/{len(reports)} variants compiled for sm_{args.arch}; wrote {path}")
+    return 1 if failed else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.compile_only:
         if os.environ.get("TRITON_INTERPRET") == "1":
             sys.exit("--compile-only needs the compiler: unset TRITON_INTERPRET")
-        sys.path.insert(0, os.getcwd())
-        compile_only(args)
-        return
-    if args.dry_run:
-        os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, os.getcwd())
+        folder = os.path.dirname(os.path.abspath(args.out)) if args.out else out_dir(dry_run=True)
+        records = Records(folder, "compile_only")
+        sys.exit(compile_only(args, records))
+    if args.dry_run and not args.warm:
+        os.environ["TRITON_INTERPRET"] = "1"                     # before triton is imported
     import torch
 
     cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not cuda and not args.dry_run:
         sys.exit("no CUDA device: run with --dry-run (Triton interpreter, tiny shapes)")
-    if args.dry_run:
-        lengths, dims, (q_heads, kv_heads) = args.lengths or [64, 96], args.dims or [64], args.heads or (4, 2)
-        warmup, dtype = 0, torch.bfloat16
-    else:
-        lengths, dims = args.lengths or [2048, 8192, 32768], args.dims or [128, 64]
-        (q_heads, kv_heads), warmup, dtype = args.heads or (32, 8), 3, torch.bfloat16
-    timer = Timer(cuda)
-    started = time.perf_counter()
-    paths = output_paths(args, cuda)
-    rows = []
-    for dim in dims:
-        for length in lengths:
-            if time.perf_counter() - started > args.budget_s:
-                rows.append({"T": length, "D": dim, "skipped": f"time budget of {args.budget_s:.0f} s spent"})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            repeats = 1 if args.dry_run else (10 if length <= 8192 else 5)
-            row = bench_shape(timer, cuda, 1, q_heads, kv_heads, length, dim, dtype, not args.no_eager,
-                              warmup, repeats)
-            rows.append(row)
-            summary = {name: entry.get("ms", entry.get("result")) for name, entry in row["methods"].items()}
-            print(json.dumps({"T": length, "D": dim, "ms": summary, "vs_sdpa": row.get("vs_sdpa_flash")}),
-                  flush=True)
-            save(paths, cuda, warmup, started, rows)        # after every shape: a time-boxed run keeps its rows
-    save(paths, cuda, warmup, started, rows, final=True)
+    records = Records(out_dir(args.dry_run), args.step)
+    if args.warm:
+        sys.exit(warm(args, cuda, records))
+    if args.smoke:
+        sys.exit(smoke(args, cuda, records))
+    sys.exit(benchmark(args, cuda, records))
 
-
-def output_paths(args, cuda: bool) -> list[str]:
-    if args.out:
-        return [args.out]
-    paths = []
-    if os.environ.get("OUT"):
-        paths.append(os.path.join(os.environ["OUT"], "bench_gpu_kernels.json"))
-    if cuda:
-        import torch
-
-        slug = torch.cuda.get_device_name(0).replace(" ", "_").replace("/", "_")
-        stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-        paths.append(os.path.join("bench", "results", f"gpu_kernels_{slug}_{stamp}.json"))
-    else:
-        paths.append(os.path.join(os.environ.get("TMPDIR", "/tmp"), "bench_gpu_kernels_dryrun.json"))
-    return paths
-
-
-def save(paths, cuda, warmup, started, rows, final=False) -> None:
-    result = {
-        "benchmark": "rhythm triton kernels vs SDPA flash forward and the eager-maps pipeline",
-        "complete": final,
-        "machine": device_info(cuda),
-        "settings": {"causal": True, "window": WINDOW, "horizon_band": BAND, "horizon_full": FULL,
-                     "response_start": "0 (every position is a response position)", "warmup": warmup,
-                     "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)"},
-        "flops_convention": {
-            "sdpa_flash, stats_with_out": "4*B*Hq*T^2*D/2 (QK^T + PV over the causal half)",
-            "stats_no_out, influence_full": "2*B*Hq*T^2*D/2 (QK^T over the causal half)",
-            "influence_band": "2*B*Hq*D*(entries with 10 <= t-s <= 100)",
-            "metrics_only, api_metrics_only, eager_maps": "stats_no_out + influence_band (same useful work)",
-        },
-        "targets_vs_sdpa_flash": TARGETS,
-        "wall_s": time.perf_counter() - started,
-        "rows": rows,
-    }
-    for path in paths:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as handle:
-            json.dump(result, handle, indent=2)
-        if final:
-            print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

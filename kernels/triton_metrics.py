@@ -11,10 +11,11 @@ import contextlib
 
 import torch
 
+from . import tuned_configs
 from .layer_attention import LayerAttention
 from .segments import Horizon, Segments
 from .triton_influence import influence_pass
-from .triton_stats import interpreting, stats_pass
+from .triton_stats import autotune_enabled, interpreting, stats_pass
 
 MAX_HEAD_DIM = 256
 
@@ -48,10 +49,24 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
         raise ValueError(f"k: query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
     device_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
-        lse, distance, waad, out = stats_pass(q, k, v, segments, window=window, scale=scale)
-        fai = influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=scale)
+        stats_config = _pinned(q, segments, "stats", f"HAS_V={v is not None}")
+        influence_config = _pinned(q, segments, "influence", f"HAS_HI={horizon[1] is not None}")
+        lse, distance, waad, out = stats_pass(q, k, v, segments, window=window, scale=scale, config=stats_config)
+        fai = influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=scale, config=influence_config)
     result = {"lse": lse, "distance": distance, "waad": waad, "fai": fai}
     if v is not None:
         result["out"] = out
     return result
 
+
+def _pinned(q: torch.Tensor, segments: Segments, kernel: str, mode: str) -> dict | None:
+    """The pinned config (``rhythm_kernels.tuned_configs``) where the launcher would autotune, else None."""
+    dim = q.shape[-1]
+    if q.device.type != "cuda" or not autotune_enabled() or q.dtype == torch.float32 or dim > 128:
+        return None                                  # fp32 and D > 128 (padded to 256) never autotune
+    entries = tuned_configs.load_entries()
+    if not entries:
+        return None
+    len_key = 1 << max(segments.max_len - 1, 0).bit_length()          # triton.next_power_of_2(max_len)
+    return tuned_configs.pinned_config(kernel, torch.cuda.get_device_name(q.device), dim,
+                                       str(q.dtype).replace("torch.", ""), mode, len_key, entries)

@@ -6,6 +6,7 @@ one small fixed config; sizes stay small (T <= 512, few heads) so the file runs 
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -208,9 +209,11 @@ def test_deterministic():
 
 @pytest.mark.parametrize("horizon", [(10, 100), (10, None)])
 def test_influence_split_heads_is_bitwise_equal(horizon):
-    """One query head per program (SPLIT_HEADS) sums the same terms in the same order as the group loop."""
+    """One query head per program (SPLIT_HEADS) sums the same terms in the same order as the group loop.
+    Both calls take one explicit config: the tiles the public API uses for this input without autotuning
+    (fp32: never autotuned), so the API's result is bitwise the same too, on CUDA as under the interpreter."""
     from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens
-    from rhythm_kernels.triton_influence import influence_pass
+    from rhythm_kernels.triton_influence import default_influence_config, influence_pass
     from rhythm_kernels.triton_stats import stats_pass
 
     cu = torch.tensor([0, 70, 160], device=DEVICE)
@@ -218,7 +221,7 @@ def test_influence_split_heads_is_bitwise_equal(horizon):
     segments = segments_from_cu_seqlens(cu, 1, 160, torch.tensor([30, 100], device=DEVICE), q.device)
     counts = influence_counts(segments, 1, 160, horizon)
     lse = stats_pass(q, k, None, segments, window=10, scale=64 ** -0.5)[0]
-    base = {"BLOCK_N": 32, "BLOCK_M": 32, "num_warps": 4, "num_stages": 1}
+    base = {key: value for key, value in default_influence_config(64, q.dtype).items() if key != "SPLIT_HEADS"}
     fai = [influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=64 ** -0.5,
                           config={**base, "SPLIT_HEADS": split}) for split in (False, True)]
     assert torch.equal(fai[0], fai[1])
@@ -257,7 +260,9 @@ def test_head_dim_too_large():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests below run the compiled kernels")
 def test_gpu_code_path_compiles_for_sm90(tmp_path):
-    """Without a GPU the interpreter never sees the native fp16/bf16 dots: compile the GPU path for sm_90."""
+    """Without a GPU the interpreter never sees the native fp16/bf16 dots: compile the GPU path for sm_90,
+    specialised as the runtime does (16-byte divisible pointers and strides, the unit head-dim stride a
+    constant), so its register and spill report is the code a GPU runs."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -266,11 +271,16 @@ def test_gpu_code_path_compiles_for_sm90(tmp_path):
         pytest.skip(f"Triton's CUDA backend / ptxas unavailable: {exc}")
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)     # rhythm_kernels as imported here
     done = subprocess.run([sys.executable, "bench/bench_gpu_kernels.py", "--compile-only", "--quick",
                            "--out", str(tmp_path / "compile.json")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "4/4 variants compiled" in done.stdout
+    report = json.loads((tmp_path / "compile.json").read_text())["variants"]
+    stats_bf16 = next(r for r in report if r["variant"].startswith("stats bf16"))
+    assert {"Q", "K", "stride_qt"} <= set(stats_bf16["divisible_by_16"]), stats_bf16
+    assert "stride_qd" in stats_bf16["specialised"] and stats_bf16["mma"] == "wgmma", stats_bf16
 
 
 # --------------------------------------------------------------------------------------------------------
