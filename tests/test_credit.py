@@ -21,8 +21,10 @@ def reference_selection(waad, fai, mask, fai_valid=None, q=0.4, k=3):
     for b in range(mask.shape[0]):
         R = [t for t in range(mask.shape[1]) if mask[b, t]]
         r_set = set(R)
-        w = [np.float32(x) for x in waad[b].tolist()]
-        # Delta_t = |WAAD_t - WAAD_{t+1}| in float32, undefined on the last response token.
+        # Signals are compared in float32, float64 ones in float64 (Python floats).
+        cast = float if waad.dtype == torch.float64 else np.float32
+        w = [cast(x) for x in waad[b].tolist()]
+        # Delta_t = |WAAD_t - WAAD_{t+1}| in that precision, undefined on the last response token.
         delta = {t: float(np.abs(w[t] - w[t + 1])) for t in R[:-1]}
 
         def top(scores):   # ceil(q * n) in float64, largest first, ties to the lower position
@@ -208,12 +210,26 @@ def test_float64_and_half_signals():
     torch.manual_seed(2)
     waad, fai = torch.rand(3, 30), torch.rand(3, 30)
     mask = _batch([(3, 30), (0, 20), (10, 11)], 30)
-    for dtype in (torch.float64, torch.bfloat16):
-        w, f = waad.to(dtype), fai.to(dtype)
-        gamma = credit_multipliers(w, f, mask)
-        assert gamma.dtype == torch.float32
-        if dtype == torch.bfloat16:   # bf16 values are exact in float32: same answer as the float32 reference
-            assert torch.allclose(gamma, reference_gamma(w.float(), f.float(), mask, "coupled"), atol=1e-6)
+    w, f = waad.to(torch.bfloat16), fai.to(torch.bfloat16)   # bf16 values are exact in float32
+    assert torch.equal(credit_multipliers(w, f, mask),
+                       torch.tensor(reference_gamma(w.float(), f.float(), mask, "coupled")))
+
+
+@pytest.mark.parametrize("strategy", ["global", "coupled"])
+def test_float64_fai_is_ranked_in_float64(strategy):
+    """FAI values that differ only beyond float32 precision: the float64 branch ranks them by value; a float32
+    cast would tie them and pick the lower positions instead (checked, so the test can tell the two apart)."""
+    length = 20
+    fai = torch.full((1, length), 0.25, dtype=torch.float64)
+    fai[0, 1::2] += 1e-12                               # odd positions are larger, but only in float64
+    waad = torch.linspace(0, 3, length, dtype=torch.float64)[None]
+    mask = torch.ones(1, length, dtype=torch.bool)
+    gamma = credit_multipliers(waad, fai, mask, strategy=strategy)
+    want = torch.tensor(reference_gamma(waad, fai, mask, strategy), dtype=torch.float32)
+    as_fp32 = torch.tensor(reference_gamma(waad, fai.float(), mask, strategy), dtype=torch.float32)
+    assert not torch.equal(want, as_fp32)
+    assert torch.equal(gamma, want)
+    assert gamma.dtype == torch.float32
 
 
 # ---- batched vs per-sequence loop -----------------------------------------------------------------------------

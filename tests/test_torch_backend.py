@@ -1,11 +1,12 @@
-"""backend="torch" (and "reference" through the public API) against the naive oracle, docs/definitions.md section 7."""
+"""backend="torch" and backend="reference" (the package's materialised oracle, kernels/naive.py) against the
+tests' own brute-force oracle (tests/oracle_check.py, no shared code), docs/definitions.md section 7."""
 import pytest
 import torch
 
 import rhythm
 from rhythm_kernels.segments import influence_counts, segments_from_mask
 from rhythm_kernels.torch_blocked import blocked_attention_metrics, query_block_size
-from tests.oracle_check import assert_matches_oracle, oracle, random_qkv
+from tests.oracle_check import assert_matches_oracle, random_qkv
 
 BACKENDS = ["torch", "reference"]
 
@@ -41,10 +42,8 @@ def test_small_blocks_cross_every_band_edge(block, horizon):
     counts = influence_counts(segments, 2, 157, horizon)
     got = blocked_attention_metrics(q, k, v, segments, counts, window=64, horizon=horizon, scale=0.25,
                                     block=block)
-    ref = oracle(q.double(), k.double(), v.double(), window=64, horizon=horizon, scale=0.25,
-                 attention_mask=mask, response_start=resp)
-    for name in ("lse", "distance", "waad", "fai", "out"):
-        assert torch.allclose(got[name].double(), ref[name], atol=2e-5, rtol=1e-4), name
+    assert_matches_oracle(got, q, k, v, window=64, horizon=horizon, scale=0.25, attention_mask=mask,
+                          response_start=resp)
 
 
 def test_padding_both_sides_and_response_starts():
@@ -91,23 +90,23 @@ def test_head_dim_128_and_custom_scale():
 
 
 @pytest.mark.parametrize("seed,spread", [(19, 1.5), (0, 0.3), (3, 0.3)])
-def test_invariants(seed, spread):
-    """The invariants of docs/definitions.md section 7 hold exactly (waad <= distance too: for t < W the two
-    are the same sum)."""
+def test_unclamped_invariants(seed, spread):
+    """The section 7 invariants the backend does not enforce by construction: 0 <= distance <= t and
+    0 <= fai <= 1. (waad is clamped to [0, min(W, distance)] against rounding and fai is set to 0 where
+    invalid, so asserting those ranges could not fail; their accuracy tests are what checks them.)"""
     q, k, _ = random_qkv(2, 6, 3, 255, 32, seed=seed, spread=spread)
     for window in (1, 10, 64):
         m = rhythm.attention_metrics(q, k, window=window, response_start=100, backend="torch")
         tol = 1e-5
-        assert torch.all(m.waad >= 0) and torch.all(m.waad <= window)
-        assert torch.all(m.waad <= m.distance)
         assert torch.all(m.fai >= 0) and torch.all(m.fai <= 1 + tol)
-        assert torch.all(m.fai[~m.fai_valid] == 0)
         positions = torch.arange(255, dtype=torch.float32)
-        assert torch.all(m.distance <= positions + tol)
+        assert torch.all(m.distance >= 0) and torch.all(m.distance <= positions + tol)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="GPU-only meaning: torch's CPU kernels are deterministic, so on CPU this cannot fail")
 def test_deterministic_bitwise():
-    q, k, v = random_qkv(1, 9, 3, 255, 64, with_v=True, seed=23)
+    q, k, v = random_qkv(1, 9, 3, 255, 64, with_v=True, seed=23, device="cuda")
     first = rhythm.attention_metrics(q, k, v, backend="torch", response_start=50)
     second = rhythm.attention_metrics(q, k, v, backend="torch", response_start=50)
     for name in ("lse", "distance", "waad", "fai", "out"):
