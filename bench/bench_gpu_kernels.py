@@ -217,14 +217,14 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
     segments = segments_from_mask(None, 1, length, None, q.device)
     counts_band = influence_counts(segments, 1, length, BAND)
     counts_full = influence_counts(segments, 1, length, FULL)
-    lse = stats_pass(q, k, None, segments, window=WINDOW, scale=scale)[0]
+    norm = stats_pass(q, k, None, segments, window=WINDOW, scale=scale).norm
     refs = References(q, k, scale, records, shape)
 
     methods = {
         "stats_with_out": lambda: stats_pass(q, k, v, segments, window=WINDOW, scale=scale),
         "stats_no_out": lambda: stats_pass(q, k, None, segments, window=WINDOW, scale=scale),
-        "influence_band": lambda: (influence_pass(q, k, lse, segments, counts_band, horizon=BAND, scale=scale),),
-        "influence_full": lambda: (influence_pass(q, k, lse, segments, counts_full, horizon=FULL, scale=scale),),
+        "influence_band": lambda: (influence_pass(q, k, norm, segments, counts_band, horizon=BAND, scale=scale),),
+        "influence_full": lambda: (influence_pass(q, k, norm, segments, counts_full, horizon=FULL, scale=scale),),
         "api_metrics_only": lambda: rhythm.attention_metrics(q, k, backend="triton", window=WINDOW, horizon=BAND,
                                                              validate=False),
     }

@@ -95,9 +95,9 @@ def record_launches(job: Job) -> list[tuple]:
             triton_stats.stats_pass(q, k, v if job.flag else None, segments, window=10, scale=job.dim ** -0.5)
         else:
             horizon = (10, 100) if job.flag else (10, None)
-            lse = torch.zeros(1, job.q_heads, job.length, dtype=torch.float32)
+            norm = torch.zeros(2, 1, job.q_heads, job.length, dtype=torch.float32)   # the stats pass's m, log2 l
             counts = influence_counts(segments, 1, job.length, horizon)
-            triton_influence.influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=job.dim ** -0.5)
+            triton_influence.influence_pass(q, k, norm, segments, counts, horizon=horizon, scale=job.dim ** -0.5)
     finally:
         for name, kernel in saved.items():
             setattr(module, name, kernel)

@@ -11,11 +11,17 @@ program, same K tile: G times more programs for short or few sequences; autotune
     t in [t_lo, t_end),  t_lo = max(n0 + H_lo, response_start),
                          t_end = min(seg_end, n0 + BLOCK_N + H_hi)   (seg_end when H_hi is None)
 
-It recomputes A[t,s] = 2^(S2[t,s] - lse2[t]) from the stats pass's lse (S2 = scale * log2(e) * q.k,
-lse2 = lse * log2(e)) on the transposed tile S^T = K Q^T [keys, rows] (as FlashAttention's dK/dV loop, so
-the column sums are per-thread row sums, not cross-warp reductions), masks and sums in fp32 registers,
-divides by |T(s)| (passed in) and writes fai for that head. No atomics: every output has exactly one writer, so results are bitwise
-deterministic.
+It recomputes A[t,s] = 2^((S2[t,s] - m[t]) - log2 l[t]) from the stats pass's two parts of the normaliser
+(``StatsResult.norm``; S2 = scale * log2(e) * q.k, for fp32 inputs bitwise the stats pass's S2: same
+prescaled q, same products in the same order) on the transposed tile S^T = K Q^T [keys, rows] (as
+FlashAttention's dK/dV loop, so the column sums are per-thread row sums, not cross-warp reductions), masks
+and sums in fp32 registers, divides by |T(s)| (passed in) and writes fai for that head. No atomics: every
+output has exactly one writer, so results are bitwise deterministic.
+
+Why not 2^(S2 - log2(e) * lse): lse is one fp32 number of the size of the largest logit; at logits of a few
+hundred its rounding (and the base conversion) is ~1e-4 relative in every A, beyond docs/definitions.md
+section 7 for fai. With m (one of the row's own S2 values) and log2 l (small) kept apart, the row's largest
+A is exact up to l's rounding.
 
 Row stages (H_hi = None; with a finite H_hi every row block is masked, the band is only ~H_hi - H_lo rows):
 
@@ -31,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_stats import LOG2E, autotune_enabled, cached_device_table, interpreting
+from .triton_stats import LOG2E, _scores2, autotune_enabled, cached_device_table, interpreting, prescaled
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
 # Kept short (one compile per config and variant). Compiled for sm_90: no register spills in any of them
@@ -90,15 +96,18 @@ def influence_block_table(host: tuple, block_ns: tuple, horizon: tuple, device) 
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_end, h_lo, h_hi, scale2,
-                    offs_s, key_ok, offs_m, offs_d,
+def _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, lo, hi, seg_end, h_lo, h_hi,
+                    scale2, offs_s, key_ok, offs_m, offs_d,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, MASKED: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+                    UPCAST: tl.constexpr, PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     """col[s] += sum_{t in [lo, hi)} A[t, s] (masked to T(s) when MASKED; the caller guarantees the mask is
     all-true otherwise). Rows t >= response_start by construction of lo.
 
     Works on the transposed tile S^T = K Q^T [BLOCK_N keys, BLOCK_M rows] (as FlashAttention's dK/dV loop):
-    the column sums of A become row sums of A^T, reduced inside each thread's rows instead of across warps."""
+    the column sums of A become row sums of A^T, reduced inside each thread's rows instead of across warps.
+    A[t, s] = 2^((S2[t,s] - m[t]) - log2 l[t]) with the stats pass's two parts of the normaliser: for the row's
+    largest score S2 - m is exact (same dot, same prescaled q), so A keeps fp32 accuracy at any logit size
+    (2^(S2 - lse2) with lse2 = log2(e) * lse in fp32 loses |lse| * 6e-8 relative: 1e-4 at |lse| ~ 1500)."""
     for t0 in range(lo, hi, BLOCK_M):
         offs_t = t0 + offs_m
         qt_ptrs = q_base + offs_t.to(tl.int64)[None, :] * stride_qt + offs_d[:, None] * stride_qd   # [D, M]
@@ -108,17 +117,21 @@ def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_
                 qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
             else:
                 qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            lse2 = tl.load(lse_base + offs_t, mask=row_ok, other=0.0) * 1.4426950408889634
+            row_max = tl.load(norm_base + offs_t, mask=row_ok, other=0.0)
+            log2_l = tl.load(norm_base + stride_norm + offs_t, mask=row_ok, other=0.0)
         else:
             if HEAD_DIM == D_PAD:
                 qt = tl.load(qt_ptrs)
             else:
                 qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            lse2 = tl.load(lse_base + offs_t) * 1.4426950408889634
+            row_max = tl.load(norm_base + offs_t)
+            log2_l = tl.load(norm_base + stride_norm + offs_t)
         if UPCAST:
             qt = qt.to(tl.float32)
-        qkt = tl.dot(k, qt, input_precision=DOT_PREC)                           # q_t . k_s as [s, t]
-        pt = tl.exp2(qkt * scale2 - lse2[None, :])                              # A[t, s] as [s, t]
+        if PRESCALE:
+            qt = qt * scale2                                                    # as the stats pass's q
+        s2t = _scores2(tl.dot(k, qt, input_precision=DOT_PREC), scale2, PRESCALE)   # S2[t, s] as [s, t]
+        pt = tl.exp2((s2t - row_max[None, :]) - log2_l[None, :])               # A[t, s] as [s, t]
         if MASKED:
             lag = offs_t[None, :] - offs_s[:, None]                             # t - s
             ok = row_ok[None, :] & key_ok[:, None] & (lag >= h_lo)
@@ -129,18 +142,20 @@ def _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, lo, hi, seg_
     return col
 
 
-@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "n_q_heads", "n_kv_heads", "group", "h_lo",
-                               "h_hi", "len_key"])
-def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_large,
+@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "stride_mb", "stride_mh", "stride_norm",
+                               "stride_cb", "n_q_heads", "n_kv_heads", "group", "h_lo", "h_hi", "len_key"])
+def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off_large,
                       stride_qb, stride_qh, stride_qt, stride_qd,
                       stride_kb, stride_kh, stride_kt, stride_kd,
-                      stride_mb, stride_mh, stride_cb,
+                      stride_mb, stride_mh, stride_norm, stride_cb,
                       n_q_heads, n_kv_heads, group, h_lo, h_hi, scale2, len_key,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, UPCAST: tl.constexpr,
-                      DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
+                      PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_HEADS: tl.constexpr):
-    """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Lse, Fai fp32 [B, Hq, T] (unit stride on T);
-    Counts int64 [B, T] = |T(s)|. Table int32 [n, 5] = (batch, seg_start, seg_end, response_start, n0)."""
+    """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Fai fp32 [B, Hq, T] (unit stride on T); Norm fp32
+    [2, B, Hq, T] (the stats pass's m and log2 l, strides of Fai, planes stride_norm apart); Counts int64
+    [B, T] = |T(s)|. Table int32 [n, 5] = (batch, seg_start, seg_end, response_start, n0). h_lo, h_hi at most
+    the longest segment (clamped on the host, so n0 + BLOCK_N + h_hi fits int32)."""
     pid = tl.program_id(0)
     if SPLIT_HEADS:                        # one query head per program
         kv_head = (pid % n_q_heads) // group
@@ -189,22 +204,22 @@ def _influence_kernel(Q, K, Lse, Counts, Fai, Table, table_off_small, table_off_
     for g in range(g_start, g_stop):
         head = kv_head.to(tl.int64) * group + g
         q_base = Q + batch * stride_qb + head * stride_qh
-        lse_base = Lse + batch * stride_mb + head * stride_mh
+        norm_base = Norm + batch * stride_mb + head * stride_mh
         col = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_HI:
-            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_lo, t_end, seg_end, h_lo,
-                                  h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
+            col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_lo, t_end,
+                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
+                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
         else:
-            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_lo, tl.minimum(t_mid, seg_end),
+            col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_lo,
+                                  tl.minimum(t_mid, seg_end), seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m,
+                                  offs_d, HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+            col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_mid, t_tail,
                                   seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
-            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_mid, t_tail,
+                                  HEAD_DIM, D_PAD, HAS_HI, False, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+            col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_tail, seg_end,
                                   seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, False, UPCAST, DOT_PREC, BLOCK_M)
-            col = _influence_rows(col, k, q_base, lse_base, stride_qt, stride_qd, t_tail, seg_end,
-                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, DOT_PREC, BLOCK_M)
+                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
         # mean over T(s); A <= 1 exactly, rounding of the recomputed scores may not: clip to [0, 1]
         fai = tl.where(count > 0, tl.minimum(col / tl.maximum(count, 1.0), 1.0), 0.0)
         tl.store(Fai + batch * stride_mb + head * stride_mh + offs_s, fai, mask=key_ok)
@@ -217,22 +232,31 @@ _influence_kernel_tuned = triton.autotune(configs=INFLUENCE_CONFIGS, key=["len_k
 # ----------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
-def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments, counts: torch.Tensor, *,
+def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segments, counts: torch.Tensor, *,
                    horizon: tuple, scale: float, config: dict | None = None,
                    table_sizes: tuple | None = None) -> torch.Tensor:
     """Run the influence pass.
 
-    q [B, Hq, T, D], k [B, Hkv, T, D]; lse float32 [B, Hq, T] from the stats pass (unit stride on T);
-    counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T] (0 on padding and
-    where T(s) is empty). ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS, num_warps,
-    num_stages} instead of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build the block
-    table for (default: just config's).
+    q [B, Hq, T, D], k [B, Hkv, T, D]; norm float32 [2, B, Hq, T], the stats pass's ``StatsResult.norm``
+    (unit stride on T); counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T]
+    (0 on padding and where T(s) is empty). ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS,
+    num_warps, num_stages} instead of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build
+    the block table for (default: just config's).
     """
     batch, q_heads, length, dim = q.shape
     kv_heads = k.shape[1]
+    if tuple(norm.shape) != (2, batch, q_heads, length) or norm.dtype != torch.float32:
+        raise ValueError(f"norm must be the stats pass's float32 [2, B, Hq, T] = [2, {batch}, {q_heads}, {length}] "
+                         f"(StatsResult.norm), got {norm.dtype} {tuple(norm.shape)}")
     d_pad = max(16, triton.next_power_of_2(dim))
-    h_lo, h_hi = int(horizon[0]), (None if horizon[1] is None else int(horizon[1]))
+    # T(s) never reaches past the longest segment: larger horizons are the same horizons, and keep
+    # n0 + BLOCK_N + H_hi inside int32 (a caller may pass 2**31 - 1 for "to the end")
+    longest = segments.max_len
+    h_lo = min(int(horizon[0]), longest)
+    h_hi = None if horizon[1] is None else min(int(horizon[1]), longest)
     fai = torch.zeros(batch, q_heads, length, dtype=torch.float32, device=q.device)
+    if norm.stride()[1:] != fai.stride():
+        norm = norm.contiguous()                        # the kernel reads norm with fai's strides
     counts = counts.to(device=q.device, dtype=torch.int64)
     if counts.stride(1) != 1:
         counts = counts.contiguous()
@@ -253,12 +277,12 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, segments
     upcast = interpreting()
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     launch[grid](
-        q, k, lse, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
+        q, k, norm, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
         *q.stride(), *k.stride(),
-        fai.stride(0), fai.stride(1), counts.stride(0),
+        norm.stride(1), norm.stride(2), norm.stride(0), counts.stride(0),
         q_heads, kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, float(scale) * LOG2E,
-        triton.next_power_of_2(max(segments.max_len, 1)),
-        HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, DOT_PREC=dot_prec, SMALL_N=small,
-        **meta,
+        triton.next_power_of_2(max(longest, 1)),
+        HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, PRESCALE=prescaled(q.dtype),
+        DOT_PREC=dot_prec, SMALL_N=small, **meta,
     )
     return fai

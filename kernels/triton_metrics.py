@@ -51,8 +51,9 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
     with device_ctx:
         stats_config = _pinned(q, segments, "stats", f"HAS_V={v is not None}")
         influence_config = _pinned(q, segments, "influence", f"HAS_HI={horizon[1] is not None}")
-        lse, distance, waad, out = stats_pass(q, k, v, segments, window=window, scale=scale, config=stats_config)
-        fai = influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=scale, config=influence_config)
+        lse, distance, waad, out, norm = stats_pass(q, k, v, segments, window=window, scale=scale,
+                                                    config=stats_config)
+        fai = influence_pass(q, k, norm, segments, counts, horizon=horizon, scale=scale, config=influence_config)
     result = {"lse": lse, "distance": distance, "waad": waad, "fai": fai}
     if v is not None:
         result["out"] = out

@@ -5,22 +5,31 @@ of its segment:
 
     lse[t]      = log sum_{s<=t} exp(S[t,s])                          (natural log)
     distance[t] = sum_{s<=t} A[t,s] * (t - s)
-    waad[t]     = W - sum_{t-W<s<=t} A[t,s] * (W - (t - s))           (the W-band identity)
+    waad[t]     = (sum_{t-s<W} A[t,s] * (t - s)) + W * sum_{t-s>=W} A[t,s]
     out[t]      = sum_{s<=t} A[t,s] * v_s                             (only when v is given)
 
 Online softmax in base 2: S2 = scale * log2(e) * q.k, per row the running max m, the running sum
-l = sum 2^(S2 - m), and two more accumulators rescaled by the same alpha = 2^(m_old - m_new) as l:
-d (distance numerator) and w (W-band numerator). A[t,s] is never stored.
+l = sum 2^(S2 - m), and three more accumulators rescaled by the same alpha = 2^(m_old - m_new) as l:
+d (distance numerator), near (sum p * (t - s) over t - s < W) and far (sum p over t - s >= W). A[t,s] is
+never stored. m and log2 l are also written out (``StatsResult.norm``) for the influence pass.
 
 The key loop of a query block [m0, m0 + BLOCK_M) has two stages (as the Triton fused-attention tutorial):
 
     off-band  keys [seg_start, off_end): every key is at least W behind every row of the block, so there is
-              no causal mask and min(t - s, W) = W (no W-band term); only l, d (and O) accumulate.
+              no causal mask and every key is "far"; only l, d (and O) accumulate (far = l afterwards).
     on-band   keys [off_end, min(m0 + BLOCK_M, seg_end)): the W-band and the causal diagonal; masks here only.
 
-The distance is accumulated exactly, never as "t minus a large mean" (that cancels in fp32 at long T): the
-off-band stage adds p * (m0 - s) (all > 0), the switch to the on-band stage adds (t - m0) * l (>= 0), and
-the on-band stage adds p * (t - s) (>= 0): every term is non-negative, so there is no cancellation.
+Every accumulated term is non-negative, so nothing cancels in fp32:
+- distance is never "t minus a large mean": the off-band stage adds p * (m0 - s) (all > 0), the switch to
+  the on-band stage adds (t - m0) * l (>= 0), and the on-band stage adds p * (t - s) (>= 0);
+- waad is never "W minus the band": W - sum_{t-s<W} A (W - (t - s)) loses about W * 6e-8 in fp32 (2e-2 at
+  W = 1e5); (near + W * far) / l has no such term, for any W. W is clamped to the longest segment on the
+  host (a larger W gives the same min(t - s, W)), so W >= the segment length is exactly distance.
+
+fp32 inputs (PRESCALE): q is multiplied by scale * log2(e) before the dot, so the dot result is S2 itself,
+and K is loaded already transposed; the influence pass does the same, so both passes see bitwise the same
+S2. A scale so small that scale * log2(e) is 0 in fp32 gives all-zero logits (uniform attention): the masks
+are applied after scaling, so no -inf * 0 = NaN.
 
 Grid: one program per (query block of a segment, query head), flattened to 1-D with the head fastest
 (programs of one block share K/V in L2). The query blocks come from a block table sorted by work
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -79,6 +89,14 @@ def _patch_interpreter_scalar_index() -> None:
 
 if interpreting():
     _patch_interpreter_scalar_index()
+
+
+def prescaled(dtype: torch.dtype) -> bool:
+    """fp32 inputs: both passes multiply q by scale * log2(e) before the dot, so the dot gives the base-2 logits
+    S2 directly and the influence pass recomputes bitwise the S2 the stats pass saw (an FMA of q.k * scale - m
+    would not round like the stats pass's product). fp16/bf16 q would lose precision if scaled in its dtype:
+    there the scale multiplies the fp32 dot result."""
+    return dtype == torch.float32
 
 
 def autotune_enabled() -> bool:
@@ -164,20 +182,54 @@ def _load_tile(ptrs, rows_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexp
 
 
 @triton.jit
+def _load_keys_t(ptrs, keys_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KEY_MASK: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Load K^T as a [D_PAD, keys] tile (ptrs laid out that way), zero outside the real keys / head dim.
+
+    K is read already transposed (as the Triton tutorial's K block pointer with order (0, 1)) rather than
+    tl.trans of a [keys, D] tile: then the stats dot q K^T and the influence pass's K Q^T reduce the same
+    products in the same order, also under the interpreter (numpy rounds a matmul with a transposed view
+    differently), so both passes see bitwise the same scores."""
+    if KEY_MASK:
+        if HEAD_DIM == D_PAD:
+            x = tl.load(ptrs, mask=keys_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=keys_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == D_PAD:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _scores2(qk, scale2, PRESCALE: tl.constexpr):
+    """Base-2 logits S2 = scale * log2(e) * q.k of a q.k tile. PRESCALE (fp32 inputs): q was multiplied by
+    scale2 before the dot, so the dot result already is S2 (no rounded product to redo in the influence pass)."""
+    if PRESCALE:
+        return qk
+    else:
+        return qk * scale2
+
+
+@triton.jit
 def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    lo, hi, m0, scale2, offs_n, offs_d,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi), all <= m0 - W: no mask, no W-band term."""
+                   PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi), all <= m0 - W: no mask, every key is "far" (min(t - s, W) = W)."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
         rows_s = offs_s.to(tl.int64)[:, None]
-        k = _load_tile(k_base + rows_s * stride_kt + offs_d[None, :] * stride_kd, offs_s, offs_d,
-                       HEAD_DIM, D_PAD, False, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale2)                     # base-2 running max (scale2 > 0)
+        kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, offs_s,
+                          offs_d, HEAD_DIM, D_PAD, False, UPCAST)
+        s2 = _scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, PRESCALE)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))                              # base-2 running max
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk * scale2 - m_new[:, None])                           # one FMA per element
+        p = tl.exp2(s2 - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         # distance numerator, off-band part: sum_s p * (m0 - s), every (m0 - s) > 0
         d_acc = d_acc * alpha + tl.sum(p * (m0 - offs_s).to(tl.float32)[None, :], 1)
@@ -191,52 +243,60 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
 
 
 @triton.jit
-def _stats_onband(acc, m_i, l_i, d_acc, w_acc, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                  lo, hi, seg_end, window, scale2, offs_m, offs_n, offs_d,
+def _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt,
+                  stride_vd, lo, hi, seg_end, window, scale2, offs_m, offs_n, offs_d,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi): the W-band and the diagonal. Causal and segment-end masks; W-band weights."""
+                  PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi): the W-band and the diagonal. Causal and segment-end masks; near/far split at W."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
         key_ok = offs_s < seg_end
         rows_s = offs_s.to(tl.int64)[:, None]
-        k = _load_tile(k_base + rows_s * stride_kt + offs_d[None, :] * stride_kd, key_ok, offs_d,
-                       HEAD_DIM, D_PAD, True, UPCAST)
+        kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok,
+                          offs_d, HEAD_DIM, D_PAD, True, UPCAST)
         lag = offs_m[:, None] - offs_s[None, :]                               # t - s
         valid = (lag >= 0) & key_ok[None, :]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale2)   # finite: the first block visited holds key <= m0 <= t
+        s2 = _scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, PRESCALE)
+        # masked after scaling: a scale that underflows to 0 in fp32 must not turn -inf * 0 into NaN
+        s2 = tl.where(valid, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))    # finite: the first block visited holds key <= m0 <= t
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk * scale2 - m_new[:, None])                             # 0 where masked
+        p = tl.exp2(s2 - m_new[:, None])                                      # 0 where masked
         l_i = l_i * alpha + tl.sum(p, 1)
-        d_acc = d_acc * alpha + tl.sum(p * lag.to(tl.float32), 1)            # p * (t - s), >= 0
-        w_acc = w_acc * alpha + tl.sum(p * tl.maximum(window - lag, 0).to(tl.float32), 1)  # p * (W - (t-s))+
+        lag_f = lag.to(tl.float32)
+        d_acc = d_acc * alpha + tl.sum(p * lag_f, 1)                          # p * (t - s), >= 0
+        is_near = lag < window
+        near = near * alpha + tl.sum(tl.where(is_near, p * lag_f, 0.0), 1)   # p * (t - s) for t - s < W
+        far = far * alpha + tl.sum(tl.where(is_near, 0.0, p), 1)             # p for t - s >= W
         if HAS_V:
             v = _load_tile(v_base + rows_s * stride_vt + offs_d[None, :] * stride_vd, key_ok, offs_d,
                            HEAD_DIM, D_PAD, True, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, m_i, l_i, d_acc, w_acc
+    return acc, m_i, l_i, d_acc, near, far
 
 
 # Runtime ints that vary between calls are not specialized (Triton would compile a variant for every value
-# equal to 1 or divisible by 16); strides are, so the unit head-dim stride keeps vectorized loads.
-@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "n_q_heads", "group", "window", "len_key"])
-def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Table, table_off_small, table_off_large,
+# equal to 1 or divisible by 16): the table offsets, head counts, the window, the length key and the strides of
+# the fp32 outputs (functions of T). The input strides are, so the unit head-dim stride keeps vectorized loads.
+@triton.jit(do_not_specialize=["table_off_small", "table_off_large", "stride_mb", "stride_mh", "stride_norm",
+                               "n_q_heads", "group", "window", "len_key"])
+def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Table, table_off_small, table_off_large,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kt, stride_kd,
                   stride_vb, stride_vh, stride_vt, stride_vd,
                   stride_ob, stride_oh, stride_ot, stride_od,
-                  stride_mb, stride_mh,
+                  stride_mb, stride_mh, stride_norm,
                   n_q_heads, group, window, scale2, len_key,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PREC: tl.constexpr, SMALL_M: tl.constexpr,
+                  PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_M: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Q [B, Hq, T, D], K/V [B, Hkv, T, D] (any strides); Out [B, T, Hq, D]; Lse/Dist/Waad fp32 [B, Hq, T]
-    (unit stride on T). Table int32 [n, 4] = (batch, seg_start, seg_end, block_start), the rows for this
-    BLOCK_M starting at table_off_small (BLOCK_M == SMALL_M) or table_off_large."""
+    (unit stride on T); Norm fp32 [2, B, Hq, T] (same strides as Lse, planes stride_norm apart): the row's
+    base-2 max m and log2 l, for the influence pass. Table int32 [n, 4] = (batch, seg_start, seg_end,
+    block_start), the rows for this BLOCK_M starting at table_off_small (BLOCK_M == SMALL_M) or
+    table_off_large. window: W, at most the longest segment (clamped on the host)."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     entry = pid // n_q_heads
@@ -260,38 +320,46 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Table, table_off_small, table_o
     q_ptrs = Q + batch * stride_qb + head64 * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qt \
         + offs_d[None, :] * stride_qd
     q = _load_tile(q_ptrs, row_ok, offs_d, HEAD_DIM, D_PAD, True, UPCAST)
+    if PRESCALE:
+        q = q * scale2                                      # fp32: the dot yields S2 itself (see _scores2)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    w_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    near = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     # off-band: whole key blocks with s <= m0 - W (so t - s >= W for every row t >= m0)
     off_end = seg_start + (tl.maximum(m0 - window + 1 - seg_start, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i, d_acc = _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd,
                                           stride_vt, stride_vd, seg_start, off_end, m0, scale2, offs_n, offs_d,
-                                          HEAD_DIM, D_PAD, HAS_V, UPCAST, DOT_PREC, BLOCK_N)
+                                          HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, DOT_PREC, BLOCK_N)
     # sum p * (m0 - s) + (t - m0) * sum p = sum p * (t - s); both terms >= 0
     d_acc += (offs_m - m0).to(tl.float32) * l_i
+    far = l_i                                               # every off-band key is at least W behind
     # on-band: the rest up to the diagonal (keys past the block's last row are never visited)
     on_end = tl.minimum(m0 + BLOCK_M, seg_end)
-    acc, m_i, l_i, d_acc, w_acc = _stats_onband(acc, m_i, l_i, d_acc, w_acc, q, k_base, v_base, stride_kt,
-                                                stride_kd, stride_vt, stride_vd, off_end, on_end, seg_end,
-                                                window, scale2, offs_m, offs_n, offs_d,
-                                                HEAD_DIM, D_PAD, HAS_V, UPCAST, DOT_PREC, BLOCK_N)
+    acc, m_i, l_i, d_acc, near, far = _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base,
+                                                    stride_kt, stride_kd, stride_vt, stride_vd, off_end, on_end,
+                                                    seg_end, window, scale2, offs_m, offs_n, offs_d,
+                                                    HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, DOT_PREC, BLOCK_N)
 
     inv_l = 1.0 / l_i
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453                          # back to natural log
+    log2_l = tl.log2(l_i)
+    lse = (m_i + log2_l) * 0.6931471805599453                                # back to natural log
     dist = d_acc * inv_l
-    # waad = W - band / l; rounding may leave it a hair outside [0, min(W, distance)]: clip to the exact range
-    waad = tl.minimum(tl.maximum(window - w_acc * inv_l, 0.0), dist)
+    # waad = (sum_{t-s<W} p (t-s) + W * sum_{t-s>=W} p) / l: non-negative terms only, no cancellation for any
+    # W (the band identity W - sum p (W - (t-s)) / l loses W * 6e-8 in fp32). Exactly waad <= min(W, distance);
+    # the two sums round differently, so the tie is restored by the clip.
+    waad = tl.minimum(tl.minimum((near + window.to(tl.float32) * far) * inv_l, window.to(tl.float32)), dist)
     m_off = batch * stride_mb + head64 * stride_mh + offs_m.to(tl.int64)
     tl.store(Lse + m_off, lse, mask=row_ok)
     tl.store(Dist + m_off, dist, mask=row_ok)
     tl.store(Waad + m_off, waad, mask=row_ok)
+    tl.store(Norm + m_off, m_i, mask=row_ok)
+    tl.store(Norm + stride_norm + m_off, log2_l, mask=row_ok)
     if HAS_V:
         o = acc * inv_l[:, None]
         o_ptrs = Out + batch * stride_ob + head64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ot \
@@ -308,14 +376,27 @@ _stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HE
 # ----------------------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
+class StatsResult(NamedTuple):
+    """What the stats pass returns. lse, distance, waad: float32 [B, Hq, T] (0 on padding). out: [B, T, Hq, D]
+    in q.dtype (0 on padding rows), None without v. norm: float32 [2, B, Hq, T], the row's softmax normaliser
+    in two parts for the influence pass: norm[0] = m, the base-2 running max (one of the row's own S2 values),
+    norm[1] = log2 l, l = sum_s 2^(S2 - m) >= 1. lse = ln 2 * (m + log2 l) rounds the sum to fp32; at logits of
+    a few hundred one ulp of it is ~1e-4 relative in A, so A is recomputed from the parts instead."""
+
+    lse: torch.Tensor
+    distance: torch.Tensor
+    waad: torch.Tensor
+    out: torch.Tensor | None
+    norm: torch.Tensor
+
+
 def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments, *, window: int,
-               scale: float, config: dict | None = None, table_sizes: tuple | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               scale: float, config: dict | None = None, table_sizes: tuple | None = None) -> StatsResult:
     """Run the stats pass.
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D] (same dtype, any strides), segments: ``Segments``.
-    Returns lse, distance, waad (float32 [B, Hq, T], 0 on padding) and out ([B, T, Hq, D], q.dtype, 0 on
-    padding rows) or None when v is None (then the PV product is compiled out).
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] (same dtype, any strides), segments: ``Segments``; window >= 1 (any
+    size: a W at least the longest segment is plain distance). Returns a ``StatsResult``; with v None the PV
+    product is compiled out.
     ``config`` / ``table_sizes`` (tests): a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages} and the BLOCK_M
     sizes to build the block table for (default: just config's), instead of the default / autotuned setup.
     """
@@ -326,12 +407,15 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     lse = alloc(batch, q_heads, length, dtype=torch.float32, device=q.device)
     dist, waad = alloc(lse.shape, dtype=torch.float32, device=q.device), alloc(lse.shape, dtype=torch.float32,
                                                                                   device=q.device)
+    norm = alloc(2, batch, q_heads, length, dtype=torch.float32, device=q.device)
     has_v = v is not None
     out = alloc(batch, length, q_heads, dim, dtype=q.dtype, device=q.device) if has_v else None
     v_arg, out_arg = (v, out) if has_v else (k, lse)           # dummies, never touched when HAS_V is False
     v_strides = v.stride() if has_v else (0, 0, 0, 0)
     # out is [B, T, Hq, D]: strides in the kernel's (b, h, t, d) order
     o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3)) if has_v else (0, 0, 0, 0)
+    # min(t - s, W) only sees lags < the longest segment: a larger W is the same W, and fits int32
+    window = max(1, min(int(window), segments.max_len))
 
     # fp32 and D = 256 always take their default config: the tuned tiles spill registers there
     if config is None and autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
@@ -351,12 +435,12 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     upcast = interpreting()
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     launch[grid](
-        q, k, v_arg, out_arg, lse, dist, waad, table, off_small, off_large,
+        q, k, v_arg, out_arg, lse, dist, waad, norm, table, off_small, off_large,
         *q.stride(), *k.stride(), *v_strides, *o_strides,
-        lse.stride(0), lse.stride(1),
-        q_heads, q_heads // k.shape[1], int(window), float(scale) * LOG2E,
+        lse.stride(0), lse.stride(1), norm.stride(0),
+        q_heads, q_heads // k.shape[1], window, float(scale) * LOG2E,
         triton.next_power_of_2(max(segments.max_len, 1)),
-        HEAD_DIM=dim, D_PAD=d_pad, HAS_V=has_v, UPCAST=upcast, DOT_PREC=dot_prec, SMALL_M=small,
-        **meta,
+        HEAD_DIM=dim, D_PAD=d_pad, HAS_V=has_v, UPCAST=upcast, PRESCALE=prescaled(q.dtype), DOT_PREC=dot_prec,
+        SMALL_M=small, **meta,
     )
-    return lse, dist, waad, out
+    return StatsResult(lse, dist, waad, out, norm)

@@ -218,9 +218,9 @@ def test_influence_split_heads_is_bitwise_equal(horizon):
     q, k, _ = random_qkv(1, 6, 2, 160, 64, device=DEVICE, seed=12)
     segments = segments_from_cu_seqlens(cu, 1, 160, torch.tensor([30, 100], device=DEVICE), q.device)
     counts = influence_counts(segments, 1, 160, horizon)
-    lse = stats_pass(q, k, None, segments, window=10, scale=64 ** -0.5)[0]
+    norm = stats_pass(q, k, None, segments, window=10, scale=64 ** -0.5).norm
     base = {key: value for key, value in default_influence_config(64, q.dtype).items() if key != "SPLIT_HEADS"}
-    fai = [influence_pass(q, k, lse, segments, counts, horizon=horizon, scale=64 ** -0.5,
+    fai = [influence_pass(q, k, norm, segments, counts, horizon=horizon, scale=64 ** -0.5,
                           config={**base, "SPLIT_HEADS": split}) for split in (False, True)]
     assert torch.equal(fai[0], fai[1])
     assert torch.equal(fai[0], run(q, k, cu_seqlens=cu, horizon=horizon,
@@ -245,7 +245,7 @@ def test_two_size_block_table_offsets():
     two = stats_pass(q, k, v, segments, window=10, scale=0.125, config=stats_cfg, table_sizes=(16, 32))
     for a, b in zip(one, two):
         assert torch.equal(a, b)
-    fai = [influence_pass(q, k, one[0], segments, counts, horizon=(10, None), scale=0.125, config=infl_cfg,
+    fai = [influence_pass(q, k, one.norm, segments, counts, horizon=(10, None), scale=0.125, config=infl_cfg,
                           table_sizes=sizes) for sizes in (None, (16, 32))]
     assert torch.equal(fai[0], fai[1])
 
