@@ -419,8 +419,8 @@ def compile_jobs(jobs, mode: str, arch: int, n_workers: int, records, report_pat
             json.dump({"mode": mode, "arch": arch, "variants": reports}, handle, indent=1)
         os.replace(report_path + ".tmp", report_path)
 
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         futures = {pool.submit(run_job, job, mode, arch): job for job in jobs}
         for future in concurrent.futures.as_completed(futures):
             try:
@@ -431,6 +431,8 @@ def compile_jobs(jobs, mode: str, arch: int, n_workers: int, records, report_pat
                 reports.append(report)
                 records.emit("compile", **report)
             save()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)         # an error here must not wait for the queue
     return reports
 
 
@@ -488,6 +490,7 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET") == "1":
             sys.exit("--compile-only needs the compiler: unset TRITON_INTERPRET")
         folder = os.path.dirname(os.path.abspath(args.out)) if args.out else out_dir(dry_run=True)
+        os.makedirs(folder, exist_ok=True)
         records = Records(folder, "compile_only")
         sys.exit(compile_only(args, records))
     if args.dry_run and not args.warm:
