@@ -1,37 +1,25 @@
-"""Attention-rhythm credit in verl: the hooks, and a CPU run of the data path with verl's real DataProto.
+"""Attention-rhythm credit in verl: the manual pieces on CPU, with verl's real DataProto and compute_advantage.
 
-In a verl job (driver and Ray workers), make every process import the hooks module:
+A verl training job does not need this script: `bash examples/verl_rhythm_grpo.sh` (GPUs, vLLM, verl's data)
+installs the hooks in every process through VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin, configures
+them with a `rhythm` block of verl's Hydra config, and the actor records the metrics inside its own old-log-prob
+forward (docs/integrations.md, "verl"; tests/test_verl_trainers.py runs that path on CPU stand-ins).
 
-    export VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_hooks      # read by `import verl`
-    export RHYTHM_CREDIT_CONFIG='{"strategy": "coupled", "sign": "both"}' # optional, JSON of RhythmCreditConfig
-    python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo ... \
-        actor_rollout_ref.model.external_lib=rhythm.integrations.verl_hooks   # alternative hook (workers)
-
-With the legacy trainer (trainer.use_v1=False) that is all: the hooks make the driver's
-RayPPOTrainer._compute_old_log_prob ask the actor workers for gamma, ActorRolloutRefWorker.compute_log_prob
-(wrapped in each worker) scores the batch with the actor's module and returns batch["rhythm_gamma"] [B, R_len],
-and the wrapped compute_advantage multiplies the advantages of any estimator by it on response tokens
-(docs/integrations.md, "verl"; tests/test_verl_integration.py runs that path on stand-in workers).
-
-This script runs the same data path by hand on CPU (what a custom trainer would call): a tiny random 3-layer
-Llama stands in for the actor, gamma comes from rhythm.integrations.verl.compute_rhythm_gamma - padded
-batches or verl's remove-padding layout (use_remove_padding=True) - and verl's wrapped compute_advantage
-applies it.
+This script is the documented "manual pieces" recipe, for a trainer of your own: a tiny random 3-layer Llama
+stands in for the actor, gamma comes from rhythm.integrations.verl.compute_rhythm_gamma (a separate no-grad
+pass, in verl's remove-padding layout), verl's own compute_advantage computes GRPO advantages and
+apply_rhythm_gamma multiplies them by gamma - once (a second application is refused).
 
     .venv/bin/python examples/verl_rhythm.py
 """
-import os
-
-os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", "rhythm.integrations.verl_hooks")
-
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from verl import DataProto  # importing verl imports the hooks (VERL_USE_EXTERNAL_MODULES)
+from verl import DataProto
 
 from rhythm import RhythmScorer
 from rhythm.integrations.config import RhythmCreditConfig
-from rhythm.integrations.verl import GAMMA_KEY, compute_rhythm_gamma
+from rhythm.integrations.verl import GAMMA_KEY, apply_rhythm_gamma, compute_rhythm_gamma
 
 
 def rollout_batch(prompt_lens, response_lens, p_max=8, r_max=24, vocab=128, seed=0):
@@ -65,17 +53,22 @@ def main():
     assert torch.equal(gamma, compute_rhythm_gamma(scorer, batch, config))  # same as the padded layout
     batch.batch[GAMMA_KEY] = gamma
 
-    # (b)+(c) driver side: verl's own compute_advantage, wrapped by the hooks, applies gamma after GRPO
+    # (b) driver side: verl's own compute_advantage (GRPO), then gamma applied once
     from verl.trainer.config import AlgoConfig
     from verl.trainer.ppo.ray_trainer import compute_advantage
 
-    assert getattr(compute_advantage, "__rhythm_wrapped__", False), "hooks not installed"
     plain = compute_advantage(rollout_batch([5, 8, 3, 6, 7, 4, 8, 2], [24, 11, 18, 20, 9, 24, 15, 13]),
                               adv_estimator="grpo", config=AlgoConfig(adv_estimator="grpo"))
     shaped = compute_advantage(batch, adv_estimator="grpo", config=AlgoConfig(adv_estimator="grpo"))
-    mask = batch.batch["response_mask"].bool()
+    apply_rhythm_gamma(shaped, sign="both")
+    try:
+        apply_rhythm_gamma(shaped, sign="both")
+        raise AssertionError("a second application must be refused")
+    except ValueError as exc:
+        print(f"second apply_rhythm_gamma refused: {str(exc)[:60]}...")
+    mask = batch.batch["response_mask"].bool() & (plain.batch["advantages"] != 0)
     ratio = shaped.batch["advantages"][mask] / plain.batch["advantages"][mask]
-    print(f"gamma on {int(mask.sum())} response tokens: amplified {metrics['rhythm/frac_amplified']:.2f}, "
+    print(f"gamma on {int(batch.batch['response_mask'].sum())} response tokens: amplified {metrics['rhythm/frac_amplified']:.2f}, "
           f"mean {metrics['rhythm/gamma_mean']:.3f}, scorer {metrics['rhythm/scorer_time_s'] * 1e3:.0f} ms")
     print(f"shaped / GRPO advantage on response tokens: values {sorted(set(ratio.round(decimals=3).tolist()))}")
     print(f"logged: {shaped.meta_info['metrics']}")

@@ -369,13 +369,28 @@ class RhythmScorer:
                       position_ids=pos.to(device))
         forward = self._decoder_forward if with_entropy else None
         records = capture.run(context, forward=forward, **inputs)
+        result = self.signals(records, local_segments)
+        if with_entropy:
+            entropy = self._entropy(context.output, ids.shape)
+            result["entropy"] = to_rows(entropy, local_segments)
+            result["entropy"][:, 0] = 0.0  # a sequence's first token was not sampled from this model
+        return result
+
+    def signals(self, records, segments) -> dict:
+        """Per-token signals of one recorded forward, one row per sequence.
+
+        records: {layer: AttentionMetrics} of the sampled layers (``Capture.run``), in the forward's layout.
+        segments: one (row, start, end, response_start) per sequence on that layout's T axis.
+        Returns float32/bool CPU tensors [n_seq, L_max] (each sequence left-aligned): waad, fai, fai_valid,
+        response (the response positions), and d [n_seq, n_heads], local / global_ [n_seq, n_sel] (head
+        groups, -1 on sequences with an empty response, whose signals are 0)."""
         # Per-head metrics of the sampled layers, flattened in (layer, head) order: [b, n_heads, t].
         stack = lambda name: torch.cat([getattr(records[l], name) for l in self.layers], dim=1).float().cpu()  # noqa
-        per_head = {name: to_rows(stack(name), local_segments) for name in ("distance", "waad", "fai")}
-        fai_valid = to_rows(records[self.layers[0]].fai_valid[:, 0].cpu(), local_segments, fill=False)
+        per_head = {name: to_rows(stack(name), segments) for name in ("distance", "waad", "fai")}
+        fai_valid = to_rows(records[self.layers[0]].fai_valid[:, 0].cpu(), segments, fill=False)
         width = per_head["waad"].shape[-1]
-        lengths = torch.tensor([e - s for _, s, e, _ in local_segments])
-        resp_len = torch.tensor([e - r for _, _, e, r in local_segments])
+        lengths = torch.tensor([e - s for _, s, e, _ in segments])
+        resp_len = torch.tensor([e - r for _, _, e, r in segments])
         cols = torch.arange(width)
         response = (cols[None, :] >= (lengths - resp_len)[:, None]) & (cols[None, :] < lengths[:, None])
         has_response = resp_len > 0
@@ -384,16 +399,11 @@ class RhythmScorer:
         waad_tok, fai_tok = token_signals(per_head["waad"], per_head["fai"], groups)
         groups = groups.broadcast(d.shape[0])
         keep = has_response[:, None]
-        result = {
+        return {
             "waad": torch.where(keep, waad_tok, 0.0), "fai": torch.where(keep, fai_tok, 0.0),
-            "fai_valid": fai_valid & keep, "d": d,
+            "fai_valid": fai_valid & keep, "response": response, "d": d,
             "local": torch.where(keep, groups.local, -1), "global_": torch.where(keep, groups.global_, -1),
         }
-        if with_entropy:
-            entropy = self._entropy(context.output, ids.shape)
-            result["entropy"] = to_rows(entropy, local_segments)
-            result["entropy"][:, 0] = 0.0  # a sequence's first token was not sampled from this model
-        return result
 
     def _groups(self, d: torch.Tensor, has_response: torch.Tensor) -> HeadGroups:
         if self.config.grouping == "per_sequence":

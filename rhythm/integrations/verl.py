@@ -12,12 +12,17 @@ Three pieces, none of which forks verl:
 (b) driver side - :func:`apply_rhythm_gamma` multiplies ``data.batch["advantages"]`` [B, R_len] by gamma on
     ``response_mask`` tokens (sign mode as configured); it works after any estimator (grpo, gae, rloo,
     reinforce_plus_plus, ...), since all of them write token-level advantages of width R_len.
-(c) registration - ``rhythm.integrations.verl_hooks``: importing it (through ``VERL_USE_EXTERNAL_MODULES`` or
-    ``actor_rollout_ref.model.external_lib``) wires (a) into verl 0.9's actor worker
-    (``ActorRolloutRefWorker.compute_log_prob``, asked for by the driver's ``RayPPOTrainer._compute_old_log_prob``)
-    and wraps verl's ``compute_advantage`` so that every batch carrying ``batch["rhythm_gamma"]`` gets (b)
-    applied right after the advantage estimator. :func:`padded_from_no_padding` turns the no-padding TensorDict
-    the worker receives (nested ``input_ids`` / ``position_ids``) back into the padded tensors (a) reads.
+(c) registration - :func:`rhythm.integrations.verl_hooks.install` (called by importing
+    ``rhythm.integrations.verl_plugin`` through ``VERL_USE_EXTERNAL_MODULES`` or
+    ``actor_rollout_ref.model.external_lib``; importing ``verl_hooks`` itself changes nothing) records the
+    metrics inside the actor's own old-log-prob forward and applies (b) right after verl computes the
+    advantages, in the legacy and the v1 trainer. :func:`padded_from_no_padding` turns the no-padding
+    TensorDict a worker receives (nested ``input_ids`` / ``position_ids``) back into the padded tensors (a)
+    reads.
+
+A batch whose advantages were multiplied is marked (``meta_info["rhythm_shaped"]`` on a ``DataProto``, the key
+``rhythm_shaped`` on a dict / TensorDict): :func:`apply_rhythm_gamma` refuses a marked batch, so gamma is never
+applied twice; verl's ``compute_advantage`` (wrapped by the hooks) writes fresh advantages and clears the mark.
 
 Only tensors and ``DataProto``-like objects (``.batch`` a TensorDict/dict, ``.meta_info`` a dict) are touched;
 verl itself is imported by the hooks module only.
@@ -32,14 +37,74 @@ from ..credit import credit_multipliers, shape_advantages
 from ..scorer import RhythmScorer
 from .config import RhythmCreditConfig
 
-__all__ = ["RhythmCreditConfig", "GAMMA_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed", "pack_batch",
-           "apply_rhythm_gamma", "response_window_mask", "padded_from_no_padding"]
+__all__ = ["RhythmCreditConfig", "GAMMA_KEY", "SHAPED_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed",
+           "pack_batch", "apply_rhythm_gamma", "response_window_mask", "padded_from_no_padding", "response_gamma",
+           "is_shaped", "clear_shaped"]
 
 GAMMA_KEY = "rhythm_gamma"
+SHAPED_KEY = "rhythm_shaped"  # marks a batch whose advantages already carry gamma
 
 
 def _batch(data):
     return data.batch if hasattr(data, "batch") else data
+
+
+def is_shaped(data) -> bool:
+    """True when ``data``'s advantages were already multiplied by gamma (:func:`apply_rhythm_gamma`)."""
+    meta = getattr(data, "meta_info", None)
+    if isinstance(meta, dict):
+        return bool(meta.get(SHAPED_KEY, False))
+    batch = _batch(data)
+    if SHAPED_KEY not in batch.keys():
+        return False
+    value = batch[SHAPED_KEY]
+    return bool(getattr(value, "data", value))
+
+
+def _mark_shaped(data) -> None:
+    meta = getattr(data, "meta_info", None)
+    if isinstance(meta, dict):
+        meta[SHAPED_KEY] = True
+        return
+    batch = _batch(data)
+    if hasattr(batch, "set_non_tensor"):  # TensorDict
+        batch.set_non_tensor(SHAPED_KEY, True)
+    else:
+        batch[SHAPED_KEY] = True
+
+
+def clear_shaped(data) -> None:
+    """Drop the mark (the advantages are about to be recomputed from the rewards)."""
+    meta = getattr(data, "meta_info", None)
+    if isinstance(meta, dict):
+        meta.pop(SHAPED_KEY, None)
+        return
+    batch = _batch(data)
+    if SHAPED_KEY in batch.keys():
+        batch.pop(SHAPED_KEY)
+
+
+def response_gamma(gamma: torch.Tensor, response_lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """gamma float32 [B, width] aligned to the responses, from the per-sequence gamma the actor returns.
+
+    gamma: jagged nested [B, j] over each sequence's real tokens (prompt + response, the layout of verl's
+    nested ``log_probs``). response_lengths: [B] response tokens per sequence (a suffix of each sequence).
+    Entry i of row b is gamma at position j_b - r_b + i, the response token itself (docs/definitions.md
+    section 6: no shift; verl's log-probs are shifted by one because logits predict the next token).
+    1 on response padding."""
+    if not gamma.is_nested:
+        raise ValueError(f"gamma must be a jagged nested tensor [B, j], got a {list(gamma.shape)} tensor")
+    lengths = [int(x) for x in response_lengths.tolist()]
+    rows = gamma.unbind()
+    if len(rows) != len(lengths):
+        raise ValueError(f"gamma has {len(rows)} sequences but response_lengths has {len(lengths)}")
+    out = torch.ones(len(rows), width, dtype=torch.float32)
+    for b, (row, r) in enumerate(zip(rows, lengths)):
+        if not 0 <= r <= min(width, row.shape[0]):
+            raise ValueError(f"sequence {b}: {r} response tokens do not fit its {row.shape[0]} tokens / width {width}")
+        if r:
+            out[b, :r] = row[row.shape[0] - r:].float().cpu()
+    return out
 
 
 def response_window_mask(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
@@ -130,7 +195,7 @@ def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, pos
 @torch.no_grad()
 def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCreditConfig | None = None, *,
                          use_remove_padding: bool = False, seed: int | None = None,
-                         return_metrics: bool = False):
+                         return_metrics: bool = False, advantages: torch.Tensor | None = None):
     """Worker side: gamma float32 [B, R_len] aligned to ``data.batch["responses"]``.
 
     scorer: a :class:`rhythm.RhythmScorer` over the current policy (None only for strategy "random"/"entropy").
@@ -140,11 +205,30 @@ def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCredit
     use_remove_padding: score in verl's packed layout (B = 1, attention_mask None, position ids resetting per
         sequence) instead of the padded one; the result is the same layout-free gamma.
     seed: seed of the "random" strategy (default: the config's; pass a new one every step).
+    advantages: optional [B, R_len], the batch's advantages when already computed: rows whose advantages are
+        all exactly 0 (GRPO groups with equal rewards) get gamma 1 without any scoring work - gamma cannot
+        change a zero advantage.
     Returns gamma (and a metrics dict with ``return_metrics``); gamma = 1 on response padding.
     """
     cfg = config or RhythmCreditConfig()
     start = time.perf_counter()
     batch = _batch(data)
+    if advantages is not None:
+        width = batch["responses"].shape[1]
+        if tuple(advantages.shape) != (batch["responses"].shape[0], width):
+            raise ValueError(f"advantages must be [B, R_len] = {list(batch['responses'].shape)}, got "
+                             f"{list(advantages.shape)}")
+        live = (advantages != 0).any(-1).to(batch["input_ids"].device)
+        gamma = torch.ones(advantages.shape, dtype=torch.float32, device=batch["input_ids"].device)
+        if bool(live.any()):
+            names = [k for k in ("input_ids", "attention_mask", "position_ids", "responses", "entropys")
+                     if k in batch.keys()]
+            gamma[live] = compute_rhythm_gamma(scorer, {k: batch[k][live] for k in names}, cfg,
+                                               use_remove_padding=use_remove_padding, seed=seed).to(gamma.device)
+        if not return_metrics:
+            return gamma
+        return gamma, _gamma_metrics(gamma, response_window_mask(batch["attention_mask"], width)[:, -width:],
+                                     start, skipped=int((~live).sum()))
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     width = batch["responses"].shape[1]
     position_ids = batch["position_ids"] if "position_ids" in batch.keys() else None
@@ -174,12 +258,15 @@ def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCredit
     gamma = torch.where(response, gamma.to(response.device), 1.0)[:, -width:].float()
     if not return_metrics:
         return gamma
-    mask = response[:, -width:]
+    return gamma, _gamma_metrics(gamma, response[:, -width:], start)
+
+
+def _gamma_metrics(gamma, mask, start, skipped=0) -> dict:
     count = max(int(mask.sum()), 1)
-    metrics = {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
-               "rhythm/gamma_mean": float((gamma * mask).sum()) / count,
-               "rhythm/scorer_time_s": time.perf_counter() - start}
-    return gamma, metrics
+    return {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
+            "rhythm/gamma_mean": float((gamma * mask).sum()) / count,
+            "rhythm/scorer_time_s": time.perf_counter() - start,
+            "rhythm/rows_skipped": skipped}
 
 
 def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "both", key: str = GAMMA_KEY,
@@ -187,7 +274,12 @@ def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "
     """Driver side, after ``compute_advantage``: advantages <- advantages * gamma on ``response_mask`` tokens
     (where ``sign`` allows), unchanged elsewhere. gamma [B, R_len] defaults to ``data.batch[key]``.
     ``response_mask`` defaults to ``attention_mask[:, -R_len:]`` (verl's ``compute_response_mask``).
+    Marks the batch as shaped and refuses a batch already marked (gamma applied twice would square it).
     Returns ``data`` (modified in place) - its ``meta_info["metrics"]`` gains rhythm/* entries."""
+    if is_shaped(data):
+        raise ValueError("these advantages were already multiplied by gamma (the batch carries the "
+                         f"{SHAPED_KEY!r} mark): with rhythm.integrations.verl_hooks installed, verl's "
+                         "compute_advantage applies gamma itself - do not call apply_rhythm_gamma after it")
     batch = _batch(data)
     if gamma is None:
         if key not in batch.keys():
@@ -203,12 +295,13 @@ def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "
         mask = batch["attention_mask"][:, -advantages.shape[1]:].bool()
     gamma = torch.where(mask, gamma.to(advantages.device, torch.float32), 1.0)
     batch["advantages"] = shape_advantages(advantages, gamma, sign=sign)
+    _mark_shaped(data)
     if pop and key in batch.keys():
         batch.pop(key)
+    count = max(int(mask.sum()), 1)
+    metrics = {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
+               "rhythm/gamma_mean": float((gamma * mask).sum()) / count}
     meta = getattr(data, "meta_info", None)
     if isinstance(meta, dict):
-        count = max(int(mask.sum()), 1)
-        meta.setdefault("metrics", {}).update({
-            "rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
-            "rhythm/gamma_mean": float((gamma * mask).sum()) / count})
+        meta.setdefault("metrics", {}).update(metrics)
     return data

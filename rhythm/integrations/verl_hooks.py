@@ -1,131 +1,209 @@
-"""Import this module in every verl process to get rhythm credit in verl's PPO/GRPO loop - no fork of verl.
+"""Rhythm credit inside verl's PPO/GRPO loop, legacy and v1 trainers - no fork of verl.
 
-How verl reaches it (verl 0.9, read from its source):
+Importing this module changes nothing. :func:`install` applies the patches (each one now if its verl module is
+loaded, otherwise the moment that module is imported, through a post-import hook on ``sys.meta_path``);
+:func:`uninstall` removes them. verl runs :func:`install` in every process when told to import
+``rhythm.integrations.verl_plugin`` (whose import is that one call):
 
-- ``VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_hooks``: ``verl/__init__.py`` splits the variable on
-  commas and ``importlib.import_module``s each entry right after ``verl.protocol`` is loaded - in the driver
-  and in every Ray worker that imports verl (workers inherit the variable from the driver's environment or
-  from ``ray_kwargs.ray_init.runtime_env.env_vars``).
-- ``actor_rollout_ref.model.external_lib=rhythm.integrations.verl_hooks``: ``HFModelConfig.__post_init__``
-  passes it to ``verl.utils.import_utils.import_external_libs`` in every process that builds the model
-  config (the workers; the driver only when it builds one, so prefer the variable).
+- ``VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin``: ``verl/__init__.py`` imports each listed
+  module right after ``verl.protocol`` - in the driver and in every Ray worker that imports verl (workers
+  inherit the variable from a local driver's environment, or from ``ray_kwargs.ray_init.runtime_env.env_vars``).
+- ``actor_rollout_ref.model.external_lib=rhythm.integrations.verl_plugin``: ``HFModelConfig.__post_init__``
+  imports it in every process that builds the model config (the workers).
 
-What the import does (:func:`install`; each patch applied now if its module is loaded, otherwise the moment
-it is imported, through a post-import hook on ``sys.meta_path``):
+Configuration (driver only; it travels to the workers inside each request): the ``rhythm`` block of verl's
+Hydra config (``+rhythm.strategy=coupled ...`` on the command line, or a ``rhythm:`` block in a config file;
+keys = the fields of :class:`RhythmCreditConfig` plus ``enable``), shown in verl's logged run config; without
+the block, ``$RHYTHM_CREDIT_CONFIG`` (JSON of the same fields), else the defaults. ``rhythm.enable=false`` or
+``RHYTHM_CREDIT=0`` turns the credit off. The config and the run mode are checked when the trainer is built,
+before any worker starts.
 
-1. worker side - ``verl.workers.engine_workers.ActorRolloutRefWorker.compute_log_prob`` (the actor's
-   old-log-prob pass of the legacy ``RayPPOTrainer``; verl 0.9 has no ``fsdp_workers.py`` any more) is
-   wrapped: when the incoming TensorDict carries the request ``rhythm_credit`` (put there by 2.), the
-   wrapper runs the original method, then scores the same batch with a :class:`rhythm.RhythmScorer` over the
-   actor's module (``self.actor.engine.module``, FSDP-wrapped: its forward gathers the shards, inside the
-   engine's ``eval_mode`` so offloaded parameters are loaded) and returns ``rhythm_gamma`` [b, R_len] next to
-   ``log_probs`` / ``entropy``. The batch arrives in verl's no-padding layout (nested ``input_ids`` /
-   ``position_ids``); with ``use_remove_padding`` the scorer runs on the packed layout, otherwise padded.
-   Without the request the method is untouched (the ref pass of a LoRA actor, the v1 trainer, ...).
-2. driver side - ``verl.trainer.ppo.ray_trainer.RayPPOTrainer._compute_old_log_prob`` is wrapped: for the
-   attention strategies (coupled / local / global) it adds the request to the TensorDict it sends to
-   ``actor_rollout_wg.compute_log_prob`` and puts the returned ``rhythm_gamma`` into the ``DataProto`` it
-   returns (verl's own code keeps only ``old_log_probs`` / ``entropys`` of the worker output); the trainer
-   then ``union``s it into the batch. ``random`` and ``entropy`` need no model: they are computed right
-   there on the driver (entropy from the ``entropys`` of the same pass; random seeded by the global step).
-3. ``verl.trainer.ppo.ray_trainer.compute_advantage`` is wrapped (aliases bound by ``from ... import
-   compute_advantage`` before the patch are rebound): after the estimator (any: grpo, gae, rloo, ...), if
-   the batch carries ``rhythm_gamma`` [B, R_len], the advantages are multiplied by it on ``response_mask``
-   tokens (:func:`rhythm.integrations.verl.apply_rhythm_gamma`). Batches without the key pass through.
+What the patches do (verl 0.9.1):
 
-Switches: importing the module enables 1.-3. with the default :class:`RhythmCreditConfig` (the paper's
-coupled credit, sign "both"); ``RHYTHM_CREDIT_CONFIG`` (JSON of the config) changes it, read by the driver
-only (the config travels to the workers inside the request); ``RHYTHM_CREDIT=0`` (or off/false/no) turns
-the automatic gamma of 1.-2. off and leaves only 3. (for a trainer that computes ``rhythm_gamma`` itself).
-Sign mode of 3.: ``data.meta_info["rhythm_sign"]``, else the config's ``sign``.
+1. worker - ``verl.workers.engine_workers.ActorRolloutRefWorker.compute_log_prob`` (the actor's old-log-prob
+   pass): when the batch carries the driver's request (non-tensor ``rhythm_credit`` in the legacy TensorDict,
+   ``extra_info["rhythm_credit"]`` of the v1 ``KVBatchMeta``), the request is removed (the engine never sees
+   it) and the method runs with :func:`rhythm.integrations.verl_capture.recording_forward` active: the metrics
+   are recorded inside that same forward (fused on the sampled layers, sdpa elsewhere, no early exit) and the
+   output gains ``rhythm_gamma``, nested like ``log_probs``. Without the request the method is untouched (the
+   ref pass, the LoRA ref pass, RHYTHM_CREDIT=0).
+2. legacy driver - ``RayPPOTrainer._compute_old_log_prob`` sends the request and puts ``rhythm_gamma``
+   [B, R_len] (response-aligned) into the ``DataProto`` it returns; ``random`` / ``entropy`` need no model and
+   are computed there. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (and aliases bound by ``from ...
+   import``) applies gamma right after the estimator, once (:func:`rhythm.integrations.verl.apply_rhythm_gamma`
+   marks the batch).
+3. v1 driver - ``verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_old_log_prob`` puts the request into
+   ``batch.extra_info`` for the actor's call (and takes it out again before the ref pass);
+   ``PPOTrainer._compute_advantage`` fetches a fixed field list, so right after it the wrapper reads
+   ``advantages``, ``response_mask`` and ``rhythm_gamma`` (written by the workers through TransferQueue) and
+   writes the shaped advantages back, once per call.
+4. both - the trainers' ``__init__`` validate the config and refuse modes where no gamma could be recorded
+   (rollout-correction bypass mode, engines other than FSDP/FSDP2, Ulysses sequence parallelism).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.abc
 import json
 import os
 import sys
 import time
+from dataclasses import fields
 
+import torch
+
+from ..credit import credit_multipliers
 from .config import RhythmCreditConfig
-from .verl import GAMMA_KEY, apply_rhythm_gamma, compute_rhythm_gamma, padded_from_no_padding
+from .verl import (GAMMA_KEY, apply_rhythm_gamma, clear_shaped, compute_rhythm_gamma, response_gamma)
 
-__all__ = ["install", "uninstall", "wrap_compute_advantage", "wrap_compute_log_prob", "wrap_compute_old_log_prob",
-           "config_from_env", "auto_config", "worker_rhythm_gamma", "CONFIG_ENV", "ENABLE_ENV", "REQUEST_KEY",
-           "TARGET", "WORKERS_TARGET"]
+__all__ = ["install", "uninstall", "installed", "resolve_config", "config_from_env", "auto_config",
+           "wrap_compute_advantage", "wrap_compute_log_prob", "wrap_compute_old_log_prob", "CONFIG_ENV",
+           "ENABLE_ENV", "REQUEST_KEY", "HYDRA_KEY", "TARGET", "WORKERS_TARGET", "V1_TARGET"]
 
 TARGET = "verl.trainer.ppo.ray_trainer"
 WORKERS_TARGET = "verl.workers.engine_workers"
+V1_TARGET = "verl.trainer.ppo.v1.trainer_base"
 CONFIG_ENV = "RHYTHM_CREDIT_CONFIG"
 ENABLE_ENV = "RHYTHM_CREDIT"
-REQUEST_KEY = "rhythm_credit"  # non-tensor entry of the TensorDict sent to compute_log_prob (JSON)
+REQUEST_KEY = "rhythm_credit"  # what the driver adds to the actor's compute_log_prob batch (JSON)
+HYDRA_KEY = "rhythm"           # the block of verl's Hydra config
+SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
+_OFF = ("0", "off", "false", "no")
 
+
+# ---- configuration ------------------------------------------------------------------------------------------
 
 def config_from_env() -> RhythmCreditConfig:
     """RhythmCreditConfig from the JSON object in ``$RHYTHM_CREDIT_CONFIG`` (e.g. '{"strategy": "coupled",
-    "sign": "positive"}'); defaults when unset. The same variable reaches the Ray workers."""
+    "sign": "positive"}'); defaults when unset."""
     text = os.environ.get(CONFIG_ENV, "").strip()
-    return RhythmCreditConfig(**json.loads(text)) if text else RhythmCreditConfig()
+    if not text:
+        return RhythmCreditConfig()
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"${CONFIG_ENV} must be a JSON object of RhythmCreditConfig fields: {exc}") from None
+    return _build_config(values, f"${CONFIG_ENV}")
 
 
 def auto_config() -> RhythmCreditConfig | None:
-    """The config of the automatic worker-side gamma, or None when ``$RHYTHM_CREDIT`` turns it off."""
-    if os.environ.get(ENABLE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+    """The environment's config, or None when ``$RHYTHM_CREDIT`` turns the credit off."""
+    if os.environ.get(ENABLE_ENV, "").strip().lower() in _OFF:
         return None
     return config_from_env()
 
 
-def wrap_compute_advantage(fn):
-    """``compute_advantage`` -> the same function followed by the gamma post-multiply (idempotent)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
-    def compute_advantage(data, *args, **kwargs):
-        data = fn(data, *args, **kwargs)
-        if GAMMA_KEY in data.batch.keys():
-            sign = (data.meta_info or {}).get("rhythm_sign") or config_from_env().sign
-            apply_rhythm_gamma(data, sign=sign)
-        return data
-
-    compute_advantage.__rhythm_wrapped__ = True
-    compute_advantage.__rhythm_original__ = fn
-    return compute_advantage
+def _build_config(values, where: str) -> RhythmCreditConfig:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of RhythmCreditConfig fields, got {type(values).__name__}")
+    known = {f.name for f in fields(RhythmCreditConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known | {'enable'})}")
+    return RhythmCreditConfig(**values)
 
 
-# ---- worker side: ActorRolloutRefWorker.compute_log_prob ----------------------------------------------------
+def resolve_config(trainer_config=None) -> RhythmCreditConfig | None:
+    """The run's config: the ``rhythm`` block of verl's Hydra config when present, else the environment's.
+    None when the credit is off (``rhythm.enable=false`` or ``RHYTHM_CREDIT=0``)."""
+    block = _get(trainer_config, HYDRA_KEY) if trainer_config is not None else None
+    if os.environ.get(ENABLE_ENV, "").strip().lower() in _OFF:
+        return None
+    if block is None:
+        return config_from_env()
+    try:
+        from omegaconf import OmegaConf
+
+        values = OmegaConf.to_container(block, resolve=True) if OmegaConf.is_config(block) else dict(block)
+    except ImportError:
+        values = dict(block)
+    enable = values.pop("enable", True)
+    if not isinstance(enable, bool):
+        raise ValueError(f"rhythm.enable must be true or false, got {enable!r}")
+    if not enable:
+        return None
+    return _build_config(values, "verl config block `rhythm`")
+
+
+def check_run_mode(trainer_config, config: RhythmCreditConfig | None) -> None:
+    """Refuse, before any worker starts, a run whose mode would give no gamma (plain GRPO without a word)."""
+    if config is None or trainer_config is None:
+        return
+    if _get(trainer_config, "algorithm", "rollout_correction", "bypass_mode"):
+        raise ValueError("rhythm credit records inside the old-log-prob forward, which "
+                         "algorithm.rollout_correction.bypass_mode=True skips: set bypass_mode=False, or turn the "
+                         "credit off (rhythm.enable=false / RHYTHM_CREDIT=0)")
+    if not config.needs_scorer:
+        return
+    strategy = _get(trainer_config, "actor_rollout_ref", "actor", "strategy")
+    if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
+        raise ValueError(f"rhythm credit records inside the FSDP/FSDP2 engine's forward; "
+                         f"actor_rollout_ref.actor.strategy={strategy!r} is not supported: use one of "
+                         f"{SUPPORTED_STRATEGIES}, or strategy random / entropy")
+    sp = _get(trainer_config, "actor_rollout_ref", "actor", "ulysses_sequence_parallel_size")
+    if sp is not None and int(sp) > 1:
+        raise ValueError("rhythm credit needs whole sequences on every rank: set "
+                         "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+
 
 def _get(obj, *path, default=None):
     """obj.a.b... through attributes or mapping keys (a worker, an OmegaConf DictConfig, a dict)."""
     for name in path:
-        value = getattr(obj, name, None)
-        if value is None and isinstance(obj, dict):
-            value = obj.get(name)
-        obj = value
+        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
         if obj is None:
             return default
     return obj
 
 
+_UNSET = object()
+
+
+def _trainer_config(trainer) -> RhythmCreditConfig | None:
+    config = trainer.__dict__.get("_rhythm_config", _UNSET)
+    if config is _UNSET:  # a trainer built before install()
+        config = resolve_config(getattr(trainer, "config", None))
+        check_run_mode(getattr(trainer, "config", None), config)
+        trainer.__dict__["_rhythm_config"] = config
+    return config
+
+
+def wrap_trainer_init(fn):
+    """``__init__`` of a trainer -> validate the config and the mode first, keep the config on the trainer."""
+    if getattr(fn, "__rhythm_wrapped__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def __init__(self, *args, **kwargs):
+        trainer_config = kwargs.get("config", args[0] if args else None)
+        config = resolve_config(trainer_config)
+        check_run_mode(trainer_config, config)
+        self.__dict__["_rhythm_config"] = config
+        fn(self, *args, **kwargs)
+
+    __init__.__rhythm_wrapped__ = True
+    __init__.__rhythm_original__ = fn
+    return __init__
+
+
+# ---- worker side: ActorRolloutRefWorker.compute_log_prob ----------------------------------------------------
+
 def _actor_module(worker):
-    """The actor's torch module on a verl 0.9 engine worker: ``worker.actor.engine.module`` (FSDP/FSDP2-wrapped
-    transformers model, possibly a PEFT model). Megatron engines hold a list of Megatron modules: refused."""
+    """The actor's engine and torch module on a verl 0.9 engine worker: ``worker.actor.engine.module``
+    (FSDP/FSDP2-wrapped transformers model, possibly PEFT). Megatron engines hold a list of modules: refused."""
     engine = _get(worker, "actor", "engine")
     module = getattr(engine, "module", None)
     if module is None or isinstance(module, (list, tuple)) or not hasattr(module, "config"):
-        raise ValueError("rhythm credit scores with the actor's transformers model (FSDP / FSDP2 engines); this "
+        raise ValueError("rhythm credit records inside the actor's transformers model (FSDP / FSDP2 engines); this "
                          f"worker's engine ({type(engine).__name__}) holds {type(module).__name__}")
     return engine, module
 
 
 def _worker_scorer(worker, module, config: RhythmCreditConfig):
-    """One RhythmScorer per worker (and module / config), built on first use."""
+    """One RhythmScorer per worker (and module / config), built on first use: the sampled layers, the head
+    grouping and the window / horizon of the recording."""
     from ..scorer import RhythmScorer
 
-    default_mbs = _get(worker, "config", "rollout", "log_prob_micro_batch_size_per_gpu") or 8
-    kwargs = config.scorer_kwargs(int(default_mbs))
+    kwargs = config.scorer_kwargs()
     key = (id(module), json.dumps(kwargs, sort_keys=True, default=str))
     cached = worker.__dict__.get("_rhythm_scorer")
     if cached is None or cached[0] != key:
@@ -134,59 +212,48 @@ def _worker_scorer(worker, module, config: RhythmCreditConfig):
     return cached[1]
 
 
-def worker_rhythm_gamma(worker, data, config: RhythmCreditConfig, *, seed: int | None = None,
-                        use_remove_padding: bool | None = None):
-    """gamma float32 [b, R_len] (CPU) of the batch ``data`` a verl 0.9 actor worker received for
-    ``compute_log_prob`` (no-padding layout or padded), scored with the worker's actor module (no grad, in
-    the engine's eval mode). ``use_remove_padding`` None: the request's / batch's flag, else the worker's
-    ``config.model.use_remove_padding``."""
-    padded = padded_from_no_padding(data)
-    if use_remove_padding is None:
-        flag = data.get("use_remove_padding", None) if hasattr(data, "get") else None
-        flag = getattr(flag, "data", flag)  # NonTensorData
-        use_remove_padding = bool(flag if flag is not None else _get(worker, "config", "model", "use_remove_padding"))
-    scorer = None
-    context = contextlib.nullcontext()
-    if config.needs_scorer:
-        engine, module = _actor_module(worker)
-        scorer = _worker_scorer(worker, module, config)
-        if hasattr(engine, "eval_mode"):
-            context = engine.eval_mode()
-    with context:
-        gamma = compute_rhythm_gamma(scorer, padded, config, use_remove_padding=use_remove_padding, seed=seed)
-    return gamma.float().cpu()
-
-
 def _pop_request(data):
-    if data is None or not hasattr(data, "keys") or REQUEST_KEY not in data.keys():
+    """The driver's request from a legacy TensorDict (non-tensor entry) or a v1 KVBatchMeta (extra_info)."""
+    extra = getattr(data, "extra_info", None)
+    if isinstance(extra, dict):
+        value = extra.pop(REQUEST_KEY, None)
+    elif data is not None and hasattr(data, "keys") and REQUEST_KEY in data.keys():
+        value = data.pop(REQUEST_KEY)
+    else:
         return None
-    value = data.pop(REQUEST_KEY)
     value = getattr(value, "data", value)  # NonTensorData -> str
+    if value is None:
+        return None
     return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 def wrap_compute_log_prob(fn):
-    """``ActorRolloutRefWorker.compute_log_prob`` -> the same method, plus ``rhythm_gamma`` [b, R_len] in its
-    output when the batch carries the driver's request (idempotent; keeps verl's ``register`` attributes)."""
+    """``ActorRolloutRefWorker.compute_log_prob`` -> the same method, recording the metrics inside its forward
+    and returning ``rhythm_gamma`` with the log-probs when the batch carries the driver's request
+    (idempotent; keeps verl's ``register`` attributes, which the worker group dispatches by)."""
     if getattr(fn, "__rhythm_wrapped__", False):
         return fn
 
     @functools.wraps(fn)
     def compute_log_prob(self, data, *args, **kwargs):
         request = _pop_request(data)  # before the engine sees the batch
-        output = fn(self, data, *args, **kwargs)
         if request is None:
-            return output
-        start = time.perf_counter()
+            return fn(self, data, *args, **kwargs)
+        from .verl_capture import recording_forward
+
         config = RhythmCreditConfig(**request["config"])
-        # every rank scores its own chunk, collecting or not: the FSDP forward is collective
-        gamma = worker_rhythm_gamma(self, data, config, seed=request.get("seed"))
-        if output is not None:
-            output[GAMMA_KEY] = gamma
-            metrics = output.get("metrics", None) if hasattr(output, "get") else None
-            metrics = getattr(metrics, "data", metrics)
-            if isinstance(metrics, dict):
-                metrics["rhythm/scorer_time_s"] = time.perf_counter() - start
+        engine, module = _actor_module(self)
+        scorer = _worker_scorer(self, module, config)
+        stats = {}
+        with recording_forward(engine, scorer, config, stats=stats):
+            output = fn(self, data, *args, **kwargs)
+        if not stats.get("micro_batches"):
+            raise RuntimeError("rhythm: the actor's compute_log_prob ran no forward through the engine's forward_step "
+                               f"({type(engine).__name__}); this engine is not supported")
+        metrics = output.get("metrics", None) if hasattr(output, "get") and hasattr(output, "keys") else None
+        metrics = getattr(metrics, "data", metrics)
+        if isinstance(metrics, dict):
+            metrics["rhythm/credit_time_s"] = stats.get("credit_time_s", 0.0)
         return output
 
     compute_log_prob.__rhythm_wrapped__ = True
@@ -194,17 +261,21 @@ def wrap_compute_log_prob(fn):
     return compute_log_prob
 
 
-# ---- driver side: RayPPOTrainer._compute_old_log_prob ---------------------------------------------------------
+# ---- legacy driver: RayPPOTrainer._compute_old_log_prob, compute_advantage --------------------------------------
+
+def _request(config: RhythmCreditConfig, seed: int) -> str:
+    return json.dumps({"config": config.to_dict(), "seed": seed})
+
 
 def wrap_compute_old_log_prob(fn):
     """``RayPPOTrainer._compute_old_log_prob`` -> the same, with ``rhythm_gamma`` [B, R_len] in the returned
-    ``DataProto`` (requested from the actor workers, or computed here for random / entropy)."""
+    ``DataProto`` (recorded by the actor workers, or computed here for random / entropy)."""
     if getattr(fn, "__rhythm_wrapped__", False):
         return fn
 
     @functools.wraps(fn)
     def _compute_old_log_prob(self, batch, *args, **kwargs):
-        config = auto_config()
+        config = _trainer_config(self)
         if config is None:
             return fn(self, batch, *args, **kwargs)
         seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0))
@@ -215,12 +286,13 @@ def wrap_compute_old_log_prob(fn):
             if config.strategy == "entropy":
                 inputs["entropys"] = out.batch["entropys"]
             out.batch[GAMMA_KEY] = compute_rhythm_gamma(None, inputs, config, seed=seed)
+            out.meta_info["rhythm_sign"] = config.sign
             return result
         worker_group = self.actor_rollout_wg
         call = worker_group.compute_log_prob
         own = "compute_log_prob" in vars(worker_group)
         captured = []
-        request = json.dumps({"config": config.to_dict(), "seed": seed})
+        request = _request(config, seed)
 
         def compute_log_prob(data, *a, **k):
             from verl.utils import tensordict_utils as tu
@@ -239,22 +311,150 @@ def wrap_compute_old_log_prob(fn):
             else:
                 del worker_group.compute_log_prob
         out = result[0] if isinstance(result, tuple) else result
-        gamma = None
-        if captured and captured[-1] is not None and GAMMA_KEY in captured[-1].keys():
-            gamma = captured[-1][GAMMA_KEY]
-        if gamma is None:
-            raise RuntimeError("the actor workers returned no rhythm_gamma: import rhythm.integrations.verl_hooks in "
-                               "the Ray workers too (VERL_USE_EXTERNAL_MODULES in their environment, or "
-                               "actor_rollout_ref.model.external_lib), or set RHYTHM_CREDIT=0")
-        if gamma.shape[0] != len(batch) or gamma.shape[1] != batch.batch["responses"].shape[1]:
-            raise RuntimeError(f"rhythm_gamma from the workers has shape {list(gamma.shape)}, expected "
-                               f"[{len(batch)}, {batch.batch['responses'].shape[1]}]")
-        out.batch[GAMMA_KEY] = gamma.float()
+        if not captured or captured[-1] is None or GAMMA_KEY not in captured[-1].keys():
+            raise RuntimeError(_NO_WORKER_GAMMA)
+        width = batch.batch["responses"].shape[1]
+        lengths = batch.batch["attention_mask"][:, -width:].long().sum(-1)
+        out.batch[GAMMA_KEY] = response_gamma(captured[-1][GAMMA_KEY], lengths, width)
+        out.meta_info["rhythm_sign"] = config.sign  # DataProto.union carries it to compute_advantage
         return result
 
     _compute_old_log_prob.__rhythm_wrapped__ = True
     _compute_old_log_prob.__rhythm_original__ = fn
     return _compute_old_log_prob
+
+
+_NO_WORKER_GAMMA = ("the actor workers returned no rhythm_gamma: install the hooks in the Ray workers too "
+                    "(VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin in their environment, or "
+                    "actor_rollout_ref.model.external_lib=rhythm.integrations.verl_plugin), or turn the credit off "
+                    "(rhythm.enable=false / RHYTHM_CREDIT=0)")
+
+
+def wrap_compute_advantage(fn):
+    """``compute_advantage`` -> the estimator (fresh advantages: the batch's shaped mark is cleared), then the
+    gamma post-multiply when the batch carries ``rhythm_gamma`` - exactly once per call (idempotent)."""
+    if getattr(fn, "__rhythm_wrapped__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def compute_advantage(data, *args, **kwargs):
+        clear_shaped(data)
+        data = fn(data, *args, **kwargs)
+        if GAMMA_KEY in data.batch.keys():
+            sign = (data.meta_info or {}).get("rhythm_sign") or (auto_config() or RhythmCreditConfig()).sign
+            apply_rhythm_gamma(data, sign=sign)
+        return data
+
+    compute_advantage.__rhythm_wrapped__ = True
+    compute_advantage.__rhythm_original__ = fn
+    return compute_advantage
+
+
+# ---- v1 driver: PPOTrainer._compute_old_log_prob, _compute_advantage ------------------------------------------
+
+def wrap_v1_compute_old_log_prob(fn):
+    """v1 ``PPOTrainer._compute_old_log_prob(batch: KVBatchMeta, metrics)`` -> the same, with the request in
+    ``batch.extra_info`` for the actor's call only (the attention strategies)."""
+    if getattr(fn, "__rhythm_wrapped__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def _compute_old_log_prob(self, batch, *args, **kwargs):
+        config = _trainer_config(self)
+        if config is None or not config.needs_scorer:
+            return fn(self, batch, *args, **kwargs)
+        seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0),
+                                call=int(getattr(self, "local_trigger_step", 0) or 0))
+        batch.extra_info[REQUEST_KEY] = _request(config, seed)
+        try:
+            result = fn(self, batch, *args, **kwargs)
+        finally:
+            batch.extra_info.pop(REQUEST_KEY, None)  # the ref / LoRA-ref pass that follows must not record
+        extra = getattr(result, "extra_info", None)
+        if isinstance(extra, dict):
+            extra.pop(REQUEST_KEY, None)
+        return result
+
+    _compute_old_log_prob.__rhythm_wrapped__ = True
+    _compute_old_log_prob.__rhythm_original__ = fn
+    return _compute_old_log_prob
+
+
+def _padded(nested: torch.Tensor, width: int, fill=0) -> torch.Tensor:
+    rows = nested.unbind()
+    out = torch.full((len(rows), width), fill, dtype=nested.dtype)
+    for b, row in enumerate(rows):
+        out[b, : row.shape[0]] = row.cpu()
+    return out
+
+
+def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, seed: int) -> dict:
+    """Multiply the advantages the v1 trainer just wrote to TransferQueue by gamma, once, and write them back.
+
+    Reads ``advantages`` and ``response_mask`` (nested [b, r_b]) and ``rhythm_gamma`` (nested [b, j_b], from the
+    actor workers; attention strategies) or ``entropy`` (nested [b, r_b], from the old-log-prob pass; strategy
+    entropy) for ``batch.keys``. Returns the rhythm/* metrics."""
+    from verl.workers.utils.padding import response_to_nested
+
+    names = ["advantages", "response_mask"]
+    if config.needs_scorer:
+        names.append(GAMMA_KEY)
+    elif config.strategy == "entropy":
+        names.append("entropy")
+    try:
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=names)
+    except Exception as exc:  # noqa: BLE001 - the store's own error for a missing field, made actionable
+        if config.needs_scorer:
+            raise RuntimeError(f"{_NO_WORKER_GAMMA} (reading {names} from TransferQueue failed: {exc})") from exc
+        raise
+    response_mask = data["response_mask"]
+    lengths = response_mask.offsets().diff().long().cpu()
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    advantages = _padded(data["advantages"], width, 0.0)
+    mask = _padded(response_mask, width, 0).bool()
+    span = torch.arange(width)[None, :] < lengths[:, None]  # each response's tokens (tool tokens included)
+    if config.needs_scorer:
+        gamma = response_gamma(data[GAMMA_KEY], lengths, width)
+    elif config.strategy == "entropy":
+        entropy = _padded(data["entropy"], width, 0.0).float()
+        gamma = credit_multipliers(None, None, span, strategy="entropy", entropy=entropy, **config.credit_kwargs(seed))
+    else:
+        gamma = credit_multipliers(None, None, span, strategy="random", **config.credit_kwargs(seed))
+    shaped = {"advantages": advantages, "response_mask": mask}
+    apply_rhythm_gamma(shaped, gamma, sign=config.sign)
+    nested = response_to_nested(shaped["advantages"], response_mask)
+    from tensordict import TensorDict
+
+    tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
+                    fields=TensorDict({"advantages": nested}, batch_size=len(lengths)))
+    count = max(int(mask.sum()), 1)
+    return {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
+            "rhythm/gamma_mean": float((gamma * mask).sum()) / count}
+
+
+def wrap_v1_compute_advantage(fn):
+    """v1 ``PPOTrainer._compute_advantage(batch, metrics)`` -> the estimator, then gamma applied once to the
+    advantages it wrote (:func:`v1_shape_advantages`)."""
+    if getattr(fn, "__rhythm_wrapped__", False):
+        return fn
+
+    @functools.wraps(fn)
+    def _compute_advantage(self, batch, metrics, *args, **kwargs):
+        config = _trainer_config(self)
+        result = fn(self, batch, metrics, *args, **kwargs)
+        if config is None:
+            return result
+        start = time.perf_counter()
+        seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0),
+                                call=int(getattr(self, "local_trigger_step", 0) or 0))
+        tq = sys.modules[V1_TARGET].tq
+        metrics.update(v1_shape_advantages(tq, batch, config, seed=seed))
+        metrics["rhythm/shaping_time_s"] = time.perf_counter() - start
+        return result
+
+    _compute_advantage.__rhythm_wrapped__ = True
+    _compute_advantage.__rhythm_original__ = fn
+    return _compute_advantage
 
 
 # ---- patching -------------------------------------------------------------------------------------------------
@@ -272,12 +472,21 @@ def _unwrap_method(cls, name) -> None:
         setattr(cls, name, original)
 
 
-def _patch_workers(module) -> None:
-    _wrap_method(module.__dict__.get("ActorRolloutRefWorker"), "compute_log_prob", wrap_compute_log_prob)
+_METHODS = {
+    WORKERS_TARGET: [("ActorRolloutRefWorker", "compute_log_prob", wrap_compute_log_prob)],
+    TARGET: [("RayPPOTrainer", "__init__", wrap_trainer_init),
+             ("RayPPOTrainer", "_compute_old_log_prob", wrap_compute_old_log_prob)],
+    V1_TARGET: [("PPOTrainer", "__init__", wrap_trainer_init),
+                ("PPOTrainer", "_compute_old_log_prob", wrap_v1_compute_old_log_prob),
+                ("PPOTrainer", "_compute_advantage", wrap_v1_compute_advantage)],
+}
 
 
 def _patch(module) -> None:
-    _wrap_method(module.__dict__.get("RayPPOTrainer"), "_compute_old_log_prob", wrap_compute_old_log_prob)
+    for cls_name, name, wrapper in _METHODS[module.__name__]:
+        _wrap_method(module.__dict__.get(cls_name), name, wrapper)
+    if module.__name__ != TARGET:
+        return
     original = module.__dict__.get("compute_advantage")
     if original is None or getattr(original, "__rhythm_wrapped__", False):
         return
@@ -298,7 +507,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _PATCHES[module.__name__](module)
+        _patch(module)
 
     def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and inspect
         return getattr(self._loader, name)
@@ -306,7 +515,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in _PATCHES:
+        if name not in _METHODS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -320,29 +529,36 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 
 
 _FINDER = _PostImportFinder()
-_PATCHES = {TARGET: _patch, WORKERS_TARGET: _patch_workers}
+_STATE = {"installed": False}
+
+
+def installed() -> bool:
+    """Whether :func:`install` is in effect in this process."""
+    return _STATE["installed"]
 
 
 def install() -> None:
     """Apply the patches now (modules loaded) or on their import. Safe to call many times."""
-    for name, patch in _PATCHES.items():
+    for name in _METHODS:
         module = sys.modules.get(name)
         if module is not None:
-            patch(module)  # tolerates a module still initializing (what is not defined yet is not patched)
-    if any(name not in sys.modules for name in _PATCHES) and _FINDER not in sys.meta_path:
+            _patch(module)  # tolerates a module still initializing (what is not defined yet is not patched)
+    if any(name not in sys.modules for name in _METHODS) and _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
+    _STATE["installed"] = True
 
 
 def uninstall() -> None:
-    """Undo :func:`install` (tests): restore the original functions, methods and aliases, drop the hook."""
+    """Undo :func:`install`: restore the original functions, methods and aliases, drop the import hook."""
     if _FINDER in sys.meta_path:
         sys.meta_path.remove(_FINDER)
-    workers = sys.modules.get(WORKERS_TARGET)
-    if workers is not None:
-        _unwrap_method(workers.__dict__.get("ActorRolloutRefWorker"), "compute_log_prob")
+    _STATE["installed"] = False
+    for name, methods in _METHODS.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            for cls_name, method, _ in methods:
+                _unwrap_method(module.__dict__.get(cls_name), method)
     module = sys.modules.get(TARGET)
-    if module is not None:
-        _unwrap_method(module.__dict__.get("RayPPOTrainer"), "_compute_old_log_prob")
     wrapped = module.__dict__.get("compute_advantage") if module is not None else None
     original = getattr(wrapped, "__rhythm_original__", None)
     if original is None:
@@ -351,6 +567,3 @@ def uninstall() -> None:
         namespace = getattr(other, "__dict__", None)
         if isinstance(namespace, dict) and namespace.get("compute_advantage") is wrapped:
             namespace["compute_advantage"] = original
-
-
-install()

@@ -1,0 +1,230 @@
+"""verl's trainers with the hooks installed: gamma recorded inside the actor's own old-log-prob forward.
+
+verl 0.9.1's real methods run on stand-in objects (tests/verl_standins.py): the actor's
+``ActorRolloutRefWorker.compute_log_prob`` -> ``TrainingWorker.infer_batch`` -> ``FSDPEngineWithLMHead``'s
+``forward_backward_batch`` / ``forward_step`` over a tiny fp32 Llama (world size 1 gloo, no FSDP, CPU), the
+legacy ``RayPPOTrainer._compute_old_log_prob`` and ``compute_advantage``, and the v1 ``PPOTrainer``'s
+``_compute_old_log_prob`` / ``_compute_advantage`` over a dict-backed stand-in of TransferQueue.
+Oracle: the separate-pass scorer, every sequence scored alone (``per_row_gamma``), and verl's plain advantages.
+"""
+import json
+
+import pytest
+
+verl = pytest.importorskip("verl")
+pytest.importorskip("tensordict")
+
+import torch  # noqa: E402
+
+from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
+from rhythm.integrations.verl import response_gamma  # noqa: E402
+
+from .verl_standins import (P_MAX, R_MAX, RESPONSE_LENS, SMALL, SMALL_ENV, StandInWorkerGroup,  # noqa: E402
+                            algo_config, cpu_device, engine_worker, ensure_process_group, per_row_gamma,
+                            plain_advantages, tiny_llama, verl_batch)
+
+CFG = RhythmCreditConfig(strategy="coupled", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def ray_trainer():
+    try:
+        from verl.trainer.ppo import ray_trainer as module
+        from verl.workers import engine_workers  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"verl's legacy trainer / engine workers do not import: {exc}")
+    return module
+
+
+@pytest.fixture
+def hooks(ray_trainer, monkeypatch):
+    from rhythm.integrations import verl_hooks
+
+    ensure_process_group()
+    cpu_device(monkeypatch)
+    monkeypatch.delenv("RHYTHM_CREDIT", raising=False)
+    monkeypatch.setenv("RHYTHM_CREDIT_CONFIG", SMALL_ENV % "coupled")
+    verl_hooks.install()
+    yield verl_hooks
+    verl_hooks.uninstall()
+
+
+def _no_padding(data, request: RhythmCreditConfig | None = None):
+    """The TensorDict the legacy driver sends to compute_log_prob (its steps 1-3)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    td = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False, temperature=1.0)
+    if request is not None:
+        tu.assign_non_tensor(td, rhythm_credit=json.dumps({"config": request.to_dict(), "seed": 0}))
+    return td
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("use_remove_padding,use_dynamic_bsz", [(True, False), (False, False), (True, True)])
+def test_worker_records_gamma_inside_its_log_prob_forward(model, hooks, use_remove_padding, use_dynamic_bsz):
+    """The actor's real compute_log_prob, asked for gamma: the same number of model forwards as without it,
+    the same log-probs and entropies (fp32: within 1e-5; the sampled layers' attention comes from the fused
+    metrics pass instead of sdpa), and rhythm_gamma equal to the separate-pass scorer's, in verl's
+    remove-padding and padded layouts and with dynamic micro-batches (reordered, then restored by verl)."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    worker = engine_worker(model, use_remove_padding=use_remove_padding, use_dynamic_bsz=use_dynamic_bsz)
+    calls, handle = _count_forwards(model)
+    try:
+        plain = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
+        plain_calls = len(calls)
+        request = _no_padding(verl_batch(), CFG)
+        fused = ActorRolloutRefWorker.compute_log_prob(worker, request)
+    finally:
+        handle.remove()
+    assert len(calls) == 2 * plain_calls  # no extra pass: one forward per micro-batch, as without gamma
+    assert plain_calls == (3 if not use_dynamic_bsz else plain_calls) and plain_calls >= 2
+    assert "rhythm_credit" not in request.keys() and "rhythm_gamma" not in plain.keys()
+    for name in ("log_probs", "entropy"):
+        torch.testing.assert_close(fused[name].values(), plain[name].values(), rtol=0, atol=1e-5)
+    lengths = verl_batch().batch["attention_mask"][:, -R_MAX:].sum(-1)
+    gamma = response_gamma(fused["rhythm_gamma"], lengths, R_MAX)
+    torch.testing.assert_close(gamma, per_row_gamma(model, verl_batch(), CFG), rtol=0, atol=0)
+    assert bool((gamma > 1).any())
+    assert fused["metrics"]["rhythm/credit_time_s"] > 0
+
+
+def test_worker_without_request_is_untouched(model, hooks):
+    """No request (the ref pass, the LoRA ref pass, credit off): verl's method runs exactly as it is."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    worker = engine_worker(model, use_remove_padding=True)
+    engine = worker.actor.engine
+    output = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
+    assert "rhythm_gamma" not in output.keys() and "_rhythm_scorer" not in worker.__dict__
+    assert "forward_step" not in vars(engine)  # the engine's own method, not left patched
+
+
+class StandInLegacyTrainer:
+    """What RayPPOTrainer._compute_old_log_prob reads from ``self``, with a ``rhythm`` block in its config."""
+
+    def __init__(self, worker_group, rhythm=None):
+        from omegaconf import OmegaConf
+
+        self.actor_rollout_wg, self.global_steps = worker_group, 3
+        config = {"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}
+        if rhythm is not None:
+            config["rhythm"] = rhythm
+        self.config = OmegaConf.create(config)
+
+
+def _legacy_step(ray_trainer, trainer, batch):
+    """The legacy fit loop around the old-log-prob pass: _compute_old_log_prob, pop entropys, union."""
+    old_log_prob, _ = ray_trainer.RayPPOTrainer._compute_old_log_prob(trainer, batch)
+    assert old_log_prob.batch["old_log_probs"].shape == batch.batch["responses"].shape
+    entropys = old_log_prob.batch.pop("entropys")
+    return batch.union(old_log_prob), entropys
+
+
+def _with_flops(worker):
+    """The driver reads metrics['mfu']: a flops counter (verl builds one from the model config)."""
+    worker.actor.flops_counter = type("Flops", (), {"estimate_flops": lambda self, n, t, **k: (1.0, 2.0)})()
+    return worker
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False])
+def test_legacy_trainer_shapes_advantages_once_with_gamma_from_the_forward(model, hooks, ray_trainer,
+                                                                          use_remove_padding):
+    """Real RayPPOTrainer._compute_old_log_prob over two dp ranks of real workers, configured by the Hydra
+    ``rhythm`` block (which wins over $RHYTHM_CREDIT_CONFIG), then the real compute_advantage: advantages =
+    GRPO's * gamma, once, also when compute_advantage runs again on the same batch."""
+    workers = [_with_flops(engine_worker(model, use_remove_padding=use_remove_padding, micro_batch_size=3))
+               for _ in range(2)]
+    hooks_env = SMALL_ENV % "local"  # the env says local: the Hydra block (coupled) must win
+    import os
+
+    os.environ["RHYTHM_CREDIT_CONFIG"] = hooks_env
+    trainer = StandInLegacyTrainer(StandInWorkerGroup(workers), rhythm={"strategy": "coupled", "window": 4,
+                                                                       "horizon": [2, 100], "sign": "both"})
+    data = verl_batch()
+    data.meta_info.update(global_token_num=data.batch["attention_mask"].sum(-1).tolist(), temperature=1.0)
+    batch, _ = _legacy_step(ray_trainer, trainer, data)
+    expected = per_row_gamma(model, verl_batch(), CFG)
+    torch.testing.assert_close(batch.batch["rhythm_gamma"], expected, rtol=0, atol=0)
+    assert all(len(w.actor.engine.__dict__) and "forward_step" not in vars(w.actor.engine) for w in workers)
+    base = plain_advantages(ray_trainer)
+    for _ in range(2):  # recomputed advantages carry gamma once, never squared
+        batch = ray_trainer.compute_advantage(batch, adv_estimator="grpo", config=algo_config("grpo"))
+        torch.testing.assert_close(batch.batch["advantages"], base * expected)
+    mask = verl_batch().batch["response_mask"].bool()
+    assert bool((base[mask] != 0).any()) and bool((expected[mask] > 1).any())
+    assert batch.meta_info["metrics"]["rhythm/frac_amplified"] > 0
+
+
+def test_legacy_trainer_without_hooked_workers_fails_loudly(model, hooks, ray_trainer):
+    """Hooks on the driver but not in the workers: a clear error, never plain GRPO in silence."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    worker = _with_flops(engine_worker(model, use_remove_padding=True, micro_batch_size=3))
+    bare = StandInWorkerGroup([worker], method=ActorRolloutRefWorker.compute_log_prob.__rhythm_original__)
+    data = verl_batch()
+    data.meta_info.update(global_token_num=data.batch["attention_mask"].sum(-1).tolist(), temperature=1.0)
+    with pytest.raises(RuntimeError, match="external_lib"):
+        _legacy_step(ray_trainer, StandInLegacyTrainer(bare), data)
+
+
+@pytest.mark.parametrize("rhythm,env,match", [
+    ({"strategy": "coupled", "windw": 4}, {}, r"unknown key\(s\) \['windw'\]"),
+    ({"q": 0}, {}, "q must be in"),
+    ({"enable": "yes"}, {}, "rhythm.enable must be true or false"),
+    (None, {"RHYTHM_CREDIT_CONFIG": '{"strategy": "best"}'}, "strategy must be one of"),
+    (None, {"RHYTHM_CREDIT_CONFIG": '{strategy: coupled}'}, "must be a JSON object"),
+])
+def test_trainer_init_validates_the_config_before_any_work(ray_trainer, hooks, monkeypatch, rhythm, env, match):
+    """The real RayPPOTrainer(config=...) refuses a bad rhythm block / environment in its (wrapped) __init__,
+    before verl's own __init__ runs (which would need workers, tokenizer, ...)."""
+    from omegaconf import OmegaConf
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = {"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}
+    if rhythm is not None:
+        config["rhythm"] = rhythm
+    with pytest.raises(ValueError, match=match):
+        ray_trainer.RayPPOTrainer(config=OmegaConf.create(config))
+
+
+def test_config_sources_and_switches(hooks, monkeypatch):
+    """The Hydra block wins over the environment; enable=false / RHYTHM_CREDIT=0 turn the credit off."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("RHYTHM_CREDIT_CONFIG", SMALL_ENV % "local")
+    assert hooks.resolve_config(OmegaConf.create({})).strategy == "local"
+    block = OmegaConf.create({"rhythm": {"strategy": "global", "sign": "positive", "horizon": [2, None]}})
+    config = hooks.resolve_config(block)
+    assert (config.strategy, config.sign, config.horizon, config.window) == ("global", "positive", (2, None), 10)
+    assert hooks.resolve_config(OmegaConf.create({"rhythm": {"enable": False}})) is None
+    monkeypatch.setenv("RHYTHM_CREDIT", "0")
+    assert hooks.resolve_config(block) is None
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"algorithm": {"rollout_correction": {"bypass_mode": True}}}, "bypass_mode"),
+    ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}}}, "strategy='megatron'"),
+    ({"actor_rollout_ref": {"actor": {"strategy": "fsdp", "ulysses_sequence_parallel_size": 2}}},
+     "ulysses_sequence_parallel_size=1"),
+])
+def test_modes_without_a_log_prob_forward_are_refused(hooks, override, match):
+    """Modes where no gamma could be recorded fail at trainer construction with what to set."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"rhythm": {"strategy": "coupled"}, **override})
+    with pytest.raises(ValueError, match=match):
+        hooks.check_run_mode(config, hooks.resolve_config(config))
