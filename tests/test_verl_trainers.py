@@ -181,8 +181,8 @@ def test_legacy_trainer_without_hooked_workers_fails_loudly(model, hooks, ray_tr
 
 
 @pytest.mark.parametrize("rhythm,env,match", [
-    ({"strategy": "coupled", "windw": 4}, {}, r"unknown key\(s\) \['windw'\]"),
-    ({"q": 0}, {}, "q must be in"),
+    ({"strategy": "coupled", "windw": 4}, {}, r"no setting 'windw' \(did you mean 'window'\?\)"),
+    ({"q": 0}, {}, r"RhythmCreditConfig.q must be a number in \(0, 1\]"),
     ({"enable": "yes"}, {}, "rhythm.enable must be true or false"),
     (None, {"RHYTHM_CREDIT_CONFIG": '{"strategy": "best"}'}, "strategy must be one of"),
     (None, {"RHYTHM_CREDIT_CONFIG": '{strategy: coupled}'}, "must be a JSON object"),

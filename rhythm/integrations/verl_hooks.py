@@ -48,8 +48,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
-
 import torch
 
 from ..credit import credit_multipliers
@@ -94,13 +92,8 @@ def auto_config() -> RhythmCreditConfig | None:
 
 
 def _build_config(values, where: str) -> RhythmCreditConfig:
-    if not isinstance(values, dict):
-        raise ValueError(f"{where} must be a mapping of RhythmCreditConfig fields, got {type(values).__name__}")
-    known = {f.name for f in fields(RhythmCreditConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known | {'enable'})}")
-    return RhythmCreditConfig(**values)
+    """The one definition of the knobs (rhythm.config) checks names, types and ranges."""
+    return RhythmCreditConfig.from_mapping(values, where=where)
 
 
 def resolve_config(trainer_config=None) -> RhythmCreditConfig | None:
