@@ -4,7 +4,7 @@
 # PNG report in reports/). Extra arguments go to `rhythm analyze` (see --help).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/bootstrap.sh"
+bash "$root/scripts/bootstrap.sh" main
 cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 exec "$root/.venv/bin/rhythm" analyze "$@"
