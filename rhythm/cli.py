@@ -1,7 +1,8 @@
 """The ``rhythm`` command line.
 
-    rhythm analyze [--model PATH] [--prompt TEXT] [--max-new-tokens 200] [--out reports/]
-        chat template -> greedy generation -> scoring -> terminal view + HTML/PNG/JSON report.
+    rhythm analyze [--model PATH] [--prompt TEXT | --input rollouts.jsonl --id X] [--out reports/]
+        chat template -> greedy generation (or an existing rollout and its GRPO group) -> scoring -> terminal
+        view + a self-contained HTML report, PNG curves and the numbers as JSON.
     rhythm score --input rollouts.jsonl|- --output out.jsonl|out.parquet|- [--model PATH]
         batch scoring of rollouts into per-token signals and gammas; resumable by row id.
 
@@ -183,39 +184,108 @@ def _terminal_view(report, colour: bool) -> str:
     return "\n".join(lines)
 
 
+def _analyze_rollouts(args):
+    """(rows of the selected rollout's GRPO group, index of the selected row) from ``--input`` / ``--id``, or
+    (None, None) without ``--input``. Checked before any model loads."""
+    from .rollouts import group_of
+    from .score_rows import RowError, read_rows
+
+    if args.input is None:
+        if args.id is not None:
+            raise UsageError("--id needs --input (the rollouts file to take it from)")
+        return None, None
+    if args.prompt is not None:
+        raise UsageError("--prompt and --input exclude each other: analyze a new generation or an existing rollout")
+    src = Path(args.input)
+    if not src.is_file():
+        raise UsageError(f"--input {src} does not exist or is not a file")
+    try:
+        rows, _ = read_rows(src.read_bytes(), str(src))
+    except RowError as e:
+        raise UsageError(str(e)) from None
+    if args.id is None:
+        if len(rows) != 1:
+            raise UsageError(f"--input {src} holds {len(rows)} rollouts: choose one with --id")
+        chosen = rows[0]
+    else:
+        matches = [r for r in rows if str(r.id) == args.id]
+        if not matches:
+            raise UsageError(f"--id {args.id!r} is not in {src} ({len(rows)} rows)")
+        chosen = matches[0]
+    group = group_of(rows, chosen)
+    return group, next(i for i, r in enumerate(group) if r is chosen)
+
+
+def _trainer_batch(pairs, pad: int):
+    """input_ids, attention_mask, response_mask [B, P + R] in the trainer layout (prompt left-padded, response
+    right-padded) for (prompt_ids, response_ids) pairs."""
+    import torch
+
+    from .scorer import trainer_response_mask
+
+    p_len, r_len = max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
+    ids = torch.full((len(pairs), p_len + r_len), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
+        ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, p_len - len(p): p_len + len(r)] = 1
+    return ids, mask, trainer_response_mask(mask, r_len)
+
+
+def _token_strings(tokenizer, ids) -> list[str]:
+    return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
 def cmd_analyze(args) -> int:
     _check_common(args)
     _check_writable_dir(Path(args.out), "--out", create=True)
-    import torch
-
+    group_rows, index = _analyze_rollouts(args)
     from .report import SequenceReport, write_report
+    from .rollouts import attach_bands, attach_group
+    from .score_rows import RowError
 
     t0 = time.time()
     model, tokenizer = _load(args)
-    prompt = args.prompt or DEFAULT_PROMPT
-    prompt_ids = _chat_ids(tokenizer, prompt)
     t1 = time.time()
-    response_ids = _generate(model, tokenizer, prompt_ids, args.max_new_tokens, args)
+    if group_rows is None:
+        prompt = args.prompt or DEFAULT_PROMPT
+        prompt_ids = _chat_ids(tokenizer, prompt)
+        response_ids = _generate(model, tokenizer, prompt_ids, args.max_new_tokens, args)
+        pairs, index = [(prompt_ids[0].tolist(), response_ids[0].tolist())], 0
+        source = {"prompt": prompt}
+    else:
+        try:
+            pairs = _tokenize_rows(group_rows, tokenizer, args.chat_template, args.input)
+            _check_rows_fit(group_rows, pairs, model.get_input_embeddings().num_embeddings, None, args.input)
+        except RowError as e:
+            raise UsageError(str(e)) from None
+        source = {"input": f"{args.input} (id {group_rows[index].id})"}
     t2 = time.time()
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    response = torch.zeros_like(ids, dtype=torch.bool)
-    response[:, prompt_ids.shape[1]:] = True
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids, mask, response = _trainer_batch(pairs, pad)
     scorer = _scorer(model, args)
-    with _progress(args, total=1, desc="scoring", unit="seq", leave=False) as bar:
-        scores = scorer.score(ids, None, response, with_entropy=True, progress=bar.update)
-    t3 = time.time()
-    tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
-    tokens = [tokenizer.convert_tokens_to_string([t]) for t in tokens]
+    with _progress(args, total=len(pairs), desc="scoring", unit="seq", leave=False) as bar:
+        scores = scorer.score(ids, mask, response, with_entropy=True, progress=bar.update)
+    _, start, end, _ = scores.segments[index]
+    tokens = _token_strings(tokenizer, ids[index, start:end].tolist())
+    prompt_ids, response_ids = pairs[index]
     meta = {"title": "Preplan-and-anchor rhythm", "model": args.model or "SmolLM2-135M-Instruct (bundled GGUF)",
-            "prompt": prompt, "tokens": f"{prompt_ids.shape[1]} prompt + {response_ids.shape[1]} response",
+            **source, "tokens": f"{len(prompt_ids)} prompt + {len(response_ids)} response",
             "heads per layer": scorer.heads_per_layer,
-            "timings": f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s, score {t3 - t2:.2f}s",
             "settings": ", ".join(f"{name}={value}" for name, value in _scorer_settings(args).items())}
-    report = SequenceReport.from_scores(scores, tokens, meta=meta)
+    report = SequenceReport.from_scores(scores, tokens, index=index, meta=meta)
+    attach_bands(report, model, scorer, prompt_ids + response_ids, len(prompt_ids))
+    t3 = time.time()
+    if group_rows is not None and len(group_rows) > 1:
+        note = attach_group(report, group_rows, index, scores, [_token_strings(tokenizer, r) for _, r in pairs])
+        if note:
+            report.meta["group"] = note
+    report.meta["timings"] = f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s, score {t3 - t2:.2f}s"
     paths = write_report(report, args.out, stem=args.name)
     colour = not args.no_color and sys.stdout.isatty()
     print(_terminal_view(report, colour))
-    print(f"\nreport: {paths['html']}\nplot:   {paths['png']}\n({meta['timings']})")
+    print(f"\nreport: {paths['html']}\nplot:   {paths['png']}\n({report.meta['timings']})")
     return 0
 
 
@@ -341,19 +411,10 @@ def _check_rows_fit(rows, pairs, vocab_size, max_positions, name: str) -> None:
 
 def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
-    import torch
+    from .scorer import to_response_tensor
 
-    from .scorer import to_response_tensor, trainer_response_mask
-
-    p_len = max(len(p) for p, _ in pairs)
+    ids, mask, response = _trainer_batch(pairs, pad)
     r_len = max(len(r) for _, r in pairs)
-    ids = torch.full((len(chunk), p_len + r_len), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(pairs):
-        ids[i, p_len - len(p): p_len] = torch.tensor(p, dtype=torch.long)
-        ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, p_len - len(p): p_len + len(r)] = 1
-    response = trainer_response_mask(mask, r_len)
     scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
     columns = {"waad": scores.waad, "fai": scores.fai, "fai_valid": scores.fai_valid}
     columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies})
@@ -435,6 +496,13 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _add_chat_template(p) -> None:
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
+                   help="text prompts go through the tokenizer's chat template as one user message, as in "
+                        "`rhythm analyze` (default: on; use --no-chat-template for already templated prompt text; "
+                        "token-id rows are used as given)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rhythm", description="Attention rhythm (WAAD / FAI) of LLM responses")
     parser.add_argument("--version", action="version", version=f"rhythm {_version()}")
@@ -442,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="generate a response and show its preplan-and-anchor rhythm")
     _add_common(a)
     a.add_argument("--prompt", default=None, help="user prompt (default: a grade-school math problem)")
+    a.add_argument("--input", default=None, help="analyze an existing rollout from this JSONL file (rows as for "
+                   "`rhythm score`, optionally with 'reward', 'advantage', 'group') instead of generating one")
+    a.add_argument("--id", default=None, help="id of the rollout in --input; the report adds its GRPO group "
+                   "(the rows with the same prompt, or the same 'group')")
+    _add_chat_template(a)
     a.add_argument("--max-new-tokens", type=knobs._text_parser(knobs.Knob(
         "max_new_tokens", 200, "an int >= 1", "", knobs.integer(1), "int")), default=200,
         help="tokens to generate (default: 200)")
@@ -458,10 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategies", type=_parse_strategies, default=("coupled", "local", "global"),
                    help=f"comma list of gamma strategies from {', '.join(knobs.STRATEGIES)} "
                         "(default: coupled,local,global)")
-    s.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True,
-                   help="text prompts go through the tokenizer's chat template as one user message, as in "
-                        "`rhythm analyze` (default: on; use --no-chat-template for already templated prompt text; "
-                        "token-id rows are used as given)")
+    _add_chat_template(s)
     s.set_defaults(func=cmd_score)
     return parser
 

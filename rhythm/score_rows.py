@@ -12,7 +12,7 @@ each appears once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class RowError(ValueError):
@@ -27,12 +27,14 @@ class InputRow:
     response: str | None = None
     prompt_ids: list[int] | None = None   # token rows
     response_ids: list[int] | None = None
+    extra: dict = field(default_factory=dict)   # the row's other keys (e.g. reward, advantage, group)
 
     @property
     def is_text(self) -> bool:
         return self.prompt is not None
 
 
+ROW_KEYS = ("id", "prompt", "response", "prompt_ids", "response_ids")
 ID_KINDS = ("line", "int", "str")      # how a run's ids were made (stored with the output)
 
 
@@ -60,6 +62,7 @@ def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
         if not isinstance(obj, dict):
             raise RowError(f"{where}: expected a JSON object (one row per line), got {_json_kind(obj)}")
         row = _parse_row(obj, where, number)
+        row.extra = {key: value for key, value in obj.items() if key not in ROW_KEYS}
         if "id" in obj:
             with_id = with_id or number
             kind = type(row.id)

@@ -113,6 +113,12 @@ class RhythmScores:
             gamma = from_rows(gamma, self.segments, self.waad.shape, fill=1.0)
         return gamma
 
+    def _repr_html_(self) -> str:
+        """Notebook view: head groups, top anchors / preplan tokens with their values, WAAD / FAI strips."""
+        from .report_html import scores_html
+
+        return scores_html(self)
+
     def selection(self, **overrides):
         """The preplan / anchor / dominated / intro masks (``rhythm.selection.rhythm_selection``) in the
         padded layout [n_seq, L] (for a padded batch: [B, T], the input layout)."""

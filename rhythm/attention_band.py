@@ -1,0 +1,112 @@
+"""Exact attention probabilities on a band of diagonals, from q, k and lse (never a T x T map).
+
+The report's pictures of the head groups (docs/definitions.md sections 2-3) need A[t, s] only near the
+diagonal: the local heads' look-back over the last few dozen keys, and the global heads' horizon band
+H_lo <= t - s <= H_hi whose column means are FAI. Given the row normaliser lse from the metrics pass, every
+entry of such a band is one dot product:
+
+    A[t, s] = exp(S'[t, s] - lse[t])   S' = scale * q_t . k_s (softcapped when the layer says so)
+
+so a band of width w costs O(T * w * D) per head and O(T * w) memory.
+
+:class:`QKCapture` is the capture that also keeps the post-RoPE q and k of the sampled layers (for the analyze
+path: one short sequence).
+"""
+from __future__ import annotations
+
+import torch
+
+from .capture import Capture
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, lags: range, scale: float,
+                   anchor: str = "query", layer=None) -> torch.Tensor:
+    """A on the diagonals t - s in ``lags`` of one sequence.
+
+    Args:
+        q: [H, T, D] queries of H heads (post-RoPE). k: [H, T, D] the key of each of those heads (a GQA key
+            head repeated or indexed for its query heads). lse: [H, T] the rows' natural-log normaliser
+            (``AttentionMetrics.lse``; with attention sinks it already holds the sink term).
+        lags: the lags t - s >= 0 to return, e.g. range(64) or range(H_lo, H_hi + 1).
+        scale: the softmax scale. anchor: "query" -> out[h, t, j] = A[t, t - lags[j]];
+            "key" -> out[h, s, j] = A[s + lags[j], s].
+        layer: a LayerAttention-like object (softcap, sliding_window, chunk_size read with getattr) or None.
+    Returns:
+        float32 [H, T, len(lags)], 0 where the other end falls outside [0, T) or the key is invisible.
+    """
+    if anchor not in ("query", "key"):
+        raise ValueError(f"anchor must be 'query' or 'key', got {anchor!r}")
+    if q.dim() != 3 or k.shape != q.shape or tuple(lse.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"q, k must be [H, T, D] and lse [H, T], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(lse.shape)}")
+    heads, length, _ = q.shape
+    softcap = getattr(layer, "softcap", None)
+    window = getattr(layer, "sliding_window", None)
+    chunk = getattr(layer, "chunk_size", None)
+    q, k, lse = q.float(), k.float(), lse.float()
+    out = torch.zeros(heads, length, len(lags), dtype=torch.float32, device=q.device)
+    for j, lag in enumerate(lags):
+        if lag < 0:
+            raise ValueError(f"lags must be >= 0, got {lag}")
+        if lag >= length or (window is not None and lag >= window):
+            continue
+        # rows t = lag..T-1 against keys s = t - lag: S = scale * q_t . k_s, A = exp(S' - lse[t])
+        scores = scale * (q[:, lag:] * k[:, : length - lag]).sum(-1)
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
+        probs = torch.exp(scores - lse[:, lag:])
+        if chunk:
+            t = torch.arange(lag, length, device=q.device)
+            probs = torch.where(t // chunk == (t - lag) // chunk, probs, 0.0)
+        if anchor == "query":
+            out[:, lag:, j] = probs
+        else:
+            out[:, : length - lag, j] = probs
+    return out
+
+
+def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range, anchor: str = "query",
+               rows: slice | None = None, layers: dict | None = None) -> torch.Tensor:
+    """Mean over ``heads`` ((layer, head) pairs) of :func:`band_attention` on sequence 0 of a capture.
+
+    qk: layer -> (query [1, Hq, T, D], key [1, Hkv, T, D], scale) as :class:`QKCapture` keeps them.
+    lse: layer -> [1, Hq, T]. rows: the query rows that count (others set to 0), e.g. the response rows for
+    the FAI band. layers: layer -> LayerAttention (or None). Returns float32 [T, len(lags)].
+    """
+    total = None
+    for layer, head in heads:
+        query, key, scale = qk[layer]
+        group = query.shape[1] // key.shape[1]
+        band = band_attention(query[0, head][None], key[0, head // group][None], lse[layer][0, head][None],
+                              lags=lags, scale=scale, anchor=anchor,
+                              layer=None if layers is None else layers.get(layer))[0]
+        if rows is not None:
+            keep = torch.zeros(band.shape[0], dtype=torch.bool)
+            keep[rows] = True
+            if anchor == "query":
+                band = torch.where(keep[:, None], band, 0.0)
+            else:  # out[s, j] is row s + lags[j]
+                row_of = torch.arange(band.shape[0])[:, None] + torch.tensor(list(lags))[None, :]
+                inside = row_of < band.shape[0]
+                band = torch.where(inside & keep[row_of.clamp(max=band.shape[0] - 1)], band, 0.0)
+        total = band if total is None else total + band
+    return total / max(1, len(heads))
+
+
+class QKCapture(Capture):
+    """A :class:`rhythm.capture.Capture` that also keeps the post-RoPE query and unrepeated key of every
+    sampled layer: ``self.qk[layer] = (query [B, Hq, T, D], key [B, Hkv, T, D], scale)`` (detached)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def _attention_forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           is_causal=None, **kwargs):
+        context = self._context
+        layer = getattr(module, "layer_idx", None)
+        if context is not None and layer is not None and int(layer) in context.layers:
+            scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+            self.qk[int(layer)] = (query.detach(), key.detach(), scale)
+        return super()._attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)

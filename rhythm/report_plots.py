@@ -1,0 +1,91 @@
+"""The report's pictures as PNG bytes (matplotlib, Agg backend): WAAD/FAI curves and the head groups'
+attention bands."""
+from __future__ import annotations
+
+import io
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _label(token: str) -> str:
+    return repr(token)[1:-1][:12]
+
+
+def curves_png(report) -> bytes:
+    """WAAD (local heads) and FAI (global heads) over the response, preplan tokens and anchors marked."""
+    plt = _pyplot()
+    waad, fai = report.response("waad"), report.response("fai")
+    valid = report.response("fai_valid")
+    preplan, anchor = report.response("preplan"), report.response("anchor")
+    x = list(range(len(waad)))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 6), sharex=True)
+    ax1.plot(x, waad, color="#1f5fbf", lw=1.2, label="WAAD (local heads)")
+    px = [i for i in x if preplan[i]]
+    ax1.scatter(px, [waad[i] for i in px], color="#d62728", s=18, zorder=3, label="preplan (top-q |ΔWAAD|)")
+    ax1.set_ylabel("WAAD")
+    ax1.legend(loc="upper right", fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax2.plot(x, [f if v else float("nan") for f, v in zip(fai, valid)], color="#e07b00", lw=1.2,
+             label="FAI (global heads)")
+    ax_ = [i for i in x if anchor[i]]
+    ax2.scatter(ax_, [fai[i] for i in ax_], color="#2ca02c", s=22, marker="^", zorder=3, label="anchor (top-q FAI)")
+    for i, token, f in report.strongest_anchors(5):
+        ax2.annotate(_label(token), (i, f), fontsize=7, xytext=(2, 4), textcoords="offset points")
+    ax2.set_ylabel("FAI")
+    ax2.set_xlabel("response token index")
+    ax2.legend(loc="upper right", fontsize=8)
+    ax2.grid(alpha=0.3)
+    title = report.meta.get("title", "Preplan-and-anchor rhythm")
+    fig.suptitle(f"{title} — layers {report.layers}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def bands_png(report) -> bytes | None:
+    """Two heatmaps over the response: the local group's attention on the first lags below the diagonal
+    (row t, lag t - s), and the global group's horizon band by key column (column s, lag t - s), whose column
+    means over the response rows are FAI. None when the report carries no bands."""
+    if report.local_band is None or report.fai_band is None:
+        return None
+    import numpy as np
+
+    plt = _pyplot()
+    r0 = report.response_start
+    local = np.asarray(report.local_band, dtype=float)[r0:].T          # [lag, response t]
+    columns = np.asarray(report.fai_band, dtype=float)[r0:].T          # [lag - H_lo, response s]
+    h_lo = report.horizon[0]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
+    vmax = max(float(local[1:].max()) if local.shape[0] > 1 else 0.0, 1e-6)
+    im1 = ax1.imshow(local, aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=vmax, interpolation="nearest")
+    ax1.set_ylabel("lag t - s")
+    ax1.set_title(f"Local heads ({len(report.local_heads)}): attention A[t, t - lag] near the diagonal "
+                  f"(colour capped at the largest off-diagonal value)", fontsize=9)
+    fig.colorbar(im1, ax=ax1, pad=0.01)
+    for i in [i for i, p in enumerate(report.response("preplan")) if p]:
+        ax1.axvline(i, color="#d62728", lw=0.5, alpha=0.35)
+    im2 = ax2.imshow(columns, aspect="auto", origin="lower", cmap="Oranges", vmin=0,
+                     vmax=max(float(columns.max()), 1e-6), interpolation="nearest",
+                     extent=(-0.5, columns.shape[1] - 0.5, h_lo - 0.5, h_lo + columns.shape[0] - 0.5))
+    ax2.set_ylabel("lag t - s")
+    ax2.set_xlabel("response token index (query row t above, key column s below)")
+    ax2.set_title(f"Global heads ({len(report.global_heads)}): A[s + lag, s] by key column s, response rows "
+                  f"only (column mean = FAI); anchors marked", fontsize=9)
+    fig.colorbar(im2, ax=ax2, pad=0.01)
+    for i in [i for i, a in enumerate(report.response("anchor")) if a]:
+        ax2.axvline(i, color="#2ca02c", lw=0.5, alpha=0.35)
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,99 @@
+"""What ``rhythm analyze --input rollouts.jsonl --id X`` adds to a report: the GRPO group of the rollout
+(completions of the same prompt, their rewards, advantages and advantage x gamma per token) and the head
+groups' exact attention bands (from q, k and lse of one extra early-stopped pass)."""
+from __future__ import annotations
+
+import math
+
+from .report import GroupMember, SequenceReport
+
+# GRPO's group normalisation as TRL's GRPOTrainer does it (scale_rewards="group"):
+#   A_i = (r_i - mean_j r_j) / (std_j r_j + EPS), std with Bessel's correction (torch.std's default).
+ADVANTAGE_EPS = 1e-4
+LOCAL_BAND_WIDTH = 64
+
+
+def group_of(rows: list, chosen) -> list:
+    """The rows (``rhythm.score_rows.InputRow``) of ``chosen``'s GRPO group, in file order: the same ``group``
+    value when ``chosen`` has one, otherwise the same prompt (text, or token ids)."""
+    if "group" in chosen.extra:
+        return [r for r in rows if r.extra.get("group") == chosen.extra["group"]]
+
+    def prompt_key(row):
+        return ("text", row.prompt) if row.is_text else ("ids", tuple(row.prompt_ids))
+
+    key = prompt_key(chosen)
+    return [r for r in rows if prompt_key(r) == key]
+
+
+def grpo_advantages(rewards: list[float]) -> list[float]:
+    """A_i = (r_i - mean r) / (std r + 1e-4) with the unbiased std (0 for a group of one)."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
+    return [(r - mean) / (std + ADVANTAGE_EPS) for r in rewards]
+
+
+def _number(row, name: str):
+    value = row.extra.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def attach_group(report: SequenceReport, rows: list, index: int, scores, response_tokens: list[list[str]],
+                 strategy: str = "coupled") -> str | None:
+    """Fill ``report.group`` from the scored group (``scores`` of ``rows`` in that order). Advantages: the rows'
+    ``advantage`` values when every row has one, else GRPO's from their ``reward`` values. Returns a note
+    when the group view cannot be drawn (no rewards), else None."""
+    rewards = [_number(r, "reward") for r in rows]
+    given = [_number(r, "advantage") for r in rows]
+    if all(a is not None for a in given):
+        advantages = given
+    elif all(r is not None for r in rewards):
+        advantages = grpo_advantages(rewards)
+    else:
+        return (f"{len(rows)} rows share this prompt, but not all carry a numeric 'reward' (or 'advantage'): "
+                "no group view")
+    gamma = scores.gamma(strategy)
+    members = []
+    for i, row in enumerate(rows):
+        b, _, end, resp = scores.segments[i]
+        members.append(GroupMember(id=str(row.id), tokens=response_tokens[i],
+                                   reward=rewards[i] if rewards[i] is not None else float("nan"),
+                                   advantage=advantages[i], gamma=gamma[b, resp:end].tolist(), selected=i == index))
+    report.group, report.group_strategy = members, strategy
+    return None
+
+
+def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_length: int) -> None:
+    """Fill ``report.local_band`` (H_loc, lags 0..63, by query row) and ``report.fai_band`` (H_glob, the FAI
+    horizon's lags, by key column, response rows only) from one early-stopped pass over the sequence alone
+    that keeps q and k of the sampled layers (:class:`rhythm.attention_band.QKCapture`)."""
+    import torch
+
+    from .attention_band import QKCapture, group_band
+    from .capture import CaptureContext
+
+    device = scorer.device
+    length = len(ids)
+    config = scorer.config
+    context = CaptureContext(layers=tuple(scorer.layers), response_start=torch.tensor([prompt_length], device=device),
+                             window=config.window, horizon=tuple(config.horizon), backend=config.backend)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), QKCapture(model) as capture:
+            records = capture.run(context, input_ids=torch.tensor([ids], device=device),
+                                  position_ids=torch.arange(length, device=device)[None])
+            qk = {layer: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in capture.qk[layer])
+                  for layer in scorer.layers}
+    finally:
+        model.train(was_training)
+    lse = {layer: records[layer].lse.cpu() for layer in scorer.layers}
+    h_lo, h_hi = config.horizon
+    last = length - 1 if h_hi is None else min(h_hi, length - 1)
+    report.local_band = group_band(qk, lse, report.local_heads, lags=range(min(LOCAL_BAND_WIDTH, length))).tolist()
+    lags = range(h_lo, max(h_lo, last) + 1)
+    report.fai_band = group_band(qk, lse, report.global_heads, lags=lags, anchor="key",
+                                 rows=slice(prompt_length, length)).tolist()

@@ -1,0 +1,178 @@
+"""The report: exact attention bands from q, k and lse, GRPO group advantages, ``rhythm analyze --input --id``
+and a self-contained HTML page (pictures inlined, newlines visible, values printed)."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from rhythm import attention_metrics
+from rhythm.attention_band import band_attention
+from rhythm.rollouts import grpo_advantages
+
+
+def _materialised(q, k, scale, softcap=None, window=None, chunk=None):
+    """Per-head softmax over visible keys, written straight from docs/definitions.md section 2 (fp64)."""
+    q, k = q.double(), k.double()
+    length = q.shape[1]
+    scores = scale * q @ k.transpose(-1, -2)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    t = torch.arange(length)[:, None]
+    s = torch.arange(length)[None, :]
+    visible = s <= t
+    if window:
+        visible &= t - s < window
+    if chunk:
+        visible &= t // chunk == s // chunk
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.logsumexp(scores, -1), torch.softmax(scores, -1)
+
+
+@pytest.mark.parametrize("mechanism", [{}, {"softcap": 5.0}, {"sliding_window": 7}, {"chunk_size": 16}])
+def test_band_matches_materialised_attention(mechanism):
+    class Layer:
+        softcap = mechanism.get("softcap")
+        sliding_window = mechanism.get("sliding_window")
+        chunk_size = mechanism.get("chunk_size")
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 45, 8, generator=gen) * 1.5, torch.randn(3, 45, 8, generator=gen) * 1.5
+    scale = 8 ** -0.5
+    lse, attn = _materialised(q, k, scale, Layer.softcap, Layer.sliding_window, Layer.chunk_size)
+    lags = range(2, 20)
+    by_query = band_attention(q, k, lse.float(), lags=lags, scale=scale, layer=Layer)
+    by_key = band_attention(q, k, lse.float(), lags=lags, scale=scale, anchor="key", layer=Layer)
+    for j, lag in enumerate(lags):
+        for t in range(45):
+            want_q = attn[:, t, t - lag] if t - lag >= 0 else torch.zeros(3, dtype=torch.float64)
+            want_k = attn[:, t + lag, t] if t + lag < 45 else torch.zeros(3, dtype=torch.float64)
+            assert torch.allclose(by_query[:, t, j].double(), want_q, atol=1e-6)
+            assert torch.allclose(by_key[:, t, j].double(), want_k, atol=1e-6)
+
+
+def test_bands_reproduce_waad_and_fai():
+    """W lags of the query band give WAAD; the FAI horizon band's column sums over |T(s)| give FAI."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 2, 60, 16, generator=gen) * 1.5, torch.randn(1, 2, 60, 16, generator=gen) * 1.5
+    window, (h_lo, h_hi), r0 = 6, (3, 12), 20
+    m = attention_metrics(q, k, window=window, horizon=(h_lo, h_hi), response_start=r0, backend="reference")
+    scale = 16 ** -0.5
+    band = band_attention(q[0], k[0], m.lse[0], lags=range(window), scale=scale)
+    lag = torch.arange(window, dtype=torch.float32)
+    waad = (band * lag).sum(-1) + window * (1 - band.sum(-1))
+    assert (waad - m.waad[0]).abs().max() < 1e-4
+    cols = band_attention(q[0], k[0], m.lse[0], lags=range(h_lo, h_hi + 1), scale=scale, anchor="key")
+    s = torch.arange(60)[:, None]
+    rows = s + torch.arange(h_lo, h_hi + 1)[None, :]
+    in_t = (rows >= r0) & (rows < 60)
+    count = in_t.sum(-1)
+    fai = torch.where(count > 0, (cols * in_t).sum(-1) / count.clamp(min=1), 0.0)
+    assert (fai - m.fai[0]).abs().max() < 1e-5
+
+
+def test_grpo_advantages_as_trl():
+    rewards = [1.0, 0.0, 0.5, 1.0]
+    r = torch.tensor(rewards)
+    want = (r - r.mean()) / (r.std() + 1e-4)
+    assert torch.allclose(torch.tensor(grpo_advantages(rewards)), want, atol=1e-6)
+    assert grpo_advantages([2.0]) == [0.0]
+
+
+# ---- the CLI on the tiny model of tests/test_cli.py -------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("matplotlib")
+
+from rhythm import cli  # noqa: E402
+
+from .test_cli import CORPUS, tiny_model_dir  # noqa: E402,F401  (the fixture)
+
+
+def _images(page: str) -> list[str]:
+    return re.findall(r'<img[^>]*src="([^"]*)"', page)
+
+
+def test_analyze_existing_rollout(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """One run of ``rhythm analyze --input --id`` on a GRPO group of three completions of one prompt: the group
+    view's advantages, gamma of the selected row, the bands' consistency with FAI, and a page that is whole when
+    copied alone (pictures inlined), shows newlines and prints the values."""
+    answer = "In April 48.\n\nIn May 48 / 2 = 24.\nSo 48 + 24 = 72 clips altogether."
+    rows = [{"id": f"c{i}", "prompt": CORPUS[1], "response": answer[: 30 + 12 * i], "reward": reward}
+            for i, reward in enumerate([1.0, 0.0, 1.0])]
+    rows.append({"id": "other", "prompt": "unrelated", "response": "text", "reward": 0.3})
+    src = tmp_path / "rollouts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "reports"
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--input", str(src), "--id", "c1", "--out", str(out),
+                     "--window", "4", "--horizon", "2", "12", "--no-color"]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "rhythm.json").read_text())
+    assert [m["id"] for m in data["group"]] == ["c0", "c1", "c2"]
+    assert [m["advantage"] for m in data["group"]] == pytest.approx(grpo_advantages([1.0, 0.0, 1.0]))
+    selected = data["group"][1]
+    r0, n = data["response_start"], len(data["tokens"])
+    assert selected["selected"] and len(selected["gamma"]) == n - r0
+    assert selected["gamma"] == pytest.approx(data["gammas"]["coupled"][r0:])
+    assert len(data["local_band"]) == n and len(data["local_band"][0]) == min(64, n)
+    assert len(data["fai_band"][0]) == 11                               # lags 2..12
+    # the FAI band reproduces the report's per-token FAI (mean over the global heads of the column means)
+    for s in range(n):
+        rows_in = [s + lag for lag in range(2, 13) if r0 <= s + lag < n]
+        if rows_in:
+            got = sum(data["fai_band"][s][lag - 2] for lag in range(2, 13) if s + lag < n) / len(rows_in)
+            assert got == pytest.approx(data["fai"][s], abs=1e-5)
+
+    alone = tmp_path / "copied" / "report.html"
+    alone.parent.mkdir()
+    shutil.copy(out / "rhythm.html", alone)
+    page = alone.read_text(encoding="utf-8")
+    images = _images(page)
+    assert len(images) == 2                                             # the attention bands and the curves
+    for src_attr in images:
+        assert src_attr.startswith("data:image/png;base64,")
+        assert base64.b64decode(src_attr.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<link" not in page and "<script src" not in page and "http" not in page
+    assert "GRPO group: 3 completions" in page and "advantage × γ" in page
+    assert '<span class="nl">\u21b5</span>' in page                      # newlines are visible
+    waad = data["waad"][r0]
+    assert f'<span class="v">{waad:.1f}</span>' in page                # values printed, not only in titles
+    assert "H_loc" in page and "layer " in page                         # per-head distance table
+    assert "preplan token" in page and "anchor token" in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--id", "x"], "--id needs --input"),
+    (["--input", "missing.jsonl"], "does not exist"),
+    (["--input", "{rows}", "--id", "nope"], "is not in"),
+    (["--input", "{rows}"], "choose one with --id"),
+    (["--input", "{rows}", "--id", "a", "--prompt", "hi"], "exclude each other"),
+])
+def test_analyze_input_errors_before_loading(tiny_model_dir, tmp_path, capsys, argv, message):  # noqa: F811
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a", "prompt": "p", "response": "r"}\n{"id": "b", "prompt": "p", "response": "s"}\n')
+    argv = [a.replace("{rows}", str(rows)) for a in argv]
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")] + argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "loading" not in err
+
+
+def test_scores_render_in_notebooks(tiny_model_dir):  # noqa: F811
+    from rhythm import RhythmScorer
+    from rhythm.models import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    ids = torch.tensor([tok(CORPUS[0]).input_ids[:30]])
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 10:] = True
+    scores = RhythmScorer(model, window=4, horizon=(2, 8)).score(ids, None, response)
+    page = scores._repr_html_()
+    assert "<table" in page and "sequence 0" in page and "anchors" in page
+    sel = scores.selection()
+    top = int(torch.where(sel.anchor[0], scores.fai[0], -1.0).argmax())
+    assert f"{scores.fai[0, top].item():.4f}" in page
