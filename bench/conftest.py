@@ -1,0 +1,40 @@
+"""pytest-benchmark set-up of the CPU micro-benchmarks (``pytest bench --benchmark-only``).
+
+Each benchmark test records its timing statistics (pytest-benchmark, in this process) and, from a fresh child
+process, the extra peak RSS of the method (the same measurement as the plain scripts). At the end of the
+session the results of the run are written as JSON to bench/results/ with the machine named, together with
+the same-run ratios against the baseline: torch backend over eager maps per T, and the slowest credit strategy
+over one layer's metrics.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+RESULTS: dict[str, list[dict]] = {}
+
+
+def record(suite: str, benchmark, **fields) -> None:
+    """Keep one benchmark's statistics (when timing was on) and extra fields for the suite's JSON file."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: the target ran once, untimed
+        return
+    timing = {name: getattr(stats.stats, name) for name in ("min", "median", "mean", "max", "stddev", "rounds")}
+    RESULTS.setdefault(suite, []).append(dict(fields, seconds=timing))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def write_results():
+    yield
+    if not RESULTS:
+        return
+    from bench.machine import describe, save_json
+
+    from . import test_bench_cpu
+
+    out_dir = os.environ.get("RHYTHM_BENCH_OUT", "bench/results")
+    for suite, rows in RESULTS.items():
+        summary = test_bench_cpu.SUMMARIES[suite](rows)
+        save_json(os.path.join(out_dir, f"{suite}_pytest.json"),
+                  dict(summary, rows=rows, machine=describe(), runner="pytest bench --benchmark-only"))
