@@ -6,6 +6,8 @@ position. Shapes run in the order given (``--shapes D:T ...``; default D=128 at 
 then both at 2048). Per shape and method: CUDA events, 3 warm-ups, median of 10 repeats (5 at T > 8192).
 
     sdpa_flash          F.scaled_dot_product_attention(is_causal=True) under SDPBackend.FLASH_ATTENTION
+    fa2                 flash_attn.flash_attn_func(causal=True), FlashAttention 2 itself, native GQA (only where
+                        the optional flash-attn package imports; recorded "unavailable" otherwise)
     stats_with_out      our stats pass with v: lse, distance, waad and the attention output O
     stats_no_out        our stats pass without v (the PV product compiled out)
     influence_band      our influence pass, horizon (10, 100)
@@ -21,7 +23,7 @@ Every measurement is printed and appended to $OUT/results.jsonl at once; $OUT/be
 rewritten from it; the autotuner's picks go to $OUT/tuned_configs.json (rhythm_kernels.tuned_configs).
 
 FLOPs (FlashAttention's convention: only the useful entries of the causal triangle, 2 FLOPs per MAC):
-    sdpa_flash, stats_with_out   4 * B * Hq * T^2 * D / 2        (QK^T and PV)
+    sdpa_flash, fa2, stats_with_out   4 * B * Hq * T^2 * D / 2   (QK^T and PV)
     stats_no_out, influence_full 2 * B * Hq * T^2 * D / 2        (QK^T only; the influence pass recomputes it)
     influence_band               2 * B * Hq * D * (band entries)  (entries with 10 <= t - s <= 100)
     metrics_only, api, eager     stats_no_out + influence_band    (the same useful work, to compare)
@@ -150,11 +152,20 @@ def sdpa_flash_fn(q, k, v):
         return (lambda: attempt(kk, vv, False)), "flash, K/V repeated outside the timing"
 
 
+def fa2_fn(q, k, v):
+    """FlashAttention 2's own forward (``flash_attn_func``, layout [B, T, H, D], GQA without repeating K/V).
+    Raises ImportError without the flash-attn package. Returns (fn, how)."""
+    from flash_attn import __version__, flash_attn_func
+
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))   # transposed once, outside the timing
+    return (lambda: flash_attn_func(qt, kt, vt, causal=True)), f"flash-attn {__version__}, native GQA"
+
+
 def flops(name: str, batch: int, heads: int, length: int, dim: int) -> float:
     tri = batch * heads * length * length * dim / 2
     band_entries = sum(max(0, t - BAND[0] - max(0, t - BAND[1]) + 1) for t in range(length))
     band = 2 * batch * heads * dim * band_entries
-    return {"sdpa_flash": 4 * tri, "stats_with_out": 4 * tri, "stats_no_out": 2 * tri,
+    return {"sdpa_flash": 4 * tri, "fa2": 4 * tri, "stats_with_out": 4 * tri, "stats_no_out": 2 * tri,
             "influence_full": 2 * tri, "influence_band": band}.get(name, 2 * tri + band)
 
 
@@ -236,6 +247,14 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
     except RuntimeError as exc:
         shape_note = None
         records.emit("bench", **shape, method="sdpa_flash", result="unavailable", error=str(exc).splitlines()[0][:200])
+    notes = {"sdpa_flash": shape_note}
+    if cuda:
+        try:
+            fa2, notes["fa2"] = fa2_fn(q, k, v)
+            methods = {"sdpa_flash": methods.pop("sdpa_flash"), "fa2": fa2, **methods} if "sdpa_flash" in methods \
+                else {"fa2": fa2, **methods}
+        except ImportError as exc:
+            records.emit("bench", **shape, method="fa2", result="unavailable", error=f"flash-attn not importable: {exc}")
     if not args.no_eager:
         methods["eager_maps"] = lambda: eager_maps(q, k, scale=scale, window=WINDOW, horizon=BAND)
 
@@ -245,8 +264,8 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
             records.emit("skipped", **shape, method=name, reason=f"time budget of {args.budget_s:.0f} s spent")
             continue
         entry = {**shape, "method": name}
-        if name == "sdpa_flash" and shape_note:
-            entry["how"] = shape_note
+        if notes.get(name):
+            entry["how"] = notes[name]
         try:
             entry.update(timer.measure(fn, warmup, repeats))
             entry["peak_mem_bytes"], result = timer.peak_and_result(fn)
@@ -254,6 +273,8 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
             measured[name] = entry["ms"]
             if name == "sdpa_flash":
                 sdpa_out = result
+            elif name == "fa2":
+                pass   # a baseline: timed only
             elif not args.no_check:
                 ours = checked_outputs(name, result)
                 entry["check"] = compare(ours, *refs.get(), dtype)
@@ -288,7 +309,10 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
                 applies = cuda and (name != "influence_full" or length >= 8192)   # interpreter: not a timing
                 ratios[name] = {"ratio": measured[name] / base, "target": target,
                                 "met": (measured[name] / base <= target) if applies else None}
-        records.emit("ratios", **shape, metrics_only_ms=measured.get("metrics_only"), vs_sdpa_flash=ratios)
+        extra = {}
+        if measured.get("fa2"):
+            extra["vs_fa2"] = {name: measured[name] / measured["fa2"] for name in TARGETS if name in measured}
+        records.emit("ratios", **shape, metrics_only_ms=measured.get("metrics_only"), vs_sdpa_flash=ratios, **extra)
 
 
 def parse_shapes(items):
