@@ -27,9 +27,16 @@ as the model wrote it: the capture only needs the model to route attention throu
 exception is raised from inside the no-grad forward; nothing stateful (no KV cache: ``use_cache=False``)
 is left half-updated.
 
-Models the metrics cannot describe raise :class:`UnsupportedModelError` instead of returning wrong numbers:
-an active sliding window on a sampled layer, attention-logit softcapping, attention sinks, a position bias,
-non-causal attention, a KV cache, or a model that bypasses the attention interface (nothing recorded).
+Each sampled layer's attention is described from the model itself (:mod:`rhythm.model_attention`): the
+configuration gives its sliding window (``layer_types``, ``sliding_window``, ``use_sliding_window`` /
+``max_window_layers``), its chunks (``attention_chunk_size``), its logit softcap and its sink logits, and the
+metrics are computed on exactly that attention (``attention_metrics(..., layer=LayerAttention)``). The
+description is cross-checked against the call's keywords (``sliding_window``, ``softcap``, ``s_aux``,
+``scaling``) and against the 4-D mask the model built for the layer (compared on device, checked once at the
+end of the pass). What it cannot describe raises :class:`UnsupportedModelError` instead of returning wrong
+numbers: an architecture it was not taught (an allow-list), non-causal attention, a position bias or any
+attention keyword it does not understand, a mask that disagrees with the description, a KV cache, attention
+dropout in training mode, or a model that bypasses the attention interface (nothing recorded).
 """
 from __future__ import annotations
 
@@ -42,13 +49,10 @@ from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments
 
 from . import validation
 from .metrics import AttentionMetrics, attention_metrics
+from .model_attention import UnsupportedModelError, check_call, check_model, describe_layer, mask_disagreement
 
 _NAME_PREFIX = "rhythm_capture"
 _counter = itertools.count()
-
-
-class UnsupportedModelError(RuntimeError):
-    """The model's attention is not plain causal softmax attention on a sampled layer (or was not seen)."""
 
 
 class StopForward(Exception):
@@ -82,6 +86,7 @@ class CaptureContext:
     records: dict[int, AttentionMetrics] = field(default_factory=dict)
     output: object = None
     layout: Segments | None = field(default=None, repr=False)   # built by the first sampled layer of a pass
+    mask_checks: list = field(default_factory=list, repr=False)  # per sampled layer: device bool, True = mask disagrees
 
     def __post_init__(self):
         if len(self.layers) == 0:
@@ -164,6 +169,7 @@ class Capture:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
+        check_model(self.model)
         configs = _module_config_list(self.model)
         if not configs:
             raise UnsupportedModelError(
@@ -219,6 +225,7 @@ class Capture:
         self._context = context
         context.records.clear()
         context.layout = None
+        context.mask_checks = []
         context.output = None
         call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
         try:
@@ -234,6 +241,7 @@ class Capture:
                 "the model does not route its attention through transformers' AttentionInterface (or its "
                 "attention modules carry no `layer_idx`), so its attention cannot be captured"
             )
+        self._check_masks(context)
         return context.records
 
     # -- the attention function -----------------------------------------------------------------------------
@@ -247,14 +255,19 @@ class Capture:
             return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
         layer = int(layer)
-        self._check_supported(module, layer, query, key, dropout, is_causal, kwargs)
+        description = describe_layer(module)
+        check_call(module, description, query, key, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                   kwargs=kwargs)
         query, key, value = _common_dtype(query, key, value)
         if context.layout is None:
             # The batch layout is the same for every sampled layer: read it (one host sync) once per pass.
             context.layout = self._layout(context, query, kwargs)
+        disagreement = mask_disagreement(attention_mask, description, context.layout, query.shape[2])
+        if disagreement is not None:
+            context.mask_checks.append((layer, disagreement))
         metrics = attention_metrics(
             query, key, value, window=context.window, horizon=context.horizon, scale=scaling,
-            segments=context.layout, backend=context.backend, validate=context.validate,
+            segments=context.layout, backend=context.backend, validate=context.validate, layer=description,
         )
         out = metrics.out
         metrics.out = None
@@ -306,31 +319,17 @@ class Capture:
                 return cu
         return None
 
-    @staticmethod
-    def _check_supported(module, layer, query, key, dropout, is_causal, kwargs) -> None:
-        where = f"layer {layer} ({type(module).__name__})"
-        if kwargs.get("softcap") is not None:
+    def _check_masks(self, context: CaptureContext) -> None:
+        """One host synchronisation per pass: refuse the records if the mask the model built for a sampled
+        layer disagrees with the layer's description (an unknown mask: the metrics would describe other
+        attention than the model's)."""
+        if not context.mask_checks:
+            return
+        flags = torch.stack([flag for _, flag in context.mask_checks]).cpu()
+        bad = [layer for (layer, _), flag in zip(context.mask_checks, flags.tolist()) if flag]
+        if bad:
+            context.records.clear()
             raise UnsupportedModelError(
-                f"{where} uses attention-logit softcapping (softcap={kwargs['softcap']}); the metrics assume "
-                "plain softmax(scale * q.k) attention")
-        if any(kwargs.get(name) is not None for name in ("s_aux", "sinks")) or \
-                getattr(module, "sinks", None) is not None:
-            raise UnsupportedModelError(
-                    f"{where} uses attention sinks; the sink's share of each softmax row is not a key position, "
-                    "so the metrics would not describe this attention")
-        window = kwargs.get("sliding_window")
-        if window is not None and key.shape[2] > int(window):
-            raise UnsupportedModelError(
-                f"{where} has an active sliding window ({window} < {key.shape[2]} keys); choose layers with full "
-                "attention or shorter sequences")
-        if kwargs.get("position_bias") is not None:
-            raise UnsupportedModelError(f"{where} adds a position bias to the attention scores")
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if not causal:
-            raise UnsupportedModelError(f"{where} is not causal attention")
-        if query.shape[2] != key.shape[2]:
-            raise UnsupportedModelError(
-                f"{where}: query length {query.shape[2]} != key length {key.shape[2]} (a KV cache or cross "
-                "attention); score full sequences without a cache")
-        if dropout and module.training:
-            raise UnsupportedModelError(f"{where} applies attention dropout ({dropout}); call model.eval()")
+                f"the attention mask {type(self.model).__name__} ({self.model.config.model_type}) built for "
+                f"sampled layer(s) {bad} differs from the window/chunks/layout read from its configuration: an "
+                "attention pattern the capture does not understand")

@@ -1,6 +1,7 @@
 """Capture from real transformers models: the metrics recorded inside the forward match eager attention maps
 (``output_attentions=True``) read through the naive formulas, on tiny seeded Llama / Qwen2 / Qwen3 models
 with left padding, right padding and packed rows; nothing stays registered; unsupported models raise.
+Windows, chunks, softcapping and sinks per architecture: tests/test_capture_models.py.
 
 The helpers here (tiny models, eager maps, metrics from maps) are shared with tests/test_scorer.py."""
 from __future__ import annotations
@@ -194,26 +195,8 @@ def test_nothing_left_registered_or_switched():
 
 # ---- models the metrics cannot describe ------------------------------------------------------------------------
 
-def test_active_sliding_window_raises():
-    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    ids, mask = padded_batch("none", batch=1, length=24)
-    with torch.inference_mode(), Capture(model) as capture, pytest.raises(UnsupportedModelError, match="sliding"):
-        capture.run(CaptureContext(layers=(2,)), input_ids=ids, attention_mask=mask)
-
-
-def test_softcapping_raises():
-    torch.manual_seed(0)
-    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                       attn_logit_softcapping=50.0, sliding_window=4096)
-    config._attn_implementation = "eager"
-    model = transformers.Gemma2ForCausalLM(config).eval()
-    with torch.inference_mode(), Capture(model) as capture, pytest.raises(UnsupportedModelError, match="softcap"):
-        capture.run(CaptureContext(layers=(1,)), input_ids=torch.zeros(1, 8, dtype=torch.long))
-
-
 def test_attention_sinks_raise():
-    """GPT-OSS style sinks arrive as ``s_aux`` (and a ``sinks`` parameter on the module)."""
+    """Sinks (``s_aux``) on an architecture that has none: the call disagrees with the model's description."""
     model = tiny_model("llama", layers=3)
     module = model.model.layers[1].self_attn
     q = torch.randn(1, 4, 8, 16)
