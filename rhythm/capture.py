@@ -47,7 +47,7 @@ import torch
 
 from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
 
-from . import validation
+from . import flash, validation
 from .metrics import AttentionMetrics, attention_metrics
 from .model_attention import UnsupportedModelError, check_call, check_model, describe_layer, mask_disagreement
 
@@ -252,6 +252,9 @@ class Capture:
         context = self._context
         layer = getattr(module, "layer_idx", None)
         if context is None or layer is None or int(layer) not in context.layers:
+            if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.flash)
+                return flash.attention(query, key, value, scaling=scaling, sliding_window=kwargs.get("sliding_window"),
+                                       softcap=kwargs.get("softcap")), None
             return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
         layer = int(layer)
