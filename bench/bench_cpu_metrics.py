@@ -26,11 +26,12 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
-    """Worst error / bound of docs/definitions.md section 7 (<= 1 passes) of the torch backend against fp64 rows and columns
-    recomputed from q and k: lse, distance and waad on the last rows and on random rows (the long-range,
-    cancellation-prone ones), fai on random columns of the response (every attending row of the column's
-    horizon recomputed). The full oracle would need T x T fp64 maps."""
+def spot_check(metrics, q, k, response_start: int, samples: int = 48, sliding_window: int | None = None) -> dict:
+    """Worst error / bound of docs/definitions.md section 7 (<= 1 passes) of the torch backend against fp64
+    rows and columns recomputed from q and k: lse, distance and waad on the last rows and on random rows (the
+    long-range, cancellation-prone ones), fai on random columns of the response (every attending row of the
+    column's horizon recomputed). The full oracle would need T x T fp64 maps. sliding_window: row t sees only
+    the keys s with t - s < sliding_window."""
     import torch
 
     length = q.shape[2]
@@ -38,8 +39,12 @@ def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
     q64 = q[0].double() * DIM ** -0.5
     k64 = k[0].double().repeat_interleave(HQ // HKV, dim=0)
 
+    def first_key(t: int) -> int:
+        return 0 if sliding_window is None else max(0, t - sliding_window + 1)
+
     def row_attention(t: int) -> torch.Tensor:
-        scores = torch.einsum("hd,hsd->hs", q64[:, t], k64[:, : t + 1])    # [Hq, t + 1]
+        """Scores and probabilities of row t over its visible keys [first_key(t), t]: [Hq, keys] each."""
+        scores = torch.einsum("hd,hsd->hs", q64[:, t], k64[:, first_key(t): t + 1])
         return scores, torch.softmax(scores, dim=-1)
 
     rows = sorted(set(range(length - samples // 2, length)) |
@@ -47,7 +52,7 @@ def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
     worst = {"lse": 0.0, "distance": 0.0, "waad": 0.0, "fai": 0.0}
     for t in rows:
         scores, attn = row_attention(t)
-        lag = (t - torch.arange(t + 1)).double()
+        lag = (t - torch.arange(first_key(t), t + 1)).double()
         want = {"lse": torch.logsumexp(scores, -1), "distance": attn @ lag, "waad": attn @ lag.clamp(max=WINDOW)}
         for name, ref in want.items():
             err = (getattr(metrics, name)[0, :, t].double() - ref).abs()
@@ -58,7 +63,8 @@ def spot_check(metrics, q, k, response_start: int, samples: int = 48) -> dict:
         attending = range(max(s + h_lo, response_start), min(length - 1, s + h_hi) + 1)
         if not attending:
             continue
-        ref = sum(row_attention(t)[1][:, s] for t in attending) / len(attending)
+        columns = [row_attention(t)[1][:, s - first_key(t)] for t in attending if s >= first_key(t)]
+        ref = sum(columns, torch.zeros(HQ, dtype=torch.float64)) / len(attending)     # invisible rows add 0
         err = (metrics.fai[0, :, s].double() - ref).abs()
         worst["fai"] = max(worst["fai"], (err / (1e-6 + 1e-4 * ref.abs())).max().item())
     return {"worst_error_over_spec_bound": worst, "rows_checked": len(rows)}

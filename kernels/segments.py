@@ -9,6 +9,7 @@ Inside a segment the attention is causal and never crosses the segment's boundar
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +52,23 @@ class Segments:
         )
 
 
+def _is_integer(x) -> bool:
+    """A Python or numpy integer, never a bool (numpy's bool included)."""
+    return (isinstance(x, numbers.Integral) and not isinstance(x, bool)
+            and not (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_")))
+
+
 def _response_starts(response_start, n: int, name_count: str) -> list[int] | None:
-    """Normalise ``response_start`` (None, int or a 1-D integer tensor of length n) to a list of ints."""
+    """Normalise ``response_start`` (None, an int, or a 1-D integer tensor / numpy array of length n) to a list
+    of ints."""
     if response_start is None:
         return None
-    if isinstance(response_start, bool):
-        raise TypeError("response_start must be None, an int or an integer tensor, got bool")
-    if isinstance(response_start, int):
+    if _is_integer(response_start):
         return [int(response_start)] * n
+    if type(response_start).__module__ == "numpy" and hasattr(response_start, "dtype"):
+        if response_start.dtype.kind not in "iu":
+            raise TypeError(f"response_start must hold integers, got numpy dtype {response_start.dtype}")
+        response_start = torch.as_tensor(response_start)
     if isinstance(response_start, torch.Tensor):
         if response_start.dtype.is_floating_point or response_start.dtype == torch.bool:
             raise TypeError(f"response_start must hold integers, got dtype {response_start.dtype}")

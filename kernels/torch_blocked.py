@@ -7,13 +7,15 @@ row (the ragged window edge, an earlier chunk, the future) get S = -inf. Per blo
 
     S' = softcap * tanh(S / softcap)                                 (only with a softcap)
     m = max(max_s S', sink),  P = exp(S' - m),  l = sum_s P + exp(sink - m),  lse = m + log l,  A = P / l
-    distance[t] = ((t - t0) sum_s P[t,s] + sum_s P[t,s] (t0 - s)) / l     exact: no large t minus a mean
-    waad[t]     = (W sum_{t-s >= W} P[t,s] + sum_{t-s < W} P[t,s] (t - s)) / l   both parts summed directly
+    mass[t]     = sum_s A[t,s]                                 (1 without sinks: no exp(sink) term in l)
+    distance[t] = (t - t0) mass[t] + sum_s A[t,s] (t0 - s)      exact: no large t minus a large mean
+    waad[t]     = W mass[t] - sum_{t-W < s <= t} A[t,s] (W - (t - s))     W <= 64 (the W-band identity)
+                = W sum_{t-s >= W} A[t,s] + sum_{t-s < W} A[t,s] (t - s)   W > 64, both parts summed directly
     fai_sum[s] += sum_{t in block, t in R, H_lo <= t-s <= H_hi} A[t,s]   (only the horizon band's columns)
     out[t]      = sum_s A[t,s] v_s                            (only when v is given)
 
-(no sink: the exp(sink) terms are absent and rows of A sum to 1). WAAD is never computed as W minus the
-W-band sum: that form cancels in fp32 when W is large (W = 1e9 would leave nothing of the result).
+The W-band identity rounds to about W * eps; for a large W it cancels in fp32 (W = 1000 misses 1e-4, W = 1e9
+leaves nothing of the result), so beyond W = 64 WAAD is summed term by term, every term >= 0.
 
 Unlike the Triton stats pass, which streams key blocks with an online (rescaled) log-sum-exp, a block row
 here spans every key of the block at once, so its softmax statistics come in one shot; the working memory
@@ -37,6 +39,9 @@ from .segments import Horizon, Segments
 # Largest block row of scores kept at once, in fp32 elements (16 MiB): bounds the backend's working memory.
 BLOCK_ROW_ELEMENTS = 1 << 22
 MIN_BLOCK, MAX_BLOCK = 16, 256
+# Up to this W, WAAD uses the W-band identity (rounding about W * eps, well inside 1e-4); beyond it the
+# identity cancels (W = 1000 already misses 1e-4 in fp32) and WAAD is summed directly.
+BAND_IDENTITY_MAX_WINDOW = 64
 
 
 def key_span(layer: LayerAttention | None) -> int | None:
@@ -76,6 +81,14 @@ def _lag(offset: int, rows: int, cols: int, device: torch.device) -> torch.Tenso
 def _future(rows: int, device: torch.device) -> torch.Tensor:
     """bool [rows, rows]: True where the key lies after the query (s > t) on the diagonal block."""
     return _lag(0, rows, rows, device) < 0
+
+
+@functools.lru_cache(maxsize=512)
+def _window_weight(offset: int, rows: int, cols: int, window: int, device: torch.device) -> torch.Tensor:
+    """float32 [rows, cols]: W - (t - s) inside the W-band (0 <= t - s < W), 0 further back.
+
+    Keys past the diagonal get weight W, but their P is exactly 0."""
+    return (window - _lag(offset, rows, cols, device)).clamp_(0, window).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=512)
@@ -207,27 +220,44 @@ def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizo
         norm = key_sum if sink_logits is None else key_sum + torch.exp(sink_logits - row_max).squeeze(-1)
         inv_norm = norm.reciprocal()
         lse[:, t0:t1] = row_max.squeeze(-1) + norm.log()
-        # distance[t] = ((t - t0) sum_s P + sum_s P (t0 - s)) / l: one matrix-vector product over the block row.
+        # distance[t] = (t - t0) mass[t] + sum_s A[t,s] (t0 - s), mass = sum_s A[t,s] (1 without sinks):
+        # one matrix-vector product over the block row.
         lag_from_t0 = t0 - key_offsets[k0:t1]
         local = torch.arange(rows, device=device, dtype=torch.float32)
-        distance[:, t0:t1] = (local * key_sum + torch.matmul(probs, lag_from_t0)) * inv_norm
-        # waad[t] = (W sum_{t-s >= W} P + sum_{t-s < W} P (t - s)) / l over three key ranges of the block row:
-        #   far    [k0, far_hi):      t - s >= W for every row            -> W * sum P
-        #   ragged [far_hi, near_lo): depends on the row                  -> sum P min(t - s, W)
-        #   near   [near_lo, t1):     t - s < W for every row             -> like distance
-        # With W >= the key span, the near range is the whole row and waad is the distance sum, bit for bit.
-        far_hi = min(max(t0 - window + 1, k0), t1)
-        near_lo = min(max(t1 - window, far_hi), t1)
-        near = probs[:, :, near_lo - k0:]
-        waad_sum = local * near.sum(dim=-1) + torch.matmul(near, lag_from_t0[near_lo - k0:])
-        if far_hi > k0:
-            waad_sum += window * probs[:, :, :far_hi - k0].sum(dim=-1)
-        if near_lo > far_hi:
-            clipped = _clipped_lag(t0 - far_hi, rows, near_lo - far_hi, window, device)
-            waad_sum += (probs[:, :, far_hi - k0:near_lo - k0] * clipped).sum(dim=-1)
+        local_mass = local if sink_logits is None else local * key_sum * inv_norm
+        distance[:, t0:t1] = local_mass + torch.matmul(probs, lag_from_t0) * inv_norm
+        # waad[t] = sum_s A[t,s] min(t - s, W), in one of two exact forms:
+        if window <= BAND_IDENTITY_MAX_WINDOW:
+            # W-band identity, W mass[t] - sum_{0 <= t-s < W} A[t,s] (W - (t - s)), mass = sum_s A[t,s] (1
+            # without sinks): only the W keys next to the diagonal; its rounding is about W * eps.
+            band_lo = max(t0 - window + 1, k0)
+            band_weight = _window_weight(t0 - band_lo, rows, t1 - band_lo, window, device)
+            band = (probs[:, :, band_lo - k0:] * band_weight).sum(dim=-1)
+            if sink_logits is None:
+                waad_rows = window - band * inv_norm
+            else:
+                waad_rows = (window * key_sum - band) * inv_norm
+        else:
+            # Large W (the identity would cancel: W = 1e9 leaves nothing): (W sum_{t-s >= W} P
+            # + sum_{t-s < W} P (t - s)) / l with every term >= 0, over three key ranges:
+            #   far    [k0, far_hi):      t - s >= W for every row of the block   -> W * sum P
+            #   ragged [far_hi, near_lo): depends on the row                      -> sum P min(t - s, W)
+            #   near   [near_lo, t1):     t - s < W for every row                 -> like distance
+            # With W >= the key span the near range is the whole row: the distance sum, bit for bit.
+            far_hi = min(max(t0 - window + 1, k0), t1)
+            near_lo = min(max(t1 - window, far_hi), t1)
+            near = probs[:, :, near_lo - k0:]
+            # near: (t - t0) sum_near A + sum_near A (t0 - s), written as distance is when it spans the row
+            near_mass = local_mass if near_lo == k0 else local * near.sum(dim=-1) * inv_norm
+            waad_rows = near_mass + torch.matmul(near, lag_from_t0[near_lo - k0:]) * inv_norm
+            if near_lo > far_hi:
+                clipped = _clipped_lag(t0 - far_hi, rows, near_lo - far_hi, window, device)
+                waad_rows += (probs[:, :, far_hi - k0:near_lo - k0] * clipped).sum(dim=-1) * inv_norm
+            if far_hi > k0:
+                waad_rows += window * probs[:, :, :far_hi - k0].sum(dim=-1) * inv_norm
         # Clamped to the invariants 0 <= waad <= min(W, distance) (docs/definitions.md section 7): when W covers
         # the keys the two are the same sum, and rounding must never put waad above distance.
-        waad[:, t0:t1] = torch.minimum((waad_sum * inv_norm).clamp_(0, window), distance[:, t0:t1])
+        waad[:, t0:t1] = torch.minimum(waad_rows.clamp_(0, window), distance[:, t0:t1])
         # FAI column sums over the response rows of this block, inside the horizon band only.
         if t1 > response_offset:
             in_response = (torch.arange(t0, t1, device=device) >= response_offset).to(torch.float32)

@@ -47,7 +47,7 @@ def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("str
     sel.check_signals(response_mask=response_mask, waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy)
     q, gamma_amp, alpha, k, seed = (check(name, value) for name, value in
                                     (("q", q), ("gamma_amp", gamma_amp), ("alpha", alpha), ("k", k), ("seed", seed)))
-    sel.check_contents(response_mask, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
+    sel.check_contents(response_mask, fai_valid, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
                        entropy=entropy if strategy == "entropy" else None)
 
     keys = sel.random_keys(response_mask.shape, seed, response_mask.device) if strategy == "random" else None

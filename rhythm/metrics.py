@@ -1,12 +1,14 @@
 """``attention_metrics``: the per-head docs/definitions.md section 2 quantities, without materialising attention."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from rhythm_kernels.layer_attention import LayerAttention, check_layer
-from rhythm_kernels.segments import Segments, influence_counts, segments_from_cu_seqlens, segments_from_mask
+from rhythm_kernels.segments import (Segments, influence_counts, position_table, segments_from_cu_seqlens,
+                                     segments_from_mask)
 
 from . import validation
 
@@ -17,7 +19,8 @@ class AttentionMetrics:
 
     lse, distance, waad, fai: float32 [B, Hq, T] (0 on padding). fai_valid: bool [B, Hq, T] (False on
     padding and where the horizon holds no response row). out: [B, T, Hq, D] in the input dtype, only when v
-    was given (the attention output, in the layout transformers' attention functions return).
+    was given (the attention output, in the layout transformers' attention functions return). Every field is
+    detached: the metrics are forward only.
     """
 
     lse: torch.Tensor
@@ -56,15 +59,20 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
 
     Args:
         q: [B, Hq, T, D] post-RoPE queries. k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated). v is
-            optional: with it the attention output is returned too (forward only, no autograd).
+            optional: with it the attention output is returned too. Forward only, in every backend: inputs
+            that require grad are read detached, and nothing returned (``out`` included) tracks gradients,
+            so ``out`` cannot stand in for a differentiable attention during training.
         window: W of WAAD (min(t - s, W)). horizon: (H_lo, H_hi) of FAI, H_hi None = to the end.
         scale: softmax scale, default 1/sqrt(D).
-        attention_mask: [B, T], 1/True on real tokens forming one contiguous span per row (None = all real).
-        response_start: int, or LongTensor [B] ([n_segments] with cu_seqlens): absolute T index of each
-            sequence's first response token. None = every position is a response position.
+        attention_mask: [B, T] tensor (or nested list / numpy array), 1/True on real tokens forming one
+            contiguous span per row (None = all real).
+        response_start: int (Python or numpy), or integer tensor / numpy array [B] ([n_segments] with
+            cu_seqlens): absolute T index of each sequence's first response token. None = every position is a
+            response position.
         cu_seqlens: LongTensor [n_segments + 1] of packed segment boundaries (B must be 1, mask None).
         backend: "auto" (triton on CUDA, torch otherwise) | "triton" | "torch" | "reference".
-        validate: check q/k/v for NaN/Inf (one host synchronisation). Shapes and masks are always checked.
+        validate: check q/k/v (and the layer's sinks) for NaN/Inf on real positions (one host synchronisation;
+            padding positions are never read, so they may hold anything). Shapes and masks are always checked.
         segments: a layout already built with ``rhythm_kernels.segments`` (``segments_from_mask`` /
             ``segments_from_cu_seqlens``), in place of attention_mask / response_start / cu_seqlens. Reading
             a mask costs a host synchronisation; callers that run several layers over one batch (the capture)
@@ -74,8 +82,9 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
             really uses; None = plain causal softmax.
     """
     validation.check_qkv(q, k, v)
-    horizon = validation.check_options(window, horizon, scale, backend)
+    window, horizon = validation.check_options(window, horizon, scale, backend)
     batch, heads, length, dim = q.shape
+    attention_mask = validation.as_mask_tensor(attention_mask, q.device)
     for name, x in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),
                     ("response_start", response_start)):
         validation.check_mask_device(name, x, q.device)
@@ -90,7 +99,7 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
     else:
         segments = segments_from_mask(attention_mask, batch, length, response_start, q.device)
     if validate:
-        validation.check_finite(q=q, k=k, v=v)
+        validation.check_finite_on(position_table(segments, batch, length)["real"], q=q, k=k, v=v)
     layer = check_layer(layer, q, finite=validate)
     if backend == "auto":
         backend = "triton" if q.device.type == "cuda" else "torch"
@@ -98,7 +107,12 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got q on {q.device}")
     scale = float(scale) if scale is not None else dim ** -0.5
     counts = influence_counts(segments, batch, length, horizon)
-    result = _run_backend(backend, q, k, v, segments, counts, window, horizon, scale, layer)
+    # Forward only: every backend reads detached inputs, and nothing returned tracks gradients.
+    q, k, v = q.detach(), k.detach(), None if v is None else v.detach()
+    if layer is not None and layer.sinks is not None:
+        layer = dataclasses.replace(layer, sinks=layer.sinks.detach())
+    with torch.no_grad():
+        result = _run_backend(backend, q, k, v, segments, counts, window, horizon, scale, layer)
     fai_valid = (counts > 0)[:, None, :].expand(batch, heads, length).clone()
     return AttentionMetrics(lse=result["lse"], distance=result["distance"], waad=result["waad"],
                             fai=result["fai"], fai_valid=fai_valid, out=result.get("out"))

@@ -103,7 +103,7 @@ def rhythm_selection(waad: torch.Tensor, fai: torch.Tensor, response_mask: torch
     """
     check_signals(waad=waad, fai=fai, response_mask=response_mask, fai_valid=fai_valid)
     q, k = check("q", q), check("k", k)
-    check_contents(response_mask, waad=waad, fai=fai)
+    check_contents(response_mask, fai_valid, waad=waad, fai=fai)
     return _rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
 
 
@@ -231,17 +231,21 @@ def check_signals(*, response_mask, **signals) -> None:
                              f"got {x.device}")
 
 
-def check_contents(response_mask, **signals) -> None:
-    """One host synchronisation: the response is one contiguous run per row and signals are finite on it."""
+def check_contents(response_mask, fai_valid=None, **signals) -> None:
+    """One host synchronisation: the response is one contiguous run per row and signals are finite on it
+    (fai only where fai_valid holds: an invalid FAI is never read, whatever it holds)."""
     starts = response_mask[:, 1:] & ~response_mask[:, :-1]
     runs = starts.sum(1) + response_mask[:, 0].long()
     flags = [(runs > 1).any()]
     names = [name for name, x in signals.items() if x is not None]
-    flags += [(response_mask & ~torch.isfinite(signals[name])).any() for name in names]
+    read = {name: response_mask & fai_valid if name == "fai" and fai_valid is not None else response_mask
+            for name in names}
+    flags += [(read[name] & ~torch.isfinite(signals[name])).any() for name in names]
     bad = torch.stack(flags).tolist()
     if bad[0]:
         raise ValueError("response_mask must hold one contiguous run of True per row (the response); "
                          "got a row with several runs")
     for name, is_bad in zip(names, bad[1:]):
         if is_bad:
-            raise ValueError(f"{name} holds NaN or Inf on response positions")
+            where = "fai_valid response positions" if name == "fai" and fai_valid is not None else "response positions"
+            raise ValueError(f"{name} holds NaN or Inf on {where}")

@@ -3,12 +3,14 @@ argument and says what was expected, before any kernel runs."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
 
+from .config import KNOBS
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 def check_qkv(q, k, v) -> None:
@@ -42,29 +44,42 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"q must be non-empty in every dimension, got shape {tuple(q.shape)}")
 
 
-def check_finite(**tensors) -> None:
-    """NaN/Inf in the inputs would spread silently through the softmax: refuse them (one host sync)."""
-    for name, x in tensors.items():
-        if x is not None and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} holds NaN or Inf values")
+def check_finite_on(real: torch.Tensor, **tensors) -> None:
+    """NaN/Inf in the inputs would spread silently through the softmax: refuse them on the real positions.
+
+    real: bool [B, T], True on the positions some sequence covers; tensors [B, H, T, D]. Padding positions
+    are never read by any backend, so whatever they hold is allowed. One host synchronisation in all."""
+    names = [name for name, x in tensors.items() if x is not None]
+    flags = [(real & ~torch.isfinite(tensors[name]).all(dim=-1).all(dim=1)).any() for name in names]
+    for name, bad in zip(names, torch.stack(flags).tolist()):
+        if bad:
+            raise ValueError(f"{name} holds NaN or Inf values on real (non-padding) positions")
 
 
-def check_options(window, horizon, scale, backend) -> tuple[int, int | None]:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
-    if not isinstance(horizon, (tuple, list)) or len(horizon) != 2:
-        raise ValueError(f"horizon must be a pair (H_lo, H_hi) with H_hi None for 'to the end', got {horizon!r}")
-    h_lo, h_hi = horizon
-    if isinstance(h_lo, bool) or not isinstance(h_lo, int) or h_lo < 0:
-        raise ValueError(f"horizon H_lo must be an int >= 0, got {h_lo!r}")
-    if h_hi is not None and (isinstance(h_hi, bool) or not isinstance(h_hi, int) or h_hi < h_lo):
-        raise ValueError(f"horizon H_hi must be None or an int >= H_lo = {h_lo}, got {h_hi!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+def check_options(window, horizon, scale, backend) -> tuple[int, tuple[int, int | None]]:
+    """window, horizon and backend follow ``rhythm.config`` (Python or numpy integers, never bools);
+    returns (window, horizon) as Python ints."""
+    window = KNOBS["window"].check(window)
+    horizon = KNOBS["horizon"].check(horizon)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be None or a finite float > 0, got {scale!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return h_lo, h_hi
+    KNOBS["backend"].check(backend)
+    return window, horizon
+
+
+def as_mask_tensor(attention_mask, device: torch.device):
+    """attention_mask given as a nested list / tuple / numpy array becomes a tensor on ``device``."""
+    if attention_mask is None or isinstance(attention_mask, torch.Tensor):
+        return attention_mask
+    try:
+        mask = torch.as_tensor(attention_mask, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"attention_mask must be a [B, T] tensor (or nested list) of 0/1 or bool, got "
+                        f"{type(attention_mask).__name__} ({error})") from None
+    if mask.dtype != torch.bool and mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must hold 0/1 or bool values, got dtype {mask.dtype}")
+    return mask
 
 
 def check_mask_device(name: str, x, device: torch.device) -> None:

@@ -189,3 +189,21 @@ def assert_matches_oracle(metrics, q, k, v=None, **kwargs) -> None:
         bound = 2 * (low - want).abs().max().item() + 1e-5 * (1 + want.abs().max().item())
         err = (got - want).abs().max().item()
         assert err <= bound, f"{name} ({q.dtype}): max error {err:.3g} > bound {bound:.3g}"
+
+
+# WAAD with a window far beyond the sequence (issue: W - band / l cancels in fp32): every backend must meet
+# docs/definitions.md section 7 for every W, and W >= the segment length is plain distance. Shared by the
+# torch / reference and the triton tests: (window, layer sliding window or None).
+LARGE_WINDOWS = [(100, None), (1000, None), (10 ** 5, None), (10 ** 9, None), (10 ** 9, 100), (300, 64)]
+
+
+def large_window_case(length=512, seed=41):
+    """q, k [2, 4, T, 64] (GQA 2) with moderate scores, and a mask with left and right padding.
+
+    Moderate scores: at W >= T, waad is the distance (up to about T / 2) and the absolute bound 1e-4 leaves
+    room only for the rounding of the fp32 scores themselves when the logits stay of order one."""
+    q, k, _ = random_qkv(2, 4, 2, length, 64, seed=seed, spread=0.7)
+    mask = torch.ones(2, length, dtype=torch.bool)
+    mask[0, :37] = False
+    mask[1, length - 50:] = False
+    return q, k, mask

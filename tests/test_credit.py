@@ -397,6 +397,21 @@ def test_signal_not_float_or_not_finite():
         credit_multipliers(W, torch.full((2, 6), float("nan")), M)
 
 
+@pytest.mark.parametrize("strategy", ["global", "coupled"])
+def test_fai_ignored_where_invalid(strategy):
+    """fai where fai_valid is False is never read: NaN there gives the gamma of finite values; NaN on a valid
+    response position is refused."""
+    valid = M.clone()
+    valid[:, -2:] = False
+    nan_fai = F.clone()
+    nan_fai[~valid] = float("nan")
+    want = credit_multipliers(W, F, M, strategy=strategy, fai_valid=valid)
+    assert torch.equal(credit_multipliers(W, nan_fai, M, strategy=strategy, fai_valid=valid), want)
+    nan_fai[valid] = float("nan")
+    with pytest.raises(ValueError, match="fai holds NaN or Inf on fai_valid response positions"):
+        credit_multipliers(W, nan_fai, M, strategy=strategy, fai_valid=valid)
+
+
 def test_fai_valid_not_bool():
     with pytest.raises(TypeError, match="fai_valid"):
         credit_multipliers(W, F, M, fai_valid=torch.ones(2, 6))

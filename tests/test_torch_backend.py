@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import rhythm
+from rhythm_kernels.layer_attention import LayerAttention
 from rhythm_kernels.segments import influence_counts, segments_from_mask
 from rhythm_kernels.torch_blocked import blocked_attention_metrics, query_block_size
-from tests.oracle_check import assert_matches_oracle, random_qkv
+from tests.oracle_check import LARGE_WINDOWS, assert_matches_oracle, large_window_case, random_qkv
 
 BACKENDS = ["torch", "reference"]
 
@@ -136,3 +137,15 @@ def test_block_size_respects_budget():
     assert query_block_size(9, 4096) * 9 * 4096 <= 1 << 22
     assert query_block_size(1, 10) == 256
     assert query_block_size(64, 1 << 20) == 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window,sliding_window", LARGE_WINDOWS)
+def test_large_windows(backend, window, sliding_window):
+    """WAAD within 1e-4 for every W (no W - band / l cancellation); W >= every lag is exactly the distance."""
+    q, k, mask = large_window_case()
+    layer = LayerAttention(sliding_window=sliding_window)
+    metrics = rhythm.attention_metrics(q, k, window=window, attention_mask=mask, backend=backend, layer=layer)
+    assert_matches_oracle(metrics, q, k, window=window, attention_mask=mask, layer=layer)
+    if window >= 512:
+        assert torch.equal(metrics.waad, metrics.distance)
