@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .capture import Capture
+from .model_attention import describe_layer
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, lags: range, scale: float,
@@ -30,7 +31,8 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, lags:
         lags: the lags t - s >= 0 to return, e.g. range(64) or range(H_lo, H_hi + 1).
         scale: the softmax scale. anchor: "query" -> out[h, t, j] = A[t, t - lags[j]];
             "key" -> out[h, s, j] = A[s + lags[j], s].
-        layer: a LayerAttention-like object (softcap, sliding_window, chunk_size read with getattr) or None.
+        layer: a LayerAttention (softcap, sliding_window, chunk_size; the sinks are already in lse) or None.
+            Chunks are counted from position 0 of the sequence.
     Returns:
         float32 [H, T, len(lags)], 0 where the other end falls outside [0, T) or the key is invisible.
     """
@@ -95,11 +97,13 @@ def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range
 
 class QKCapture(Capture):
     """A :class:`rhythm.capture.Capture` that also keeps the post-RoPE query and unrepeated key of every
-    sampled layer: ``self.qk[layer] = (query [B, Hq, T, D], key [B, Hkv, T, D], scale)`` (detached)."""
+    sampled layer, ``self.qk[layer] = (query [B, Hq, T, D], key [B, Hkv, T, D], scale)`` (detached), and the
+    layer's attention description, ``self.layer_attention[layer]`` (window, chunks, softcap, sinks)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.layer_attention: dict = {}
 
     def _attention_forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            is_causal=None, **kwargs):
@@ -108,5 +112,6 @@ class QKCapture(Capture):
         if context is not None and layer is not None and int(layer) in context.layers:
             scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
             self.qk[int(layer)] = (query.detach(), key.detach(), scale)
+            self.layer_attention[int(layer)] = describe_layer(module)
         return super()._attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)

@@ -69,7 +69,8 @@ def attach_group(report: SequenceReport, rows: list, index: int, scores, respons
 def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_length: int) -> None:
     """Fill ``report.local_band`` (H_loc, lags 0..63, by query row) and ``report.fai_band`` (H_glob, the FAI
     horizon's lags, by key column, response rows only) from one early-stopped pass over the sequence alone
-    that keeps q and k of the sampled layers (:class:`rhythm.attention_band.QKCapture`)."""
+    that keeps q and k of the sampled layers and their attention descriptions
+    (:class:`rhythm.attention_band.QKCapture`)."""
     import torch
 
     from .attention_band import QKCapture, group_band
@@ -88,12 +89,14 @@ def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_l
                                   position_ids=torch.arange(length, device=device)[None])
             qk = {layer: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in capture.qk[layer])
                   for layer in scorer.layers}
+            layers = dict(capture.layer_attention)
     finally:
         model.train(was_training)
     lse = {layer: records[layer].lse.cpu() for layer in scorer.layers}
     h_lo, h_hi = config.horizon
     last = length - 1 if h_hi is None else min(h_hi, length - 1)
-    report.local_band = group_band(qk, lse, report.local_heads, lags=range(min(LOCAL_BAND_WIDTH, length))).tolist()
+    report.local_band = group_band(qk, lse, report.local_heads, lags=range(min(LOCAL_BAND_WIDTH, length)),
+                                   layers=layers).tolist()
     lags = range(h_lo, max(h_lo, last) + 1)
     report.fai_band = group_band(qk, lse, report.global_heads, lags=lags, anchor="key",
-                                 rows=slice(prompt_length, length)).tolist()
+                                 rows=slice(prompt_length, length), layers=layers).tolist()

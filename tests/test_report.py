@@ -176,3 +176,31 @@ def test_scores_render_in_notebooks(tiny_model_dir):  # noqa: F811
     sel = scores.selection()
     top = int(torch.where(sel.anchor[0], scores.fai[0], -1.0).argmax())
     assert f"{scores.fai[0, top].item():.4f}" in page
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "llama4", "gpt_oss"])   # window + softcap, chunks, sinks
+def test_band_of_real_layers_matches_eager_maps(kind):
+    """QKCapture keeps q, k and each sampled layer's description; the band from them is the model's own eager
+    attention map on those diagonals."""
+    from rhythm.attention_band import QKCapture, band_attention
+    from rhythm.capture import CaptureContext
+
+    from .test_capture_models import LENGTH, SAMPLED, VOCAB, eager_run, tiny_model
+
+    model = tiny_model(kind)
+    ids = torch.randint(0, VOCAB, (1, LENGTH), generator=torch.Generator().manual_seed(3))
+    inputs = dict(input_ids=ids, position_ids=torch.arange(LENGTH)[None])
+    with torch.no_grad(), QKCapture(model) as capture:
+        records = capture.run(CaptureContext(layers=SAMPLED, window=6, horizon=(2, 12), backend="torch"), **inputs)
+    maps = eager_run(model, inputs)
+    lags = range(0, 20)
+    for layer in SAMPLED:
+        query, key, scale = capture.qk[layer]
+        group = query.shape[1] // key.shape[1]
+        band = band_attention(query[0], key[0].repeat_interleave(group, 0), records[layer].lse[0], lags=lags,
+                              scale=scale, layer=capture.layer_attention[layer])
+        attn = maps[layer][0][0].double()                                # [H, T, T]
+        for j, lag in enumerate(lags):
+            t = torch.arange(lag, LENGTH)
+            want = attn[:, t, t - lag]
+            assert (band[:, lag:, j].double() - want).abs().max() < 1e-5, (kind, layer, lag)
