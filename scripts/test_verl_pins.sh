@@ -11,7 +11,7 @@
 # pins moves). Extra arguments go to pytest.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VENV:-/work/venvs/verl-pins}"
+VENV="${VENV:-$root/.venv-verl-pins}"
 PY="${PYTHON:-python3}"
 pipi() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 stamp="$VENV/.verl-pins-stamp"
