@@ -169,12 +169,12 @@ class Capture:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
-        check_model(self.model)
         configs = _module_config_list(self.model)
         if not configs:
             raise UnsupportedModelError(
                 f"model ({type(self.model).__name__}) has no transformers config with an attention implementation"
             )
+        check_model(self.model, configs)
         # Other layers keep what the model can run: sdpa, or the model's own eager function when it was loaded
         # eager or does not support sdpa (e.g. softcapping models). The mask function follows the delegate.
         original = configs[0]._attn_implementation
@@ -333,6 +333,7 @@ class Capture:
         if bad:
             context.records.clear()
             raise UnsupportedModelError(
-                f"the attention mask {type(self.model).__name__} ({self.model.config.model_type}) built for "
+                f"the attention mask {type(self.model).__name__} "
+                f"({', '.join(sorted({str(getattr(c, 'model_type', None)) for c, _ in self._saved}))}) built for "
                 f"sampled layer(s) {bad} differs from the window/chunks/layout read from its configuration: an "
                 "attention pattern the capture does not understand")

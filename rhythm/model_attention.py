@@ -83,15 +83,19 @@ def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def check_model(model: torch.nn.Module) -> None:
-    """Refuse, before any forward, a model whose top-level type the capture was not taught about (e.g. a
-    multimodal wrapper whose image tokens attend bidirectionally)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({type(model).__name__}) is not one the capture was taught about; "
-            f"supported: {', '.join(supported_model_types())}. Its attention may use a mechanism the metrics "
-            "would silently get wrong (see docs/models.md: adding an architecture)")
+def check_model(model: torch.nn.Module, configs: list) -> None:
+    """Refuse, before any forward, a model with a (sub-)configuration whose type the capture was not taught
+    about (e.g. a multimodal wrapper whose image tokens attend bidirectionally, or its vision tower).
+
+    configs: the distinct transformers configs of the model's modules (a wrapper such as DDP has none of its
+    own; the wrapped model's are used)."""
+    for config in configs:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"model type {model_type!r} (in {type(model).__name__}) is not one the capture was taught about; "
+                f"supported: {', '.join(supported_model_types())}. Its attention may use a mechanism the "
+                "metrics would silently get wrong (docs/models.md: adding an architecture)")
 
 
 def _positive_int(value, what: str, where: str) -> int:

@@ -320,6 +320,38 @@ def test_unknown_architecture_is_refused_before_any_forward():
     assert calls == []
 
 
+def test_multimodal_wrapper_is_refused_and_plain_wrapper_is_not():
+    """Every sub-configuration must be a taught architecture (a vision tower or a multimodal mask is not); a
+    wrapper without a config of its own (DDP-like) is described by the model it wraps."""
+    config = transformers.Llama4Config(
+        text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_local_experts=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                           projector_output_dim=32))
+    multimodal = transformers.Llama4ForConditionalGeneration(config).eval()
+    with pytest.raises(UnsupportedModelError, match="'llama4'.*not one the capture was taught"):
+        Capture(multimodal).__enter__()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **inputs):
+            return self.module(**inputs)
+
+    model = tiny_model("mistral")
+    inputs, context_kwargs, _ = batch("left")
+    context = CaptureContext(layers=SAMPLED, window=WAAD_WINDOW, horizon=HORIZON, backend="torch", **context_kwargs)
+    with torch.no_grad(), Capture(Wrapper(model)) as cap:
+        wrapped = cap.run(context, **inputs)
+    direct, _ = capture(model, inputs, context_kwargs)
+    for layer in SAMPLED:
+        assert torch.equal(wrapped[layer].waad, direct[layer].waad)
+
+
 def test_bidirectional_attention_is_refused():
     model = _small(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, head_dim=8,
                    use_bidirectional_attention=True)
