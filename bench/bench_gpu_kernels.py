@@ -438,9 +438,12 @@ def compile_jobs(jobs, mode: str, arch: int, n_workers: int, records, report_pat
 
     reports = []
 
+    import triton
+
     def save():
         with open(report_path + ".tmp", "w") as handle:
-            json.dump({"mode": mode, "arch": arch, "variants": reports}, handle, indent=1)
+            json.dump({"mode": mode, "arch": arch, "triton": triton.__version__, "variants": reports}, handle,
+                      indent=1)
         os.replace(report_path + ".tmp", report_path)
 
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"))

@@ -49,9 +49,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 # Autotune configs (GPU). BLOCK_M = query rows per program, BLOCK_N = keys per step.
-# Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant. Checked by compiling
-# for sm_90 (ptxas -v): 128x64/w8 spills 32 B with v at D = 128 (0 otherwise), 128x32/w8 never spills,
-# 128x128 and 64x64/w4 spill with v at D = 128 (kept for the metrics-only mode and D = 64).
+# Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant. Compiled for sm_90 as
+# the runtime specialises them (bench/results/compile_sm90.json): none spills in bf16 at D = 64 or 128, with
+# or without v; 128x128 with v at D = 128 takes 255 registers and 160 KB of shared memory.
 STATS_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
@@ -105,9 +105,9 @@ def autotune_enabled() -> bool:
 
 
 def default_stats_config(d_pad: int, dtype: torch.dtype) -> dict:
-    """The config used without autotuning (and the only one for fp32 and D = 256): tiles that compile
-    without register spills on sm_90 (D = 256 in fp16/bf16: 80 B). fp32 uses the IEEE dot on CUDA cores (the
-    correctness path: small tiles)."""
+    """The config used without autotuning (and the only one for fp32 and D = 256). fp32 uses the IEEE dot on
+    CUDA cores (the correctness path: small tiles). sm_90 compile report (bench/results/compile_sm90.json):
+    no spills in fp16/bf16 at any D; fp32 spills at D = 128 (308 B without v, 672 B with v), not at 64 or 256."""
     if interpreting():
         return dict(INTERPRET_CONFIG)
     if dtype == torch.float32:

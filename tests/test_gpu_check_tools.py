@@ -88,3 +88,16 @@ def test_pinned_config_file_roundtrip(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text(json.dumps({"entries": {}}))
     with pytest.raises(ValueError, match="format"):
         tuned_configs.load_entries(str(tmp_path / "bad.json"))
+
+
+def test_autotuner_picks_become_entries(monkeypatch):
+    """The autotuner's cache key (Triton 3.6: the key arguments, then the dtypes of the tensor arguments, Q
+    first) is read into one file entry per pick."""
+    from rhythm_kernels import triton_stats
+
+    tuner = triton_stats._stats_kernel_tuned
+    key = (8192, 128, False, "torch.bfloat16", "torch.bfloat16", "torch.bfloat16")
+    monkeypatch.setattr(tuner, "cache", {key: triton_stats.STATS_CONFIGS[1]})
+    entries = [e for e in tuned_configs.entries_from_autotuners("NVIDIA H200") if e["kernel"] == "stats"]
+    assert entries == [{"gpu": "NVIDIA H200", "kernel": "stats", "head_dim": 128, "dtype": "bfloat16",
+                        "mode": "HAS_V=False", "len_key": 8192, "config": triton_stats.STATS_CONFIGS[1].all_kwargs()}]
