@@ -185,7 +185,8 @@ KNOBS: dict[str, Knob] = _knobs(
          "size of the local and global head groups as a fraction of the sampled heads (ceil)",
          real(0.0, 1.0, low_open=True), "float"),
     Knob("layers", None, "None or a non-empty list of layer indices >= 0",
-         "sampled layer indices (None: the model's five evenly spaced middle-third layers)", layers, "tuple[int, ...] | None"),
+         "sampled layer indices (None: the model's five evenly spaced middle-third layers)", layers,
+         "tuple[int, ...] | None"),
     Knob("grouping", "per_sequence", f"one of {GROUPINGS}",
          "head groups chosen per sequence, or fixed (computed once from the first batch with a response)",
          one_of(GROUPINGS), "str", GROUPINGS),
@@ -373,5 +374,6 @@ def describe(names: Iterable[str] = tuple(KNOBS)) -> str:
     lines = ["| knob | default | allowed | meaning |", "|---|---|---|---|"]
     for name in names:
         knob = KNOBS[name]
-        lines.append(f"| `{name}` | `{knob.default!r}` | {knob.expected} | {knob.help} |")
+        cells = (f"`{name}`", f"`{knob.default!r}`", knob.expected, knob.help)
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)

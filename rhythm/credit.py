@@ -49,6 +49,8 @@ def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("str
                                     (("q", q), ("gamma_amp", gamma_amp), ("alpha", alpha), ("k", k), ("seed", seed)))
     sel.check_contents(response_mask, fai_valid, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
                        entropy=entropy if strategy == "entropy" else None)
+    if response_mask.shape[1] == 0:      # T = 0: no response token anywhere
+        return torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device)
 
     keys = sel.random_keys(response_mask.shape, seed, response_mask.device) if strategy == "random" else None
     signals = dict(waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy, keys=keys)
@@ -114,6 +116,7 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
         sign: "both" (default) | "positive" (A >= 0 only, paper v1) | "negative" (A < 0 only).
     Returns:
         float [B, T] in the dtype of ``advantages``.
+    Raises ValueError when gamma holds NaN, Inf or a negative value (one host sync).
     """
     sign = check("sign", sign)
     for name, x in (("advantages", advantages), ("gamma", gamma)):
@@ -131,6 +134,7 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
                          f"(the shape of gamma), got {list(advantages.shape)}")
     if advantages.device != gamma.device:
         raise ValueError(f"advantages must be on the device of gamma ({gamma.device}), got {advantages.device}")
+    _check_gamma_values(gamma)
     compute = torch.promote_types(advantages.dtype, torch.float32)
     adv = advantages.expand(batch, length)
     shaped = (adv.to(compute) * gamma.detach().to(compute)).to(advantages.dtype)
@@ -138,3 +142,13 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
         return shaped
     allowed = adv >= 0 if sign == "positive" else adv < 0
     return torch.where(allowed, shaped, adv)
+
+
+def _check_gamma_values(gamma: torch.Tensor) -> None:
+    """gamma must be finite and >= 0 everywhere (one host sync): NaN would poison the advantages, a negative
+    value would flip their sign."""
+    bad = ~torch.isfinite(gamma) | (gamma < 0)
+    if bool(bad.any()):
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"gamma must be finite and >= 0 (credit multipliers; 1 = unchanged), got "
+                         f"{float(gamma[b, t])} at [{b}, {t}] ({int(bad.sum())} bad value(s))")

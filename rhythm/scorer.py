@@ -207,8 +207,14 @@ class RhythmScorer:
         unknown = sorted(set(config) - valid)
         if unknown:
             raise TypeError(f"RhythmScorer got unknown config key(s) {unknown}; valid keys: {sorted(valid)}")
-        self.model = model
         self.config = ScorerConfig(**config)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a transformers causal LM (a torch.nn.Module), got {type(model).__name__}")
+        if getattr(model, "config", None) is None:
+            raise TypeError(f"model must be a transformers causal LM: RhythmScorer reads model.config "
+                            f"(num_hidden_layers, num_attention_heads) and hooks its attention, but "
+                            f"{type(model).__name__} has no config")
+        self.model = model
         text_config = _text_config(model)
         self.num_layers = int(getattr(text_config, "num_hidden_layers", 0) or 0)
         self.heads_per_layer = int(getattr(text_config, "num_attention_heads", 0) or 0)
@@ -292,8 +298,9 @@ class RhythmScorer:
     # -- input checks -----------------------------------------------------------------------------------------
     def _prepare(self, input_ids, attention_mask, response_mask, position_ids, cu_seqlens):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
-                or input_ids.dtype == torch.bool:
+                or input_ids.dtype == torch.bool or input_ids.dtype.is_complex:
             raise ValueError(f"input_ids must be an integer tensor [B, T], got {_describe(input_ids)}")
+        input_ids = input_ids.long()   # any integer dtype (uint8, int32, ...) indexes the embedding as long
         batch, length = input_ids.shape
         if batch == 0 or length == 0:
             raise ValueError(f"input_ids must be non-empty, got shape {list(input_ids.shape)}")
@@ -304,6 +311,10 @@ class RhythmScorer:
         if position_ids is not None:
             if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
                 raise ValueError(f"position_ids must be an integer tensor [B, T], got {_describe(position_ids)}")
+            if position_ids.dim() > 2:
+                raise ValueError(f"position_ids must have shape [B, T] (or [T]), got {list(position_ids.shape)}: "
+                                 "multimodal RoPE position ids ([B, 3, T] / [3, B, T]) are not supported; pass "
+                                 "None (positions from the attention mask) or text-only [B, T] position ids")
             position_ids = position_ids.reshape(-1, length) if position_ids.dim() == 1 else position_ids
             if position_ids.shape[-1] != length or position_ids.shape[0] not in (1, batch):
                 raise ValueError(f"position_ids must have shape [B, T] = [{batch}, {length}], got "
@@ -345,7 +356,26 @@ class RhythmScorer:
                 raise ValueError(f"response_mask of {what} is not a suffix of its real span [{start}, {end}): the "
                                  "response must be the last tokens of each sequence (prompt first, then response)")
             segments.append((row, start, end, resp_start))
+        self._check_fits_model(input_ids, mask, position_ids)
         return input_ids, mask, response, position_ids, segments, packed
+
+    def _check_fits_model(self, input_ids, mask, position_ids) -> None:
+        """Token ids inside the embedding and positions below max_position_embeddings, on the real positions
+        (one host sync), so a bad batch fails here naming the argument instead of deep inside the model."""
+        embedding = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(embedding, "num_embeddings", None)
+        max_positions = getattr(_text_config(self.model), "max_position_embeddings", None)
+        real_ids = input_ids.cpu()[mask]
+        checks = torch.stack([real_ids.min(), real_ids.max(), position_ids[mask].max()]).tolist()
+        low, high, top_position = checks
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            raise ValueError(f"input_ids holds token id {bad} on a real (attention_mask) position, outside the "
+                             f"model's vocabulary [0, {vocab})")
+        if isinstance(max_positions, int) and top_position >= max_positions:
+            raise ValueError(f"input_ids: a sequence reaches position {top_position} but the model's "
+                             f"max_position_embeddings is {max_positions} (sequences of at most {max_positions} "
+                             "tokens; split or truncate longer ones)")
 
     # -- one micro-batch ----------------------------------------------------------------------------------------
     def _score_chunk(self, capture, segments, input_ids, mask, position_ids, *, packed, with_entropy):

@@ -64,6 +64,8 @@ def kth_smallest(values: torch.Tensor, eligible: torch.Tensor, rank: torch.Tenso
     ``rank``, so a single k serves every row.
     """
     batch, length = values.shape
+    if length == 0:                      # no position at all (T = 0): nothing is eligible
+        return torch.full((batch,), INF, dtype=values.dtype, device=values.device)
     rank = rank.clamp(0, length - 1)
     pad_index = torch.arange(length - 1, device=values.device)
     pad = torch.where(pad_index[None, :] < (length - 1 - rank)[:, None], -INF, INF).to(values.dtype)
@@ -234,6 +236,8 @@ def check_signals(*, response_mask, **signals) -> None:
 def check_contents(response_mask, fai_valid=None, **signals) -> None:
     """One host synchronisation: the response is one contiguous run per row and signals are finite on it
     (fai only where fai_valid holds: an invalid FAI is never read, whatever it holds)."""
+    if response_mask.shape[1] == 0:      # T = 0: nothing to check
+        return
     starts = response_mask[:, 1:] & ~response_mask[:, :-1]
     runs = starts.sum(1) + response_mask[:, 0].long()
     flags = [(runs > 1).any()]

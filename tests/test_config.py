@@ -152,6 +152,10 @@ def test_argparse_flags():
         C.from_args(parser.parse_args(["--horizon", "10", "2"]), C.SCORER_KNOBS)
 
 
-def test_describe_lists_every_knob():
+def test_describe_lists_every_knob_and_the_docs_are_current():
+    from pathlib import Path
+
     table = C.describe()
     assert all(f"| `{name}` |" in table for name in C.KNOBS)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert table in docs, "docs/settings.md: paste the current rhythm.config.describe() table"

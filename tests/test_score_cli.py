@@ -108,7 +108,8 @@ def test_kill_mid_run_then_resume(tiny_model_dir, tok, tmp_path):  # noqa: F811
     assert sorted(r["id"] for r in got) == sorted(r["id"] for r in want) == sorted(f"r{i}" for i in range(12))
     want = {r["id"]: r for r in want}
     for r in got:
-        assert r["gamma_coupled"] == want[r["id"]]["gamma_coupled"] and r["response_ids"] == want[r["id"]]["response_ids"]
+        assert r["gamma_coupled"] == want[r["id"]]["gamma_coupled"]
+        assert r["response_ids"] == want[r["id"]]["response_ids"]
         torch.testing.assert_close(torch.tensor(r["fai"]), torch.tensor(want[r["id"]]["fai"]), atol=1e-6, rtol=0)
 
 
@@ -356,3 +357,17 @@ def test_output_columns_equal_the_scorer(tiny_model_dir, tok, tmp_path):  # noqa
     assert not _columns_match(shifted, expected, atol=0.0)
     swapped = [dict(r, waad=r["fai"]) for r in out]
     assert not _columns_match(swapped, expected, atol=1e-4)
+
+
+def test_text_prompts_use_the_chat_template_like_analyze(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"prompt": CORPUS[0], "response": CORPUS[2]}])
+    templated = cli._chat_ids(tok, CORPUS[0])[0].tolist()          # what `rhythm analyze` feeds the model
+    plain = tok(CORPUS[0]).input_ids
+    assert len(templated) > len(plain)
+    for extra, want in (([], templated), (["--no-chat-template"], plain)):
+        dst = tmp_path / f"out{len(extra)}.jsonl"
+        assert cli.main(_args(tiny_model_dir, src, dst, *extra)) == 0
+        (row,) = _read(dst)
+        assert row["id"] == 1 and row["prompt_length"] == len(want)
+        assert row["response_ids"] == tok(CORPUS[2], add_special_tokens=False).input_ids

@@ -1,0 +1,229 @@
+"""An adversarial pass over the public entry points, as a careful user with unusual data would try them.
+
+Two kinds of cases:
+- bad input: the call raises ValueError / TypeError whose message names the argument, raised from the
+  package's own argument checks (the innermost frame is in rhythm/ or the kernels package, never deep inside
+  torch or transformers);
+- unusual but valid input: the result equals the one for the ordinary spelling of the same input (numpy
+  scalars, narrow integer dtypes, NaN where a position is never read, empty axes).
+(Row handling of ``rhythm score``, where the same rules hold per line, is in tests/test_score_cli.py.)
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rhythm
+from rhythm import (RhythmScorer, ScorerConfig, attention_metrics, credit_multipliers, entropy_selection,
+                    random_selection, rhythm_selection, shape_advantages)
+from rhythm.integrations.config import RhythmCreditConfig
+
+PACKAGE_DIRS = (Path(rhythm.__file__).resolve().parent, Path(__file__).resolve().parents[1] / "kernels")
+
+
+def _signals(batch=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    waad = torch.rand(batch, length, generator=g) * 10
+    fai = torch.rand(batch, length, generator=g)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, 4:] = True
+    valid = mask.clone()
+    valid[:, -3:] = False
+    return waad, fai, mask, valid
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+# ---- bad input: a clear error naming the argument, from the package's own checks --------------------------------
+
+W, F, M, V = _signals()
+ONES = torch.ones(2, 12)
+BAD_CALLS = {
+    # credit_multipliers
+    "q=0": (lambda: credit_multipliers(W, F, M, q=0), "q"),
+    "q=True": (lambda: credit_multipliers(W, F, M, q=True), "q"),
+    "q='0.4'": (lambda: credit_multipliers(W, F, M, q="0.4"), "q"),
+    "q=nan": (lambda: credit_multipliers(W, F, M, q=math.nan), "q"),
+    "gamma_amp=1e300": (lambda: credit_multipliers(W, F, M, gamma_amp=1e300), "gamma_amp"),
+    "gamma_amp=0.5": (lambda: credit_multipliers(W, F, M, gamma_amp=0.5), "gamma_amp"),
+    "alpha=2": (lambda: credit_multipliers(W, F, M, alpha=2), "alpha"),
+    "k=0": (lambda: credit_multipliers(W, F, M, k=0), "k"),
+    "k=1.5": (lambda: credit_multipliers(W, F, M, k=1.5), "k"),
+    "seed=2**70": (lambda: credit_multipliers(W, F, M, strategy="random", seed=2 ** 70), "seed"),
+    "seed=-1": (lambda: credit_multipliers(W, F, M, strategy="random", seed=-1), "seed"),
+    "strategy=tpu": (lambda: credit_multipliers(W, F, M, strategy="tpu"), "strategy"),
+    "mask float": (lambda: credit_multipliers(W, F, M.float()), "response_mask"),
+    "mask shape": (lambda: credit_multipliers(W, F, M[:, :5]), "shape of response_mask"),
+    "waad int": (lambda: credit_multipliers(W.long(), F, M), "waad"),
+    "waad nan on response": (lambda: credit_multipliers(torch.where(M, math.nan, W), F, M), "waad"),
+    "fai nan where valid": (lambda: credit_multipliers(W, torch.where(V, math.nan, F), M, fai_valid=V), "fai"),
+    "fai_valid int": (lambda: credit_multipliers(W, F, M, fai_valid=V.int()), "fai_valid"),
+    "entropy missing": (lambda: credit_multipliers(W, F, M, strategy="entropy"), "entropy"),
+    "waad None for coupled": (lambda: credit_multipliers(None, F, M), "waad"),
+    "mask two runs": (lambda: credit_multipliers(W, F, M & (torch.arange(12) != 7)), "contiguous"),
+    "mask list": (lambda: credit_multipliers(W, F, M.tolist()), "response_mask"),
+    # selection
+    "rhythm_selection q": (lambda: rhythm_selection(W, F, M, V, q=1.5), "q"),
+    "random_selection seed": (lambda: random_selection(M, seed=1.0), "seed"),
+    "entropy_selection nan": (lambda: entropy_selection(torch.where(M, math.nan, W), M), "entropy"),
+    # shape_advantages
+    "gamma nan": (lambda: shape_advantages(ONES, torch.full((2, 12), math.nan)), "gamma"),
+    "gamma negative": (lambda: shape_advantages(ONES, -ONES), "gamma"),
+    "gamma inf": (lambda: shape_advantages(ONES, torch.full((2, 12), math.inf)), "gamma"),
+    "sign": (lambda: shape_advantages(ONES, ONES, sign="pos"), "sign"),
+    "advantages shape": (lambda: shape_advantages(torch.ones(3), ONES), "advantages"),
+    "gamma int": (lambda: shape_advantages(ONES, ONES.long()), "gamma"),
+    # configs
+    "ScorerConfig window=-3": (lambda: ScorerConfig(window=-3), "ScorerConfig.window"),
+    "ScorerConfig horizon=(100, 10)": (lambda: ScorerConfig(horizon=(100, 10)), "ScorerConfig.horizon"),
+    "ScorerConfig validate=1": (lambda: ScorerConfig(validate=1), "ScorerConfig.validate"),
+    "ScorerConfig fixed_groups": (lambda: ScorerConfig(fixed_groups="abc"), "ScorerConfig.fixed_groups"),
+    "Credit q=0": (lambda: RhythmCreditConfig(q=0), "RhythmCreditConfig.q"),
+    "Credit backend=tpu": (lambda: RhythmCreditConfig(backend="tpu"), "RhythmCreditConfig.backend"),
+    "Credit head_fraction=2": (lambda: RhythmCreditConfig(head_fraction=2.0), "RhythmCreditConfig.head_fraction"),
+    "Credit gamma_amp=1e300": (lambda: RhythmCreditConfig(gamma_amp=1e300), "RhythmCreditConfig.gamma_amp"),
+    "Credit unknown key": (lambda: RhythmCreditConfig.from_mapping({"qq": 1}), "qq"),
+    "Credit micro_batch_size=0": (lambda: RhythmCreditConfig(micro_batch_size=0),
+                                  "RhythmCreditConfig.micro_batch_size"),
+    "credit_kwargs seed": (lambda: RhythmCreditConfig().credit_kwargs(seed=2 ** 70), "seed"),
+    # attention_metrics
+    "metrics window=-3": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4), window=-3),
+                          "window"),
+    "metrics horizon": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4),
+                                                  horizon=(100, 10)), "horizon"),
+    "metrics backend": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4), backend="tpu"),
+                        "backend"),
+    "metrics q rank 3": (lambda: attention_metrics(torch.rand(2, 8, 4), torch.rand(2, 8, 4)), "q"),
+    "metrics GQA": (lambda: attention_metrics(torch.rand(1, 3, 8, 4), torch.rand(1, 2, 8, 4)), "heads"),
+}
+
+
+def _assert_clear(error: BaseException, words: str):
+    assert isinstance(error, (ValueError, TypeError)), f"{type(error).__name__}: {error}"
+    assert words in str(error), str(error)
+    innermost = Path(traceback.extract_tb(error.__traceback__)[-1].filename).resolve()
+    assert any(d in innermost.parents for d in PACKAGE_DIRS), f"raised deep inside {innermost}: {error}"
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_bad_input_is_refused_clearly(name):
+    call, words = BAD_CALLS[name]
+    with pytest.raises(Exception) as info:
+        call()
+    _assert_clear(info.value, words)
+
+
+SCORER_BAD = {
+    "input_ids float": (lambda s, ids, r: s.score(ids.float(), None, r), "input_ids"),
+    "input_ids 1-D": (lambda s, ids, r: s.score(ids[0], None, r[0]), "input_ids"),
+    "token id out of vocabulary": (lambda s, ids, r: s.score(ids + 64, None, r), "input_ids"),
+    "negative token id": (lambda s, ids, r: s.score(ids - 100, None, r), "input_ids"),
+    "longer than max_position_embeddings": (lambda s, ids, r: s.score(ids.repeat(1, 4), None,
+                                                                      torch.arange(40).expand(2, 40) >= 30),
+                                            "max_position_embeddings"),
+    "position_ids [B, 3, T]": (lambda s, ids, r: s.score(ids, None, r, position_ids=torch.arange(10).expand(2, 3, 10)),
+                               "position_ids"),
+    "response not a suffix": (lambda s, ids, r: s.score(ids, None, r.flip(1)), "response_mask"),
+    "attention_mask list": (lambda s, ids, r: s.score(ids, [[1] * 10] * 2, r), "attention_mask"),
+    "response_mask missing": (lambda s, ids, r: s.score(ids, None, None), "response_mask"),
+    "unknown config key": (lambda s, ids, r: RhythmScorer(s.model, windw=3), "windw"),
+    "layers out of range": (lambda s, ids, r: RhythmScorer(s.model, layers=[7]), "layers"),
+    "module without config": (lambda s, ids, r: RhythmScorer(torch.nn.Linear(2, 2)), "config"),
+    "not a module": (lambda s, ids, r: RhythmScorer("gpt2"), "model"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCORER_BAD))
+def test_scorer_bad_input_is_refused_clearly(tiny_model, name):
+    scorer = RhythmScorer(tiny_model, horizon=(1, None), window=2)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    response = torch.zeros(2, 10, dtype=torch.bool)
+    response[:, 6:] = True
+    call, words = SCORER_BAD[name]
+    with pytest.raises(Exception) as info:
+        call(scorer, ids, response)
+    _assert_clear(info.value, words)
+
+
+# ---- unusual but valid input: the same result as the ordinary spelling -----------------------------------------
+
+def test_numpy_scalars_give_the_same_gamma():
+    for strategy in ("coupled", "local", "global", "random"):
+        ref = credit_multipliers(W, F, M, strategy=strategy, fai_valid=V, q=0.5, gamma_amp=2.0, alpha=0.25, k=2,
+                                 seed=5)
+        got = credit_multipliers(W, F, M, strategy=strategy, fai_valid=V, q=np.float64(0.5),
+                                 gamma_amp=np.float32(2.0), alpha=np.float64(0.25), k=np.int64(2), seed=np.uint8(5))
+        assert torch.equal(ref, got), strategy
+
+
+def test_nan_fai_where_invalid_is_never_read():
+    for strategy in ("coupled", "global"):
+        ref = credit_multipliers(W, F, M, strategy=strategy, fai_valid=V)
+        got = credit_multipliers(W, torch.where(V, F, math.nan), M, strategy=strategy, fai_valid=V)
+        assert torch.equal(ref, got), strategy
+    ref = rhythm_selection(W, F, M, V)
+    got = rhythm_selection(W, torch.where(V, F, math.nan), M, V)
+    assert all(torch.equal(getattr(ref, f), getattr(got, f)) for f in ("preplan", "anchor", "dominated", "intro"))
+
+
+@pytest.mark.parametrize("strategy", ["coupled", "local", "global", "random", "entropy"])
+def test_empty_time_axis(strategy):
+    empty = torch.zeros(3, 0)
+    gamma = credit_multipliers(empty, empty, empty.bool(), strategy=strategy, entropy=empty)
+    assert gamma.shape == (3, 0) and gamma.dtype == torch.float32
+
+
+def test_empty_time_axis_selections():
+    empty = torch.zeros(3, 0)
+    sel = rhythm_selection(empty, empty, empty.bool())
+    assert sel.anchor.shape == (3, 0) and sel.preplan_count.tolist() == [0, 0, 0]
+    assert sel.tau_delta.tolist() == [math.inf] * 3                  # as on an empty response
+    assert random_selection(empty.bool()).shape == entropy_selection(empty, empty.bool()).shape == (3, 0)
+
+
+def test_empty_responses_give_gamma_one():
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    for strategy in ("coupled", "local", "global", "random"):
+        assert torch.equal(credit_multipliers(W, F, mask, strategy=strategy), torch.ones(2, 12))
+
+
+def test_narrow_integer_input_ids(tiny_model):
+    scorer = RhythmScorer(tiny_model, horizon=(1, None), window=2)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    response = torch.zeros(2, 10, dtype=torch.bool)
+    response[:, 5:] = True
+    ref = scorer.score(ids, None, response)
+    for dtype in (torch.uint8, torch.int32, torch.int16):
+        got = scorer.score(ids.to(dtype), None, response.int())
+        assert torch.equal(ref.waad, got.waad) and torch.equal(ref.fai, got.fai), dtype
+        assert torch.equal(ref.gamma(), got.gamma()), dtype
+
+
+def test_config_spellings_agree():
+    ref = RhythmCreditConfig(window=5, horizon=(2, None), layers=(1, 2), k=2, q=0.5)
+    for spelling in (dict(window=np.int64(5), horizon=[2, None], layers=[2, 1, 1], k=np.int32(2), q=np.float64(0.5)),
+                     dict(window=5, horizon=(np.int8(2), None), layers=np.array([1, 2]), k=2, q=0.5)):
+        assert RhythmCreditConfig(**spelling) == ref
+    assert RhythmCreditConfig.from_mapping(ref.to_dict()) == ref
+    assert ScorerConfig(**ref.scorer_kwargs()).horizon == (2, None)
+
+
+def test_shape_advantages_accepts_zero_and_large_gamma():
+    adv = torch.tensor([[1.0, -2.0, 3.0]])
+    gamma = torch.tensor([[0.0, 1.0, 1e6]])
+    assert torch.equal(shape_advantages(adv, gamma), torch.tensor([[0.0, -2.0, 3e6]]))
+    # masked positions of apply-style callers may hold NaN only if they are replaced before shaping
+    masked = torch.where(torch.tensor([[True, True, False]]), torch.tensor([[1.5, 1.0, math.nan]]), 1.0)
+    assert torch.equal(shape_advantages(adv, masked), torch.tensor([[1.5, -2.0, 3.0]]))
