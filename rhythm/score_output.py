@@ -110,11 +110,14 @@ class Sink:
         import pyarrow.parquet as pq
 
         schema = parquet_schema(self.settings)
-        tables = []
+        tables, merged = [], set()
         if self.output.exists():
             tables.append(pq.read_table(self.output).select(schema.names).cast(schema))
+            merged = set(tables[0].column("id").to_pylist())
         with self.journal.open(encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
+        # a run killed between replacing the output and deleting the journal: those rows are merged already
+        rows = [row for row in rows if row["id"] not in merged]
         tables.append(pa.Table.from_pylist(rows, schema=schema))
         table = pa.concat_tables(tables).replace_schema_metadata(
             {PARQUET_KEY: json.dumps(self.settings).encode("utf-8")})

@@ -154,6 +154,11 @@ def test_parquet_schema_from_settings_and_int_ids(tiny_model_dir, tok, tmp_path)
     assert table.column_names == ["id", "prompt_length", "response_ids", "waad", "fai", "fai_valid",
                                   "gamma_coupled", "gamma_random"]
     assert json.loads(table.schema.metadata[b"rhythm_score_settings"])["strategies"] == ["coupled", "random"]
+    # killed after the merged file replaced the output but before the journal was deleted: merged once
+    journal = tmp_path / "out.parquet.partial.jsonl"
+    journal.write_text("".join(json.dumps(r) + "\n" for r in table.slice(1).to_pylist()))
+    assert cli.main(_args(tiny_model_dir, src, dst, *strategies)) == 0
+    assert pq.read_table(dst).column("id").to_pylist() == [10, 11, 12] and not journal.exists()
 
 
 # ---- bad input: one line, exit code 2, before the model loads ----------------------------------------------
