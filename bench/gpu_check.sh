@@ -32,7 +32,7 @@ PLAN=(
     "smoke       40 correctness: fp32 T=2048 and bf16 T=1024 (Hq 32, Hkv 8, D 128) vs fp64, section 7"
     "bench_long 210 benchmark + checks: D=128 T=8192, 32768, then D=64 T=8192, 32768 (bf16, Hq 32, Hkv 8)"
     "bench_2k    40 benchmark + checks: D=128 and D=64 at T=2048"
-    "cuda_tests  60 pytest tests/test_triton_backend.py, the CUDA cases and the GPU-only determinism ones"
+    "cuda_tests  60 pytest: the CUDA cases, the GPU-only determinism ones, tests/test_triton_numerics.py"
     "end_to_end ${GPU_CHECK_E2E_S:-0} optional (GPU_CHECK_E2E_S=60): RhythmScorer vs SDPA/eager forward, Qwen3-4B shape"
 )
 LIMIT_S=510
@@ -118,7 +118,8 @@ run_step bench_2k $PY bench/bench_gpu_kernels.py --step bench_2k --shapes "${SHO
 
 if $PY -c "import pytest" 2>/dev/null; then
     run_step cuda_tests --log "$OUT/pytest_cuda.log" $PY -m pytest -q -p no:cacheprovider \
-        tests/test_triton_backend.py -k "cuda or split_heads or two_size or deterministic" --durations=5
+        tests/test_triton_backend.py tests/test_triton_numerics.py \
+        -k "cuda or split_heads or two_size or deterministic or numerics" --durations=5
 else
     echo "== cuda_tests: pytest is not installed here; the smoke and the benchmark's checks are the correctness record"
     echo "pytest is not installed: tests/test_triton_backend.py was not run" >"$OUT/pytest_cuda.log"
