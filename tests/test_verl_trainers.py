@@ -228,3 +228,196 @@ def test_modes_without_a_log_prob_forward_are_refused(hooks, override, match):
     config = OmegaConf.create({"rhythm": {"strategy": "coupled"}, **override})
     with pytest.raises(ValueError, match=match):
         hooks.check_run_mode(config, hooks.resolve_config(config))
+
+
+# ---- the v1 trainer (verl's default): TransferQueue between the driver and the workers ---------------------------
+
+@pytest.fixture(scope="module")
+def v1():
+    try:
+        from verl.trainer.ppo.v1 import trainer_base
+    except ImportError as exc:
+        pytest.skip(f"verl's v1 trainer does not import here (it needs verl's declared dependencies and "
+                    f"TransferQueue; scripts/test_verl_pins.sh runs these tests): {exc}")
+    return trainer_base
+
+
+class StandInTransferQueue:
+    """``kv_batch_get`` / ``kv_batch_put`` over a dict: per-sample fields, variable-length ones returned as jagged
+    nested tensors (as the v1 trainer reads them: ``.offsets()``, ``to_padded_tensor()``), strings as a
+    NonTensorStack; fields that no requested sample has are left out, a field only some have is an error."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def kv_batch_put(self, keys, partition_id, fields, tags=None):
+        from transfer_queue import KVBatchMeta
+
+        for i, key in enumerate(keys):
+            row = self.rows.setdefault((partition_id, key), {})
+            for name in fields.keys():
+                value = fields.get(name)
+                if isinstance(value, torch.Tensor):
+                    row[name] = (value.unbind()[i] if value.is_nested else value[i], value.is_nested)
+                else:
+                    row[name] = (value.tolist()[i] if hasattr(value, "tolist") else value[i], False)
+        return KVBatchMeta(keys=list(keys), partition_id=partition_id, tags=tags or [{} for _ in keys])
+
+    def kv_batch_get(self, keys, partition_id, select_fields=None):
+        from tensordict import NonTensorStack, TensorDict
+
+        rows = [self.rows[(partition_id, key)] for key in keys]
+        names = select_fields if select_fields is not None else list(rows[0])
+        out = {}
+        for name in names:
+            have = [name in row for row in rows]
+            if not any(have):
+                continue
+            if not all(have):
+                raise ValueError(f"field {name!r} is empty for some samples")
+            values = [row[name][0] for row in rows]
+            if not isinstance(values[0], torch.Tensor):
+                out[name] = NonTensorStack(*values)
+            elif rows[0][name][1]:
+                out[name] = torch.nested.as_nested_tensor(list(values), layout=torch.jagged)
+            else:
+                out[name] = torch.stack(values)
+        return TensorDict(out, batch_size=[len(keys)])
+
+
+def _v1_bridge(monkeypatch, store):
+    """verl's tqbridge (``register``'s wrapper) against the stand-in store: the worker fetches its samples' fields
+    plus ``extra_info`` as non-tensor entries, and its output tensors are written back under the same keys."""
+    import copy
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.utils import transferqueue_utils as bridge
+
+    def realdata(meta):
+        data = store.kv_batch_get(meta.keys, meta.partition_id)
+        tu.assign_non_tensor(data, **copy.deepcopy(meta.extra_info))
+        return data
+
+    def update(output: TensorDict, meta, func_name=None):
+        names = [k for k in output.keys() if isinstance(output.get(k), torch.Tensor)]
+        store.kv_batch_put(meta.keys, meta.partition_id, output.select(*names))
+        return meta
+
+    monkeypatch.setattr(bridge, "TQ_INITIALIZED", True)
+    monkeypatch.setattr(bridge, "kv_batch_meta2batch_meta", lambda meta: meta)
+    monkeypatch.setattr(bridge, "batch_meta2kv_batch_meta", lambda meta: meta)
+    monkeypatch.setattr(bridge, "_meta_to_realdata", realdata)
+    monkeypatch.setattr(bridge, "_update_meta_with_output", update)
+    monkeypatch.setattr(bridge, "_compute_need_collect", lambda *a, **k: True)
+    monkeypatch.setattr(type(store), "size", property(lambda self: 0), raising=False)
+
+
+class StandInV1WorkerGroup:
+    """The actor worker group as the v1 driver calls it: a KVBatchMeta split over the dp ranks (each rank gets
+    its keys and a copy of ``extra_info``, as Ray serializes it), the class's real (wrapped) method on each."""
+
+    def __init__(self, workers):
+        self.workers = workers
+
+    def compute_log_prob(self, meta):
+        import copy
+
+        from transfer_queue import KVBatchMeta
+        from verl.workers.engine_workers import ActorRolloutRefWorker
+
+        step = -(-len(meta.keys) // len(self.workers))
+        for rank, worker in enumerate(self.workers):
+            keys = meta.keys[rank * step:(rank + 1) * step]
+            part = KVBatchMeta(keys=keys, partition_id=meta.partition_id, tags=[{} for _ in keys],
+                               extra_info=copy.deepcopy(meta.extra_info))
+            ActorRolloutRefWorker.compute_log_prob(worker, part)
+        return meta
+
+
+V1_ROWS = [0, 1, 2, 3, 5]  # verl_batch() rows, the empty response left out (an agent loop emits >= 1 token)
+
+
+def _v1_samples(store):
+    """The rollout's samples in TransferQueue, as AgentLoopWorkerTQ writes them; keys {uid}_{session}_{index}."""
+    from tensordict import NonTensorStack, TensorDict
+    from transfer_queue import KVBatchMeta
+
+    data = verl_batch().batch
+    keys, fields = [], {name: [] for name in ("prompts", "responses", "input_ids", "position_ids", "attention_mask",
+                                               "response_mask", "loss_mask", "rm_scores")}
+    uids = []
+    for b in V1_ROWS:
+        p, r = int(data["attention_mask"][b, :P_MAX].sum()), int(RESPONSE_LENS[b])
+        prompt, response = data["prompts"][b, P_MAX - p:], data["responses"][b, :r]
+        ids = torch.cat([prompt, response])
+        for name, value in (("prompts", prompt), ("responses", response), ("input_ids", ids),
+                            ("position_ids", torch.arange(p + r)), ("attention_mask", torch.ones(p + r, dtype=torch.long)),
+                            ("response_mask", torch.ones(r, dtype=torch.long)), ("loss_mask", torch.ones(r, dtype=torch.long)),
+                            ("rm_scores", data["token_level_rewards"][b, :r])):
+            fields[name].append(value)
+        uid = "a" if b < 3 else "b"
+        uids.append(uid)
+        keys.append(f"{uid}_{b}_0")
+    tensors = {name: torch.nested.as_nested_tensor(values, layout=torch.jagged) for name, values in fields.items()}
+    store.kv_batch_put(keys, "train", TensorDict({**tensors, "uid": NonTensorStack(*uids)}, batch_size=[len(keys)]))
+    return KVBatchMeta(keys=keys, partition_id="train", tags=[{} for _ in keys], extra_info={})
+
+
+class StandInV1Trainer:
+    """What the v1 PPOTrainer's _compute_old_log_prob / _compute_advantage read from ``self``."""
+
+    def __init__(self, worker_group, rhythm):
+        from omegaconf import OmegaConf
+
+        self.actor_rollout_wg, self.global_steps, self.local_trigger_step = worker_group, 3, 0
+        self.config = OmegaConf.create({
+            "algorithm": {"adv_estimator": "grpo", "gamma": 1.0, "lam": 1.0, "use_kl_in_reward": False,
+                          "norm_adv_by_std_in_grpo": True, "rollout_correction": None},
+            "actor_rollout_ref": {"actor": {"strategy": "fsdp", "loss_agg_mode": "token-mean",
+                                            "loss_scale_factor": None},
+                                  "rollout": {"temperature": 1.0, "calculate_log_probs": False, "n": 3}},
+            **({"rhythm": rhythm} if rhythm is not None else {})})
+
+
+def _v1_step(v1, model, monkeypatch, rhythm):
+    store = StandInTransferQueue()
+    _v1_bridge(monkeypatch, store)
+    monkeypatch.setattr(v1, "tq", store)
+    workers = [engine_worker(model, use_remove_padding=True, micro_batch_size=1) for _ in range(2)]
+    trainer = StandInV1Trainer(StandInV1WorkerGroup(workers), rhythm)
+    batch = _v1_samples(store)
+    metrics = {}
+    batch = v1.PPOTrainer._compute_old_log_prob(trainer, batch, metrics=metrics)
+    assert "rhythm_credit" not in batch.extra_info  # the ref pass that follows does not record
+    batch = v1.PPOTrainer._compute_advantage(trainer, batch, metrics=metrics)
+    advantages = store.kv_batch_get(batch.keys, "train", ["advantages"])["advantages"]
+    return store, batch, metrics, [row.clone() for row in advantages.unbind()]
+
+
+def test_v1_trainer_shapes_advantages_once_with_gamma_from_the_forward(model, hooks, v1, monkeypatch):
+    """verl's default trainer: the real v1 _compute_old_log_prob sends the request through extra_info, the real
+    (wrapped) workers record gamma in their forward and write it to TransferQueue, and the real (wrapped)
+    _compute_advantage leaves advantages = GRPO's * gamma on the response tokens - once."""
+    hooks.uninstall()
+    _, _, _, base = _v1_step(v1, model, monkeypatch, rhythm=None)  # verl's own v1 advantages
+    hooks.install()
+    store, batch, metrics, shaped = _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", "window": 4,
+                                                                             "horizon": [2, 100]})
+    expected = per_row_gamma(model, verl_batch(), CFG)
+    gamma_nested = store.kv_batch_get(batch.keys, "train", ["rhythm_gamma"])["rhythm_gamma"]
+    lengths = torch.tensor([RESPONSE_LENS[b] for b in V1_ROWS])
+    torch.testing.assert_close(response_gamma(gamma_nested, lengths, R_MAX), expected[V1_ROWS], rtol=0, atol=0)
+    assert any(bool((row != 0).any()) for row in base)
+    for i, b in enumerate(V1_ROWS):
+        torch.testing.assert_close(shaped[i], base[i] * expected[b, :RESPONSE_LENS[b]])
+    assert metrics["rhythm/frac_amplified"] > 0 and "actor/entropy" in metrics
+
+
+def test_v1_trainer_without_hooked_workers_fails_loudly(model, hooks, v1, monkeypatch):
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    monkeypatch.setattr(ActorRolloutRefWorker, "compute_log_prob",
+                        ActorRolloutRefWorker.compute_log_prob.__rhythm_original__)
+    with pytest.raises(RuntimeError, match="external_lib"):
+        _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", **{"window": 4, "horizon": [2, 100]}})

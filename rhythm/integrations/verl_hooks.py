@@ -400,6 +400,10 @@ def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, seed: int) -> 
         if config.needs_scorer:
             raise RuntimeError(f"{_NO_WORKER_GAMMA} (reading {names} from TransferQueue failed: {exc})") from exc
         raise
+    missing = [name for name in names if name not in data.keys()]
+    if missing:
+        raise RuntimeError(_NO_WORKER_GAMMA if GAMMA_KEY in missing else
+                           f"rhythm: TransferQueue holds no {missing} for this batch")
     response_mask = data["response_mask"]
     lengths = response_mask.offsets().diff().long().cpu()
     width = max(int(lengths.max()) if lengths.numel() else 0, 1)
