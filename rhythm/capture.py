@@ -37,10 +37,18 @@ end of the pass). What it cannot describe raises :class:`UnsupportedModelError` 
 numbers: an architecture it was not taught (an allow-list), non-causal attention, a position bias or any
 attention keyword it does not understand, a mask that disagrees with the description, a KV cache, attention
 dropout in training mode, or a model that bypasses the attention interface (nothing recorded).
+Training-forward recording (``CaptureContext.metrics_only``): to record inside a forward the trainer runs
+anyway (its log-prob forward, with or without gradients), a sampled layer returns the output the other layers
+get (sdpa/eager/flash on the live q, k, v: the layer's autograd graph and its values are exactly those without
+the capture) and records the metrics from a metrics-only pass (no v, no output) on detached q, k, under
+no_grad, for the batch rows in ``context.rows`` (the metrics describe the attention before any dropout). A
+sampled layer is recorded once per pass: when activation checkpointing recomputes it (inside the backward, or
+a second call within the pass), only the attention itself runs.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +79,13 @@ class CaptureContext:
     window, horizon, backend, validate: passed to ``attention_metrics``.
     stop_after_last: raise StopForward after the last sampled layer (False to let the forward finish, e.g.
         when the LM head is needed for entropies).
+    metrics_only: record inside a forward whose outputs are used (a trainer's training or log-prob forward):
+        see "Training-forward recording" in the module docstring. Needs ``stop_after_last=False``.
+    rows: LongTensor [n] of batch rows whose metrics are recorded (None = all); ``attention_mask`` and
+        ``response_start`` then describe these n rows only. Only with ``metrics_only``.
     records: layer index -> AttentionMetrics (filled by the capture; ``out`` is dropped after use).
+    metrics_seconds: host wall time of the recording work in the pass (checks, layout, metrics; on CUDA the
+        launch time unless the caller synchronises).
     """
 
     layers: tuple[int, ...]
@@ -83,14 +97,22 @@ class CaptureContext:
     backend: str = "auto"
     validate: bool = False
     stop_after_last: bool = True
+    metrics_only: bool = False
+    rows: torch.Tensor | None = None
     records: dict[int, AttentionMetrics] = field(default_factory=dict)
     output: object = None
     layout: Segments | None = field(default=None, repr=False)   # built by the first sampled layer of a pass
     mask_checks: list = field(default_factory=list, repr=False)  # per sampled layer: device bool, True = mask disagrees
+    metrics_seconds: float = 0.0
 
     def __post_init__(self):
         if len(self.layers) == 0:
             raise ValueError("CaptureContext.layers must name at least one layer")
+        if self.metrics_only and self.stop_after_last:
+            raise ValueError("CaptureContext: metrics_only records inside a forward whose outputs are used; "
+                             "pass stop_after_last=False")
+        if self.rows is not None and not self.metrics_only:
+            raise ValueError("CaptureContext.rows (a subset of the batch) needs metrics_only=True")
         self.layers = tuple(sorted(int(x) for x in self.layers))
 
     @property
@@ -227,6 +249,7 @@ class Capture:
         context.layout = None
         context.mask_checks = []
         context.output = None
+        context.metrics_seconds = 0.0
         call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
         try:
             context.output = call(**inputs)
@@ -252,12 +275,17 @@ class Capture:
         context = self._context
         layer = getattr(module, "layer_idx", None)
         if context is None or layer is None or int(layer) not in context.layers:
-            if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.flash)
-                return flash.attention(query, key, value, scaling=scaling, sliding_window=kwargs.get("sliding_window"),
-                                       softcap=kwargs.get("softcap")), None
-            return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+            return self._passthrough(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         layer = int(layer)
+        if context.metrics_only:
+            out = self._passthrough(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+            if layer not in context.records:   # not again when activation checkpointing recomputes the layer
+                start = time.perf_counter()
+                with torch.no_grad():
+                    self._record_beside(context, module, layer, query, key, value, attention_mask, scaling,
+                                        is_causal, kwargs)
+                context.metrics_seconds += time.perf_counter() - start
+            return out
         description = describe_layer(module)
         check_call(module, description, query, key, dropout=dropout, scaling=scaling, is_causal=is_causal,
                    kwargs=kwargs)
@@ -278,6 +306,35 @@ class Capture:
         if context.stop_after_last and layer == context.last_layer:
             raise StopForward()
         return out, None
+
+    def _passthrough(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+        """The attention of a layer whose output we do not compute: flash-attn where usable, else the delegate."""
+        if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.flash)
+            return flash.attention(query, key, value, scaling=scaling, sliding_window=kwargs.get("sliding_window"),
+                                   softcap=kwargs.get("softcap")), None
+        return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+
+    def _record_beside(self, context, module, layer, query, key, value, attention_mask, scaling, is_causal, kwargs):
+        """metrics_only: the per-head metrics of ``context.rows`` from detached q, k (no v: metrics-only pass).
+        Dropout is the output's business: the metrics describe the attention before it."""
+        description = describe_layer(module)
+        check_call(module, description, query, key, dropout=0.0, scaling=scaling, is_causal=is_causal,
+                   kwargs=kwargs)
+        q, k, _ = _common_dtype(query.detach(), key.detach(), value.detach())
+        if context.rows is not None:
+            rows = context.rows.to(q.device)
+            q, k = q.index_select(0, rows), k.index_select(0, rows)
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[0] > 1:
+                attention_mask = attention_mask.index_select(0, rows)
+        if context.layout is None:
+            context.layout = self._layout(context, q, kwargs)
+        disagreement = mask_disagreement(attention_mask, description, context.layout, q.shape[2])
+        if disagreement is not None:
+            context.mask_checks.append((layer, disagreement))
+        context.records[layer] = attention_metrics(
+            q, k, None, window=context.window, horizon=context.horizon, scale=scaling, segments=context.layout,
+            backend=context.backend, validate=context.validate, layer=description)
 
     def _delegate(self, module):
         """The attention function of a layer we do not record: transformers' sdpa, or the eager function

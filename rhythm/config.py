@@ -31,6 +31,7 @@ ATTENTION_STRATEGIES = ("local", "global", "coupled")
 SIGNS = ("both", "positive", "negative")
 GROUPINGS = ("per_sequence", "fixed")
 BACKENDS = ("auto", "triton", "torch", "reference")
+CREDIT_PASSES = ("fused", "scorer")
 SEED_LIMIT = 2 ** 64          # torch.Generator.manual_seed takes seeds in [0, 2**64)
 # gamma is float32 and reaches 1 + (1 + alpha)(gamma_amp - 1) <= 2 gamma_amp - 1: keep it a finite float32.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -198,6 +199,10 @@ KNOBS: dict[str, Knob] = _knobs(
     Knob("temperature", 1.0, "a finite number > 0",
          "sampling temperature of the rollouts (the entropy baseline reads softmax(logits / temperature))",
          real(0.0, low_open=True), "float"),
+    Knob("credit_pass", "fused", f"one of {CREDIT_PASSES}",
+         "trainer adapters: where the metrics are recorded - fused (inside a forward the trainer runs anyway: "
+         "no extra forward) or scorer (one extra no-grad early-exit forward per rollout batch)",
+         one_of(CREDIT_PASSES), "str", CREDIT_PASSES),
 )
 
 # The knobs of the scorer (ScorerConfig, in its field order) and of the trainer adapters (RhythmCreditConfig).

@@ -152,3 +152,20 @@ def _check_gamma_values(gamma: torch.Tensor) -> None:
         b, t = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"gamma must be finite and >= 0 (credit multipliers; 1 = unchanged), got "
                          f"{float(gamma[b, t])} at [{b}, {t}] ({int(bad.sum())} bad value(s))")
+
+
+def rows_needing_credit(advantages: torch.Tensor, sign: str = "both") -> torch.Tensor:
+    """Rows whose shaped advantage can differ from the plain one: some advantage != 0 that ``sign`` lets
+    gamma touch. On every other row (e.g. a GRPO group with equal rewards: A = 0) gamma changes nothing, so it
+    is 1 there without any metrics work.
+
+    advantages: float [B] per sequence or [B, T] per token (a mask is not needed: 0 on padding changes nothing).
+    Returns bool [B] on the device of ``advantages``.
+    """
+    sign = check("sign", sign)
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() not in (1, 2):
+        raise ValueError(f"advantages must be a [B] or [B, T] tensor, got {advantages!r}")
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    touched = adv != 0 if sign == "both" else (adv > 0 if sign == "positive" else adv < 0)
+    return touched.any(dim=1)
+

@@ -56,7 +56,9 @@ def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str
     path: None (the bundled SmolLM2-135M-Instruct), a transformers model directory, or a ``.gguf`` file.
     dtype: torch dtype (default: the checkpoint's, float32 for GGUF). device: e.g. "cuda" (default CPU).
     tokenizer: an already loaded tokenizer of this model (default: load it).
-    The model comes back in eval mode with sdpa attention.
+    The model comes back in eval mode with sdpa attention, as a plain (unquantised) model that a
+    ``transformers.Trainer`` fine-tunes: GGUF weights are de-quantised while loading, and the GGUF quantizer
+    transformers leaves attached (which makes a Trainer refuse the model) is removed.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -67,8 +69,27 @@ def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str
     if dtype is not None:
         model_kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
+    if "gguf_file" in kwargs:
+        _drop_gguf_quantizer(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """Detach the GGUF quantizer from a model whose weights transformers already de-quantised on load.
+
+    transformers keeps ``model.hf_quantizer`` (and ``config.quantization_config``) after loading a GGUF file,
+    although every weight is a dense floating-point tensor by then; a Trainer then takes the model for a
+    quantised one and refuses to fine-tune it. Checked first: a non-floating parameter means the weights are
+    really quantised, and the quantizer stays (ValueError)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    packed = [name for name, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise ValueError(f"the GGUF model kept quantised parameters ({packed[:3]}...); it cannot be returned as a "
+                         "plain model")
+    quantizer.remove_quantization_config(model)

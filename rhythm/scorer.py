@@ -295,6 +295,60 @@ class RhythmScorer:
             segments=tuple(segments), config=replace(self.config, fixed_groups=self.fixed_groups),
             entropy=to(entropy))
 
+    # -- fused: record inside a forward the caller runs ----------------------------------------------------------
+    def recording(self, attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
+                  rows: torch.Tensor | None = None) -> "Recording":
+        """Set up recording inside a forward the caller runs itself (a trainer's log-prob or training forward)
+        over a padded batch; nothing is computed here.
+
+        attention_mask, response_mask: [B, T] bool/0-1 (as in :meth:`score`) of the batch the forward sees.
+        rows: LongTensor [n] of the rows to record (None = all); the metrics of other rows are never computed.
+        Use::
+
+            rec = scorer.recording(mask, response, rows=rows)
+            with Capture(model) as capture:
+                capture.run(rec.context, forward=lambda: trainer_forward(...))
+            scores = scorer.scores_from(rec)          # RhythmScores of the n recorded rows, [n, T]
+        """
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be a [B, T] tensor, got {_describe(attention_mask)}")
+        batch, length = attention_mask.shape
+        mask = _as_bool_mask("attention_mask", attention_mask, (batch, length))
+        response = _as_bool_mask("response_mask", response_mask, (batch, length))
+        rows = torch.arange(batch) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= batch:
+            raise ValueError(f"rows must be a non-empty list of row indices in [0, {batch}), got {rows.tolist()}")
+        mask, response = mask[rows], response[rows]
+        segments = _padded_segments(mask, response)
+        device = self.device
+        context = CaptureContext(
+            layers=tuple(self.layers), attention_mask=mask.to(device),
+            response_start=torch.tensor([r for _, _, _, r in segments], dtype=torch.long, device=device),
+            window=self.config.window, horizon=self.config.horizon, backend=self.config.backend,
+            validate=self.config.validate, stop_after_last=False, metrics_only=True, rows=rows.to(device))
+        return Recording(context=context, segments=segments, rows=rows, attention_mask=mask, response_mask=response)
+
+    def scores_from(self, recording: "Recording") -> RhythmScores:
+        """RhythmScores [n, T] of the recorded rows, from the records a forward left in ``recording.context``."""
+        missing = [layer for layer in self.layers if layer not in recording.context.records]
+        if missing:
+            raise RuntimeError(f"no metrics recorded for sampled layer(s) {missing}: run a forward with "
+                               "recording.context inside Capture.run first")
+        result = self.signals(recording.context.records, recording.segments)
+        n, length = recording.attention_mask.shape
+        waad = torch.zeros(n, length)
+        fai = torch.zeros(n, length)
+        fai_valid = torch.zeros(n, length, dtype=torch.bool)
+        for j, (_, start, end, _) in enumerate(recording.segments):
+            waad[j, start:end] = result["waad"][j, : end - start]
+            fai[j, start:end] = result["fai"][j, : end - start]
+            fai_valid[j, start:end] = result["fai_valid"][j, : end - start]
+        return RhythmScores(
+            waad=waad, fai=fai, fai_valid=fai_valid, response_mask=recording.response_mask,
+            attention_mask=recording.attention_mask, layers=list(self.layers), heads_per_layer=self.heads_per_layer,
+            groups=HeadGroups(local=result["local"], global_=result["global_"]), head_distance=result["d"],
+            segments=tuple(recording.segments), config=replace(self.config, fixed_groups=self.fixed_groups))
+
     # -- input checks -----------------------------------------------------------------------------------------
     def _prepare(self, input_ids, attention_mask, response_mask, position_ids, cu_seqlens):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
@@ -345,17 +399,7 @@ class RhythmScorer:
             spans = [(b, s, e) for b, s, e, _ in segs.host]
             if position_ids is None:
                 position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        if bool((response & ~mask).any()):
-            raise ValueError("response_mask marks padding positions; it must be a suffix of each sequence's real span")
-        segments = []
-        for i, (row, start, end) in enumerate(spans):
-            n_resp = int(response[row, start:end].sum())
-            resp_start = end - n_resp
-            if n_resp and not bool(response[row, resp_start:end].all()):
-                what = f"row {row}" if not packed else f"packed sequence {i} (positions {start}..{end - 1})"
-                raise ValueError(f"response_mask of {what} is not a suffix of its real span [{start}, {end}): the "
-                                 "response must be the last tokens of each sequence (prompt first, then response)")
-            segments.append((row, start, end, resp_start))
+        segments = _response_segments(mask, response, spans, packed)
         self._check_fits_model(input_ids, mask, position_ids)
         return input_ids, mask, response, position_ids, segments, packed
 
@@ -473,6 +517,46 @@ class RhythmScorer:
             logp = torch.log_softmax(logits, dim=-1)
             out[:, a + 1: b + 1] = -(logp.exp() * logp).sum(-1).cpu()
         return out
+
+
+@dataclass
+class Recording:
+    """A padded batch set up for recording inside the caller's own forward (:meth:`RhythmScorer.recording`).
+
+    context: the CaptureContext to pass to ``Capture.run`` (metrics_only, rows = the recorded rows).
+    segments: (j, start, end, response_start) per recorded row j on the T axis.
+    rows: LongTensor [n], the recorded rows of the forward's batch.
+    attention_mask, response_mask: bool [n, T] of the recorded rows.
+    """
+
+    context: CaptureContext
+    segments: list
+    rows: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+
+def _response_segments(mask, response, spans, packed=False) -> list[tuple[int, int, int, int]]:
+    """(row, start, end, response_start) per real span; checks that the response is a suffix of each span."""
+    if bool((response & ~mask).any()):
+        raise ValueError("response_mask marks padding positions; it must be a suffix of each sequence's real span")
+    segments = []
+    for i, (row, start, end) in enumerate(spans):
+        n_resp = int(response[row, start:end].sum())
+        resp_start = end - n_resp
+        if n_resp and not bool(response[row, resp_start:end].all()):
+            what = f"row {row}" if not packed else f"packed sequence {i} (positions {start}..{end - 1})"
+            raise ValueError(f"response_mask of {what} is not a suffix of its real span [{start}, {end}): the "
+                             "response must be the last tokens of each sequence (prompt first, then response)")
+        segments.append((row, start, end, resp_start))
+    return segments
+
+
+def _padded_segments(mask: torch.Tensor, response: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Segments of a padded batch (bool [B, T] masks on the CPU), one per row."""
+    batch, length = mask.shape
+    segs = segments_from_mask(mask, batch, length, None, torch.device("cpu"))  # one contiguous span per row
+    return _response_segments(mask, response, [(b, s, e) for b, s, e, _ in segs.host])
 
 
 def _text_config(model):
