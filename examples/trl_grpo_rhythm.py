@@ -2,8 +2,10 @@
 
 A tiny random 3-layer Llama (the middle-third layer sampling needs >= 3 layers) with the bundled SmolLM2
 tokenizer learns nothing useful here; the point is the wiring: RhythmGRPOTrainer replaces GRPO's per-sequence
-advantages (B,) by per-token ones (B, C) = A * gamma, and logs rhythm/frac_amplified, rhythm/gamma_mean and
-rhythm/scorer_time_s. For a real run, pass your model name/path and a real reward instead.
+advantages (B,) by per-token ones (B, C) = A * gamma, with the metrics recorded inside TRL's own training
+forward (no extra forward), and logs rhythm/frac_amplified, rhythm/gamma_mean and rhythm/added_time_s. The
+settings are rhythm_* fields of RhythmGRPOConfig (TrlParser reads them from the command line or YAML too).
+For a real run, pass your model name/path and a real reward instead.
 
     .venv/bin/python examples/trl_grpo_rhythm.py
 """
@@ -15,9 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from trl import GRPOConfig
-
-from rhythm.integrations.trl import RhythmCreditConfig, RhythmGRPOTrainer
+from rhythm.integrations.trl import RhythmGRPOConfig, RhythmGRPOTrainer
 from rhythm.models import bundled_model_path
 
 
@@ -40,20 +40,19 @@ def main():
     def reward_len(completions, **kwargs):  # toy reward: longer is better
         return [float(len(c)) for c in completions]
 
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="rhythm-grpo-"), per_device_train_batch_size=4,
-                      num_generations=4, max_completion_length=24, max_steps=3, learning_rate=1e-5, use_cpu=True,
-                      report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
-                      bf16=False)  # fp32 on CPU (see docs/integrations.md on mixed precision)
     # The defaults are window=10, horizon=(10, 100); the toy completions are ~20 tokens, so scale them down.
-    rhythm = RhythmCreditConfig(strategy="coupled", sign="both", q=0.4, gamma_amp=1.5, alpha=0.5, k=3,
-                                window=4, horizon=(2, 100))
+    args = RhythmGRPOConfig(output_dir=tempfile.mkdtemp(prefix="rhythm-grpo-"), per_device_train_batch_size=4,
+                            num_generations=4, max_completion_length=24, max_steps=3, learning_rate=1e-5,
+                            use_cpu=True, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True,
+                            bf16=False,  # fp32 on CPU (see docs/integrations.md on mixed precision)
+                            rhythm_strategy="coupled", rhythm_sign="both", rhythm_window=4, rhythm_horizon=[2, 100])
     trainer = RhythmGRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=dataset,
-                                processing_class=tokenizer, rhythm_config=rhythm)
+                                processing_class=tokenizer)
     trainer.train()
     for entry in trainer.state.log_history:
         if "rhythm/gamma_mean" in entry:
             print(f"step {entry['step']}: reward {entry['reward']:.2f}  amplified {entry['rhythm/frac_amplified']:.2f}"
-                  f"  mean gamma {entry['rhythm/gamma_mean']:.3f}  scorer {entry['rhythm/scorer_time_s'] * 1e3:.0f} ms")
+                  f"  mean gamma {entry['rhythm/gamma_mean']:.3f}  added {entry['rhythm/added_time_s'] * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
