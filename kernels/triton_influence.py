@@ -23,7 +23,11 @@ hundred its rounding (and the base conversion) is ~1e-4 relative in every A, bey
 section 7 for fai. With m (one of the row's own S2 values) and log2 l (small) kept apart, the row's largest
 A is exact up to l's rounding.
 
-Row stages (H_hi = None; with a finite H_hi every row block is masked, the band is only ~H_hi - H_lo rows):
+With a layer description the rows also stop where no row sees the block: t_end <= n0 + BLOCK_N - 1 + w
+(window w) and <= the end of the last key's chunk (chunks); the window / chunk / softcap masks are those of
+the stats pass (sinks need nothing: they are inside l).
+
+Row stages (H_hi = None, no window or chunk; otherwise every row block is masked, the band is short):
 
     lead (masked)    rows t < n0 + BLOCK_N - 1 + H_lo: part of the block lies inside the lower horizon edge
     body (no mask)   full row blocks with every t - s >= H_lo and t < seg_end
@@ -37,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_stats import LOG2E, _scores2, autotune_enabled, cached_device_table, interpreting, prescaled
+from .triton_stats import (LOG2E, _layer_scores2, autotune_enabled, cached_device_table, interpreting, layer_args,
+                           prescaled)
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
 # Kept short (one compile per config and variant). Compiled for sm_90 as the runtime specialises them
@@ -97,12 +102,13 @@ def influence_block_table(host: tuple, block_ns: tuple, horizon: tuple, device) 
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, lo, hi, seg_end, h_lo, h_hi,
-                    scale2, offs_s, key_ok, offs_m, offs_d,
+def _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, lo, hi, seg_start, seg_end,
+                    h_lo, h_hi, sliding, chunk, scale2, cap2, neg_two_over_cap, offs_s, key_ok, offs_m, offs_d,
                     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, MASKED: tl.constexpr,
-                    UPCAST: tl.constexpr, PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """col[s] += sum_{t in [lo, hi)} A[t, s] (masked to T(s) when MASKED; the caller guarantees the mask is
-    all-true otherwise). Rows t >= response_start by construction of lo.
+                    UPCAST: tl.constexpr, PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr,
+                    HAS_CHUNK: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """col[s] += sum_{t in [lo, hi)} A[t, s] (masked to T(s) and the layer's visible keys when MASKED; the
+    caller guarantees the mask is all-true otherwise). Rows t >= response_start by construction of lo.
 
     Works on the transposed tile S^T = K Q^T [BLOCK_N keys, BLOCK_M rows] (as FlashAttention's dK/dV loop):
     the column sums of A become row sums of A^T, reduced inside each thread's rows instead of across warps.
@@ -131,32 +137,41 @@ def _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm
             qt = qt.to(tl.float32)
         if PRESCALE:
             qt = qt * scale2                                                    # as the stats pass's q
-        s2t = _scores2(tl.dot(k, qt, input_precision=DOT_PREC), scale2, PRESCALE)   # S2[t, s] as [s, t]
+        s2t = _layer_scores2(tl.dot(k, qt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+                             SOFTCAP)                                           # S2'[t, s] as [s, t]
         pt = tl.exp2((s2t - row_max[None, :]) - log2_l[None, :])               # A[t, s] as [s, t]
         if MASKED:
             lag = offs_t[None, :] - offs_s[:, None]                             # t - s
             ok = row_ok[None, :] & key_ok[:, None] & (lag >= h_lo)
             if HAS_HI:
                 ok = ok & (lag <= h_hi)
+            if HAS_SLIDING:
+                ok = ok & (lag < sliding)
+            if HAS_CHUNK:
+                ok = ok & ((offs_t - seg_start)[None, :] // chunk == (offs_s - seg_start)[:, None] // chunk)
             pt = tl.where(ok, pt, 0.0)
         col += tl.sum(pt, 1)
     return col
 
 
 @triton.jit(do_not_specialize=["table_off_small", "table_off_large", "stride_mb", "stride_mh", "stride_norm",
-                               "stride_cb", "n_q_heads", "n_kv_heads", "group", "h_lo", "h_hi", "len_key"])
+                               "stride_cb", "n_q_heads", "n_kv_heads", "group", "h_lo", "h_hi", "sliding", "chunk",
+                               "len_key"])
 def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off_large,
                       stride_qb, stride_qh, stride_qt, stride_qd,
                       stride_kb, stride_kh, stride_kt, stride_kd,
                       stride_mb, stride_mh, stride_norm, stride_cb,
-                      n_q_heads, n_kv_heads, group, h_lo, h_hi, scale2, len_key,
+                      n_q_heads, n_kv_heads, group, h_lo, h_hi, sliding, chunk, scale2, cap2, neg_two_over_cap,
+                      len_key,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, UPCAST: tl.constexpr,
-                      PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
+                      PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr,
+                      VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_HEADS: tl.constexpr):
     """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Fai fp32 [B, Hq, T] (unit stride on T); Norm fp32
     [2, B, Hq, T] (the stats pass's m and log2 l, strides of Fai, planes stride_norm apart); Counts int64
     [B, T] = |T(s)|. Table int32 [n, 5] = (batch, seg_start, seg_end, response_start, n0). h_lo, h_hi at most
-    the longest segment (clamped on the host, so n0 + BLOCK_N + h_hi fits int32)."""
+    the longest segment (clamped on the host, so n0 + BLOCK_N + h_hi fits int32). sliding / chunk / cap2 /
+    neg_two_over_cap: the layer (see the stats kernel); sinks need nothing here (they are inside Norm's l)."""
     pid = tl.program_id(0)
     if SPLIT_HEADS:                        # one query head per program
         kv_head = (pid % n_q_heads) // group
@@ -174,6 +189,7 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
         entry += table_off_large
     row = Table + entry.to(tl.int64) * 5
     batch = tl.load(row).to(tl.int64)
+    seg_start = tl.load(row + 1)
     seg_end = tl.load(row + 2)
     resp = tl.load(row + 3)
     n0 = tl.load(row + 4)
@@ -194,8 +210,15 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
 
     # rows that can attend this key block: [t_lo, t_end)
     t_lo = tl.maximum(n0 + h_lo, resp)
-    if HAS_HI:
-        t_end = tl.minimum(seg_end, n0 + BLOCK_N + h_hi)
+    if HAS_HI or VISIBLE:
+        t_end = seg_end
+        if HAS_HI:
+            t_end = tl.minimum(t_end, n0 + BLOCK_N + h_hi)
+        if HAS_SLIDING:
+            t_end = tl.minimum(t_end, n0 + BLOCK_N - 1 + sliding)          # t - s < w for s <= n0 + BLOCK_N - 1
+        if HAS_CHUNK:
+            last = tl.minimum(n0 + BLOCK_N, seg_end) - 1                   # rows past the last key's chunk see none
+            t_end = tl.minimum(t_end, last - (last - seg_start) % chunk + chunk)
     else:
         # lead: rows below n0 + BLOCK_N - 1 + H_lo need the horizon mask; body: whole unmasked row blocks
         n_lead = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + h_lo - t_lo, 0), BLOCK_M)
@@ -207,20 +230,24 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
         q_base = Q + batch * stride_qb + head * stride_qh
         norm_base = Norm + batch * stride_mb + head * stride_mh
         col = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if HAS_HI:
+        if HAS_HI or VISIBLE:
             col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_lo, t_end,
-                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+                                  seg_start, seg_end, h_lo, h_hi, sliding, chunk, scale2, cap2, neg_two_over_cap,
+                                  offs_s, key_ok, offs_m, offs_d, HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE,
+                                  HAS_SLIDING, HAS_CHUNK, SOFTCAP, DOT_PREC, BLOCK_M)
         else:
             col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_lo,
-                                  tl.minimum(t_mid, seg_end), seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m,
-                                  offs_d, HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+                                  tl.minimum(t_mid, seg_end), seg_start, seg_end, h_lo, h_hi, sliding, chunk, scale2,
+                                  cap2, neg_two_over_cap, offs_s, key_ok, offs_m, offs_d, HEAD_DIM, D_PAD, HAS_HI,
+                                  True, UPCAST, PRESCALE, HAS_SLIDING, HAS_CHUNK, SOFTCAP, DOT_PREC, BLOCK_M)
             col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_mid, t_tail,
-                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, False, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+                                  seg_start, seg_end, h_lo, h_hi, sliding, chunk, scale2, cap2, neg_two_over_cap,
+                                  offs_s, key_ok, offs_m, offs_d, HEAD_DIM, D_PAD, HAS_HI, False, UPCAST, PRESCALE,
+                                  HAS_SLIDING, HAS_CHUNK, SOFTCAP, DOT_PREC, BLOCK_M)
             col = _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm, t_tail, seg_end,
-                                  seg_end, h_lo, h_hi, scale2, offs_s, key_ok, offs_m, offs_d,
-                                  HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE, DOT_PREC, BLOCK_M)
+                                  seg_start, seg_end, h_lo, h_hi, sliding, chunk, scale2, cap2, neg_two_over_cap,
+                                  offs_s, key_ok, offs_m, offs_d, HEAD_DIM, D_PAD, HAS_HI, True, UPCAST, PRESCALE,
+                                  HAS_SLIDING, HAS_CHUNK, SOFTCAP, DOT_PREC, BLOCK_M)
         # mean over T(s); A <= 1 exactly, rounding of the recomputed scores may not: clip to [0, 1]
         fai = tl.where(count > 0, tl.minimum(col / tl.maximum(count, 1.0), 1.0), 0.0)
         tl.store(Fai + batch * stride_mb + head * stride_mh + offs_s, fai, mask=key_ok)
@@ -234,13 +261,14 @@ _influence_kernel_tuned = triton.autotune(configs=INFLUENCE_CONFIGS, key=["len_k
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segments, counts: torch.Tensor, *,
-                   horizon: tuple, scale: float, config: dict | None = None,
+                   horizon: tuple, scale: float, layer=None, config: dict | None = None,
                    table_sizes: tuple | None = None) -> torch.Tensor:
     """Run the influence pass.
 
     q [B, Hq, T, D], k [B, Hkv, T, D]; norm float32 [2, B, Hq, T], the stats pass's ``StatsResult.norm``
     (unit stride on T); counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T]
-    (0 on padding and where T(s) is empty). ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS,
+    (0 on padding and where T(s) is empty). layer: the ``LayerAttention`` the stats pass ran with (None =
+    plain causal); with a window w a key block visits only the rows up to w - 1 after it. ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS,
     num_warps, num_stages} instead of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build
     the block table for (default: just config's).
     """
@@ -256,6 +284,7 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segment
     h_lo = min(int(horizon[0]), longest)
     h_hi = None if horizon[1] is None else min(int(horizon[1]), longest)
     fai = torch.zeros(batch, q_heads, length, dtype=torch.float32, device=q.device)
+    layer_ = layer_args(layer, longest, q.device)
     if norm.stride()[1:] != fai.stride():
         norm = norm.contiguous()                        # the kernel reads norm with fai's strides
     counts = counts.to(device=q.device, dtype=torch.int64)
@@ -281,9 +310,10 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segment
         q, k, norm, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
         *q.stride(), *k.stride(),
         norm.stride(1), norm.stride(2), norm.stride(0), counts.stride(0),
-        q_heads, kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, float(scale) * LOG2E,
-        triton.next_power_of_2(max(longest, 1)),
+        q_heads, kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, layer_.sliding, layer_.chunk,
+        float(scale) * LOG2E, layer_.cap2, layer_.neg_two_over_cap, triton.next_power_of_2(max(longest, 1)),
         HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, PRESCALE=prescaled(q.dtype),
-        DOT_PREC=dot_prec, SMALL_N=small, **meta,
+        DOT_PREC=dot_prec, SMALL_N=small, **{key: flag for key, flag in layer_.flags.items() if key != "HAS_SINKS"},
+        **meta,
     )
     return fai

@@ -30,15 +30,14 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
         segments: where the sequences live on the T axis (padded rows or packed cu_seqlens).
         counts: int64 [B, T], |T(s)| per key position (``influence_counts``).
         window: W of WAAD. horizon: (H_lo, H_hi), H_hi None = to the segment end. scale: softmax scale.
-        layer: must be None or plain causal: the kernels do not implement windows, chunks, softcaps or sinks
-            yet, and refuse them rather than return plain-causal numbers.
+        layer: the layer's sliding window / chunks / softcap / sinks [Hq] (None = plain causal): both passes
+            skip the keys a window or chunk hides (O(T * w) work with a window w).
     Returns:
         {"lse", "distance", "waad", "fai"}: float32 [B, Hq, T], exactly 0 on padding positions, and
         "out": [B, T, Hq, D] in q.dtype (zeros on padding rows) when v is given.
     """
-    if layer is not None and not layer.is_plain:
-        raise ValueError(f"layer={layer!r}: the triton backend does not implement sliding windows, chunked "
-                         "attention, softcapping or sinks yet; use backend='torch'")
+    if layer is not None and layer.is_plain:
+        layer = None
     dim = q.shape[-1]
     if dim > MAX_HEAD_DIM:
         raise ValueError(f"q: head dim D = {dim} is not supported by the triton backend (D <= {MAX_HEAD_DIM}); "
@@ -51,9 +50,10 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
     with device_ctx:
         stats_config = _pinned(q, segments, "stats", f"HAS_V={v is not None}")
         influence_config = _pinned(q, segments, "influence", f"HAS_HI={horizon[1] is not None}")
-        lse, distance, waad, out, norm = stats_pass(q, k, v, segments, window=window, scale=scale,
+        lse, distance, waad, out, norm = stats_pass(q, k, v, segments, window=window, scale=scale, layer=layer,
                                                     config=stats_config)
-        fai = influence_pass(q, k, norm, segments, counts, horizon=horizon, scale=scale, config=influence_config)
+        fai = influence_pass(q, k, norm, segments, counts, horizon=horizon, scale=scale, layer=layer,
+                             config=influence_config)
     result = {"lse": lse, "distance": distance, "waad": waad, "fai": fai}
     if v is not None:
         result["out"] = out

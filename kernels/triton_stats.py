@@ -26,6 +26,16 @@ Every accumulated term is non-negative, so nothing cancels in fp32:
   W = 1e5); (near + W * far) / l has no such term, for any W. W is clamped to the longest segment on the
   host (a larger W gives the same min(t - s, W)), so W >= the segment length is exactly distance.
 
+A layer description (``LayerAttention``; each mechanism a constexpr flag, compiled out when unused):
+
+    sliding window w / chunk c   row t sees keys from first(t) = max(seg_start, t - w + 1, start of t's chunk);
+                                 the block's key loop starts at first(m0): O(w + BLOCK_M) keys per block. The
+                                 unmasked off-band stage starts at first(last row) (keys every row sees); the
+                                 keys [first(m0), first(last row)) go through the masked loop.
+    softcap                      S2' = cap2 * tanh(S2 / cap2), cap2 = cap * log2(e), tanh from exp2
+    sinks                        the running max starts at the sink logit (base 2); its mass 2^(sink - m) joins
+                                 l at the end, so rows sum to < 1 and far (keys only) excludes it
+
 fp32 inputs (PRESCALE): q is multiplied by scale * log2(e) before the dot, so the dot result is S2 itself,
 and K is loaded already transposed; the influence pass does the same, so both passes see bitwise the same
 S2. A scale so small that scale * log2(e) is 0 in fp32 gives all-zero logits (uniform attention): the masks
@@ -216,17 +226,49 @@ def _scores2(qk, scale2, PRESCALE: tl.constexpr):
 
 
 @triton.jit
+def _softcap2(s2, cap2, neg_two_over_cap):
+    """Softcapping in base 2: cap * tanh(S / cap) in log2(e) units is cap2 * tanh(S2 / cap2), cap2 =
+    cap * log2(e). tanh|x| = (1 - e) / (1 + e), e = 2^(-2 log2(e) |x|) = 2^(|S2| * neg_two_over_cap)
+    (neg_two_over_cap = -2 log2(e) / cap2 = -2 / cap): only exp2, so the interpreter and the GPU run the same
+    formula. Its absolute error is a few fp32 ulps of 1 (times cap2 in the logit), also near 0 where 1 - e
+    loses relative precision: the softmax only sees absolute logit errors. Apply before masking (-inf -> -cap)."""
+    e = tl.exp2(tl.abs(s2) * neg_two_over_cap)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(s2 < 0, -t, t) * cap2
+
+
+@triton.jit
+def _layer_scores2(qk, scale2, cap2, neg_two_over_cap, PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The layer's base-2 logits S2' of a q.k tile: scaled, then softcapped when SOFTCAP."""
+    s2 = _scores2(qk, scale2, PRESCALE)
+    if SOFTCAP:
+        s2 = _softcap2(s2, cap2, neg_two_over_cap)
+    return s2
+
+
+@triton.jit
+def _first_visible(t, seg_start, sliding, chunk, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr):
+    """First key row t sees: max(seg_start, t - sliding + 1 (window), start of t's chunk (chunked))."""
+    lo = t * 0 + seg_start
+    if HAS_SLIDING:
+        lo = tl.maximum(lo, t - sliding + 1)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, t - (t - seg_start) % chunk)
+    return lo
+
+
+@triton.jit
 def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   lo, hi, m0, scale2, offs_n, offs_d,
+                   lo, hi, m0, scale2, cap2, neg_two_over_cap, offs_n, offs_d,
                    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                   PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi), all <= m0 - W: no mask, every key is "far" (min(t - s, W) = W)."""
+                   PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi): visible to every row of the block and all <= m0 - W: no mask, every key is "far"."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
-        rows_s = offs_s.to(tl.int64)[:, None]
         kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, offs_s,
                           offs_d, HEAD_DIM, D_PAD, False, UPCAST)
-        s2 = _scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, PRESCALE)
+        s2 = _layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+                            SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))                              # base-2 running max
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s2 - m_new[:, None])
@@ -234,8 +276,8 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
         # distance numerator, off-band part: sum_s p * (m0 - s), every (m0 - s) > 0
         d_acc = d_acc * alpha + tl.sum(p * (m0 - offs_s).to(tl.float32)[None, :], 1)
         if HAS_V:
-            v = _load_tile(v_base + rows_s * stride_vt + offs_d[None, :] * stride_vd, offs_s, offs_d,
-                           HEAD_DIM, D_PAD, False, UPCAST)
+            v = _load_tile(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_s,
+                           offs_d, HEAD_DIM, D_PAD, False, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -243,23 +285,32 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
 
 
 @triton.jit
-def _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt,
-                  stride_vd, lo, hi, seg_end, window, scale2, offs_m, offs_n, offs_d,
+def _stats_masked(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt,
+                  stride_vd, lo, hi, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                  PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi): the W-band and the diagonal. Causal and segment-end masks; near/far split at W."""
+                  PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr, VISIBLE: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) (hi <= the segment end) with every mask: causal, the range and (VISIBLE) each row's first
+    visible key lo_row; near/far split at W. Plain causal: the W-band and the diagonal. With a window or chunks
+    also the keys only some rows of the block see. The last tile may reach past hi: those keys are masked."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
-        key_ok = offs_s < seg_end
-        rows_s = offs_s.to(tl.int64)[:, None]
+        key_ok = offs_s < hi
         kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok,
                           offs_d, HEAD_DIM, D_PAD, True, UPCAST)
         lag = offs_m[:, None] - offs_s[None, :]                               # t - s
         valid = (lag >= 0) & key_ok[None, :]
-        s2 = _scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, PRESCALE)
+        if VISIBLE:
+            valid = valid & (offs_s[None, :] >= lo_row[:, None])
+        s2 = _layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+                            SOFTCAP)
         # masked after scaling: a scale that underflows to 0 in fp32 must not turn -inf * 0 into NaN
         s2 = tl.where(valid, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))    # finite: the first block visited holds key <= m0 <= t
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        if VISIBLE:
+            # a row may see no key of this block and none before: keep its max finite for the exponents
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # (plain causal: finite, the first block visited holds key <= m0 <= t)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s2 - m_new[:, None])                                      # 0 where masked
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -269,8 +320,8 @@ def _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt,
         near = near * alpha + tl.sum(tl.where(is_near, p * lag_f, 0.0), 1)   # p * (t - s) for t - s < W
         far = far * alpha + tl.sum(tl.where(is_near, 0.0, p), 1)             # p for t - s >= W
         if HAS_V:
-            v = _load_tile(v_base + rows_s * stride_vt + offs_d[None, :] * stride_vd, key_ok, offs_d,
-                           HEAD_DIM, D_PAD, True, UPCAST)
+            v = _load_tile(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, key_ok,
+                           offs_d, HEAD_DIM, D_PAD, True, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -278,25 +329,31 @@ def _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt,
 
 
 # Runtime ints that vary between calls are not specialized (Triton would compile a variant for every value
-# equal to 1 or divisible by 16): the table offsets, head counts, the window, the length key and the strides of
-# the fp32 outputs (functions of T). The input strides are, so the unit head-dim stride keeps vectorized loads.
+# equal to 1 or divisible by 16): the table offsets, head counts, the windows, the length key and the strides
+# of the fp32 outputs (functions of T). The input strides are, so the unit head-dim stride keeps vectorized
+# loads.
 @triton.jit(do_not_specialize=["table_off_small", "table_off_large", "stride_mb", "stride_mh", "stride_norm",
-                               "n_q_heads", "group", "window", "len_key"])
-def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Table, table_off_small, table_off_large,
+                               "n_q_heads", "group", "window", "sliding", "chunk", "len_key"])
+def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_small, table_off_large,
                   stride_qb, stride_qh, stride_qt, stride_qd,
                   stride_kb, stride_kh, stride_kt, stride_kd,
                   stride_vb, stride_vh, stride_vt, stride_vd,
                   stride_ob, stride_oh, stride_ot, stride_od,
                   stride_mb, stride_mh, stride_norm,
-                  n_q_heads, group, window, scale2, len_key,
+                  n_q_heads, group, window, sliding, chunk, scale2, cap2, neg_two_over_cap, len_key,
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
-                  PRESCALE: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_M: tl.constexpr,
+                  PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr,
+                  VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr,
+                  SMALL_M: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Q [B, Hq, T, D], K/V [B, Hkv, T, D] (any strides); Out [B, T, Hq, D]; Lse/Dist/Waad fp32 [B, Hq, T]
     (unit stride on T); Norm fp32 [2, B, Hq, T] (same strides as Lse, planes stride_norm apart): the row's
-    base-2 max m and log2 l, for the influence pass. Table int32 [n, 4] = (batch, seg_start, seg_end,
-    block_start), the rows for this BLOCK_M starting at table_off_small (BLOCK_M == SMALL_M) or
-    table_off_large. window: W, at most the longest segment (clamped on the host)."""
+    base-2 max m and log2 l, for the influence pass. Sinks fp32 [Hq] (base-2 sink logits, HAS_SINKS).
+    Table int32 [n, 4] = (batch, seg_start, seg_end, block_start), the rows for this BLOCK_M starting at
+    table_off_small (BLOCK_M == SMALL_M) or table_off_large. window: W, at most the longest segment (clamped
+    on the host). sliding / chunk: the layer's window and chunk size (HAS_SLIDING / HAS_CHUNK); cap2 and
+    neg_two_over_cap: the softcap in base 2 (SOFTCAP). VISIBLE = HAS_SLIDING or HAS_CHUNK. Plain causal
+    attention compiles all of them out."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     entry = pid // n_q_heads
@@ -325,27 +382,50 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Table, table_off_small, t
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    if HAS_SINKS:
+        # the sink is a logit without a key: the running max starts at it, its mass 2^(sink - m) joins l at
+        # the end (l_i below sums the keys only, so that far, the mass of keys >= W back, excludes it)
+        sink2 = tl.load(Sinks + head)
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + sink2
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     near = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
-    # off-band: whole key blocks with s <= m0 - W (so t - s >= W for every row t >= m0)
-    off_end = seg_start + (tl.maximum(m0 - window + 1 - seg_start, 0) // BLOCK_N) * BLOCK_N
+    on_end = tl.minimum(m0 + BLOCK_M, seg_end)             # keys past the block's last row are never visited
+    # keys every row of the block sees start at the last row's first visible key (plain causal: seg_start)
+    if VISIBLE:
+        lo_row = _first_visible(offs_m, seg_start, sliding, chunk, HAS_SLIDING, HAS_CHUNK)
+        lo_all = _first_visible(on_end - 1, seg_start, sliding, chunk, HAS_SLIDING, HAS_CHUNK)
+    else:
+        lo_row = offs_m
+        lo_all = seg_start
+    # off-band: whole key blocks in [lo_all, m0 - W] (so t - s >= W for every row t >= m0), no mask
+    off_end = lo_all + (tl.maximum(m0 - window + 1 - lo_all, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i, d_acc = _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd,
-                                          stride_vt, stride_vd, seg_start, off_end, m0, scale2, offs_n, offs_d,
-                                          HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, DOT_PREC, BLOCK_N)
+                                          stride_vt, stride_vd, lo_all, off_end, m0, scale2, cap2, neg_two_over_cap,
+                                          offs_n, offs_d, HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, DOT_PREC,
+                                          BLOCK_N)
     # sum p * (m0 - s) + (t - m0) * sum p = sum p * (t - s); both terms >= 0
     d_acc += (offs_m - m0).to(tl.float32) * l_i
     far = l_i                                               # every off-band key is at least W behind
-    # on-band: the rest up to the diagonal (keys past the block's last row are never visited)
-    on_end = tl.minimum(m0 + BLOCK_M, seg_end)
-    acc, m_i, l_i, d_acc, near, far = _stats_onband(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base,
-                                                    stride_kt, stride_kd, stride_vt, stride_vd, off_end, on_end,
-                                                    seg_end, window, scale2, offs_m, offs_n, offs_d,
-                                                    HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, DOT_PREC, BLOCK_N)
+    if VISIBLE:
+        # the keys only some rows see: [first key of the block's first row, lo_all), masked per row
+        lo_first = _first_visible(m0, seg_start, sliding, chunk, HAS_SLIDING, HAS_CHUNK)
+        acc, m_i, l_i, d_acc, near, far = _stats_masked(
+            acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+            lo_first, lo_all, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
+            HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
+    # on-band: the rest up to the diagonal
+    acc, m_i, l_i, d_acc, near, far = _stats_masked(
+        acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        off_end, on_end, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
+        HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
 
+    if HAS_SINKS:
+        l_i = l_i + tl.exp2(sink2 - m_i)                    # the normaliser counts the sink, the metrics do not
     inv_l = 1.0 / l_i
     log2_l = tl.log2(l_i)
     lse = (m_i + log2_l) * 0.6931471805599453                                # back to natural log
@@ -390,12 +470,46 @@ class StatsResult(NamedTuple):
     norm: torch.Tensor
 
 
+class LayerArgs(NamedTuple):
+    """The kernels' view of a ``LayerAttention``: runtime values and the constexpr flags that compile each
+    mechanism in only when used (plain causal attention runs the same code as without a layer)."""
+
+    sliding: int            # the window w (0 when unused)
+    chunk: int              # the chunk size c (0 when unused)
+    cap2: float             # softcap * log2(e) (1.0 when unused)
+    neg_two_over_cap: float  # -2 / softcap, the exponent factor of tanh in base 2 (-1.0 when unused)
+    sinks2: torch.Tensor | None   # fp32 [Hq] sink logits * log2(e), or None
+    flags: dict             # HAS_SLIDING, HAS_CHUNK, VISIBLE, SOFTCAP, HAS_SINKS
+
+
+def layer_args(layer, longest: int, device: torch.device) -> LayerArgs:
+    """LayerAttention (or None) -> LayerArgs. A window or chunk at least the longest segment hides no key
+    (t - s < len <= w; every row's chunk starts at the segment start), so it is dropped here: plain code,
+    and no int32 overflow of t - w + 1."""
+    sliding = getattr(layer, "sliding_window", None) if layer is not None else None
+    chunk = getattr(layer, "chunk_size", None) if layer is not None else None
+    softcap = getattr(layer, "softcap", None) if layer is not None else None
+    sinks = getattr(layer, "sinks", None) if layer is not None else None
+    sliding = None if sliding is None or sliding >= longest else int(sliding)
+    chunk = None if chunk is None or chunk >= longest else int(chunk)
+    sinks2 = None if sinks is None else (sinks.detach().to(device=device, dtype=torch.float32) * LOG2E).contiguous()
+    flags = dict(HAS_SLIDING=sliding is not None, HAS_CHUNK=chunk is not None,
+                 VISIBLE=sliding is not None or chunk is not None, SOFTCAP=softcap is not None,
+                 HAS_SINKS=sinks is not None)
+    # -2 / cap stays a finite fp32 for any cap > 0 (0 * -inf would be NaN at S = 0)
+    return LayerArgs(sliding or 0, chunk or 0, 1.0 if softcap is None else float(softcap) * LOG2E,
+                     -1.0 if softcap is None else max(-2.0 / float(softcap), -3.0e38), sinks2, flags)
+
+
 def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments, *, window: int,
-               scale: float, config: dict | None = None, table_sizes: tuple | None = None) -> StatsResult:
+               scale: float, layer=None, config: dict | None = None,
+               table_sizes: tuple | None = None) -> StatsResult:
     """Run the stats pass.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] (same dtype, any strides), segments: ``Segments``; window >= 1 (any
-    size: a W at least the longest segment is plain distance). Returns a ``StatsResult``; with v None the PV
+    size: a W at least the longest segment is plain distance); layer: a ``LayerAttention`` (sliding window,
+    chunks, softcap, sinks [Hq]) or None for plain causal attention. With a window w a query block visits
+    about w + BLOCK_M keys (not its whole causal prefix). Returns a ``StatsResult``; with v None the PV
     product is compiled out.
     ``config`` / ``table_sizes`` (tests): a fixed {BLOCK_M, BLOCK_N, num_warps, num_stages} and the BLOCK_M
     sizes to build the block table for (default: just config's), instead of the default / autotuned setup.
@@ -416,6 +530,7 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3)) if has_v else (0, 0, 0, 0)
     # min(t - s, W) only sees lags < the longest segment: a larger W is the same W, and fits int32
     window = max(1, min(int(window), segments.max_len))
+    layer_ = layer_args(layer, segments.max_len, q.device)
 
     # fp32 and D = 256 always take their default config: the tuned tiles spill registers there
     if config is None and autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
@@ -435,12 +550,13 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     upcast = interpreting()
     dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     launch[grid](
-        q, k, v_arg, out_arg, lse, dist, waad, norm, table, off_small, off_large,
+        q, k, v_arg, out_arg, lse, dist, waad, norm, lse if layer_.sinks2 is None else layer_.sinks2, table,
+        off_small, off_large,
         *q.stride(), *k.stride(), *v_strides, *o_strides,
         lse.stride(0), lse.stride(1), norm.stride(0),
-        q_heads, q_heads // k.shape[1], window, float(scale) * LOG2E,
-        triton.next_power_of_2(max(segments.max_len, 1)),
+        q_heads, q_heads // k.shape[1], window, layer_.sliding, layer_.chunk, float(scale) * LOG2E, layer_.cap2,
+        layer_.neg_two_over_cap, triton.next_power_of_2(max(segments.max_len, 1)),
         HEAD_DIM=dim, D_PAD=d_pad, HAS_V=has_v, UPCAST=upcast, PRESCALE=prescaled(q.dtype), DOT_PREC=dot_prec,
-        SMALL_M=small, **meta,
+        SMALL_M=small, **layer_.flags, **meta,
     )
     return StatsResult(lse, dist, waad, out, norm)
