@@ -40,14 +40,15 @@ def test_scale_that_underflows_fp32(dtype, scale):
     assert torch.allclose(metrics.distance[0, 0].double().cpu(), t / 2, atol=1e-4)   # uniform: mean lag t / 2
 
 
-@pytest.mark.parametrize("window", [300, 1000, 10 ** 9])
-def test_large_windows(window):
+@pytest.mark.parametrize("window,sliding_window", [(300, None), (1000, None), (10 ** 9, None), (10 ** 9, 100)])
+def test_large_windows(window, sliding_window):
     """WAAD for any W (T = 512) within the section 7 bound: no W - band / l cancellation (that form was off by
     3e-4 at W = 1000, 2e-2 at 1e5, 209 at 1e9). A W at least the segment length is plain distance, bitwise.
     (waad then takes distance's values, here up to ~250, where fp32 rounding of the scores and sums alone is
-    ~7e-5: the absolute 1e-4 holds with little margin for values in the hundreds, as in the torch backend.)"""
+    ~7e-5: the absolute 1e-4 holds with little margin for values in the hundreds, as in the torch backend.)
+    With a sliding window of 100 as well, waad is the windowed distance."""
     q, k, _ = random_qkv(1, 1, 1, 512, 32, device=DEVICE, seed=5, spread=1.0)
-    kwargs = dict(window=window, horizon=(0, 0))
+    kwargs = dict(window=window, horizon=(0, 0), layer=rhythm.LayerAttention(sliding_window=sliding_window))
     metrics = run(q, k, **kwargs)
     assert_matches_oracle(metrics, q, k, **kwargs)
     if window >= 512:

@@ -226,9 +226,8 @@ def test_inputs_that_require_grad(backend):
         assert not value.requires_grad and value.grad_fn is None, name
         assert torch.equal(value, getattr(want, name)), name
     assert all(x.grad is None for x in leaves)
-    if backend != "triton":       # sinks: the triton backend refuses a layer description (for now)
-        with_sinks = rhythm.attention_metrics(*leaves, backend=backend, layer=rhythm.LayerAttention(sinks=sinks))
-        assert not with_sinks.out.requires_grad and not with_sinks.lse.requires_grad
+    with_sinks = rhythm.attention_metrics(*leaves, backend=backend, layer=rhythm.LayerAttention(sinks=sinks))
+    assert not with_sinks.out.requires_grad and not with_sinks.lse.requires_grad
 
 
 def test_unknown_backend(qkv):
