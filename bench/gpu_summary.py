@@ -48,9 +48,20 @@ def main() -> None:
                   f"{r.get('method', 'shape'):18s} skipped: {r['reason']}")
         elif kind == "warm_done":
             print(f"{r['step']:10s} compiled in {r['seconds']} s, {r['failed']} failed")
+        elif kind == "compile" and not r.get("ok"):
+            print(f"{r['step']:10s} compile failed: {r['variant']}: {r.get('error', '')[:150]}")
         elif kind == "step_done":
             print(f"{r['step']:10s} exit {r['rc']} after {r['seconds']} s of a {r['box_s']} s box"
                   + (" (time box hit)" if r["rc"] in (124, 137) else ""))
+    for name in ("end_to_end_gpu.json", "end_to_end_gpu_dryrun.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as handle:
+                e2e = json.load(handle)
+            parts = [f"{key} {e2e[key]['time_s']:.3f} s" for key in ("scorer", "sdpa_full_forward",
+                                                                     "eager_output_attentions")
+                     if isinstance(e2e.get(key), dict) and "time_s" in e2e[key]]
+            print(f"end_to_end T={e2e.get('length')} on {e2e.get('device')}: {', '.join(parts) or 'no timing'}")
 
 
 if __name__ == "__main__":

@@ -101,3 +101,37 @@ def test_autotuner_picks_become_entries(monkeypatch):
     entries = [e for e in tuned_configs.entries_from_autotuners("NVIDIA H200") if e["kernel"] == "stats"]
     assert entries == [{"gpu": "NVIDIA H200", "kernel": "stats", "head_dim": 128, "dtype": "bfloat16",
                         "mode": "HAS_V=False", "len_key": 8192, "config": triton_stats.STATS_CONFIGS[1].all_kwargs()}]
+
+
+def test_warm_shapes_specialise_like_the_benchmark_shapes():
+    """The warm step compiles at T = 256; the benchmark launches at 8K and 32K. Triton's binder must give
+    both the same specialisation (signature, constants, divisibility), or the warm fills the cache with
+    kernels the benchmark never loads. Runs the binder without the interpreter, in a subprocess."""
+    import os
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    script = """
+import sys
+sys.path.insert(0, 'bench')
+from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+import kernel_variants as kv
+backend = make_backend(GPUTarget('cuda', 90, 32))
+def spec(job):
+    out = []
+    for fn, args, kwargs, label in kv.record_launches(job):
+        signature, constexprs, attrs, options = kv._specialise(fn, args, kwargs, backend)
+        out.append((label, signature, {k: str(v) for k, v in constexprs.items()}, attrs, str(options)))
+    return out
+for kind, flag in (('stats', True), ('influence', False)):
+    warm = spec(kv.Job(kind, 'bf16', 128, flag, config=0))
+    for length in (8192, 32768):
+        assert spec(kv.Job(kind, 'bf16', 128, flag, length=length, config=0)) == warm, (kind, length)
+print('same')
+"""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(path for path in sys.path if path)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "same" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
