@@ -174,53 +174,61 @@ def test_plugin_through_verl_env_var_installs_in_a_fresh_process(tmp_path):
 # ---- the documented manual recipe: gamma applied exactly once ----------------------------------------------------
 
 def _manual_recipe(ray_trainer, data, gamma):
-    """docs/integrations.md, verl, "Manual pieces" (gamma given instead of scored, so the ratio is exact)."""
+    """docs/integrations.md, verl, "Manual pieces", in its order (gamma given instead of scored, so the ratio is
+    exact): verl's compute_advantage, then gamma, then apply_rhythm_gamma."""
     from rhythm.integrations.verl import GAMMA_KEY, apply_rhythm_gamma
 
-    data.batch[GAMMA_KEY] = gamma
     data = ray_trainer.compute_advantage(data, adv_estimator="grpo", config=algo_config("grpo"))
+    data.batch[GAMMA_KEY] = gamma
     apply_rhythm_gamma(data, sign="both")
     return data
 
 
-def test_manual_recipe_multiplies_once(ray_trainer):
-    """Importing the hooks module (as the recipe does, for config_from_env) leaves compute_advantage alone, so
-    the recipe multiplies the advantages by gamma once: 1.5 stays 1.5 (it was 2.25 when the import patched)."""
+@pytest.mark.parametrize("installed", [False, True])
+def test_manual_recipe_multiplies_once(ray_trainer, installed):
+    """The recipe imports the hooks module (for config_from_env), which changes nothing: the advantages are
+    multiplied by gamma once - 1.5 stays 1.5 (it was 2.25 when importing patched compute_advantage) - also
+    with the hooks installed; a second application is refused."""
     from rhythm.integrations import verl_hooks
+    from rhythm.integrations.verl import apply_rhythm_gamma
     from rhythm.integrations.verl_hooks import config_from_env  # noqa: F401 - the recipe's import
 
     assert not verl_hooks.installed()  # (tests that install, uninstall when done)
-    gamma = torch.ones(len(RESPONSE_LENS), R_MAX)
-    gamma[:, 0] = 1.5
-    data = _manual_recipe(ray_trainer, verl_batch(), gamma)
-    base = plain_advantages(ray_trainer)
-    mask = data.batch["response_mask"].bool() & (base != 0)
-    ratio = data.batch["advantages"][mask] / base[mask]
-    assert sorted(set(ratio.round(decimals=4).tolist())) == [1.0, 1.5]
-    torch.testing.assert_close(data.batch["advantages"], base * gamma)
-    with pytest.raises(ValueError, match="already multiplied"):  # a second application is refused
-        from rhythm.integrations.verl import apply_rhythm_gamma
-
-        apply_rhythm_gamma(data, gamma)
+    if installed:
+        verl_hooks.install()
+    try:
+        gamma = torch.ones(len(RESPONSE_LENS), R_MAX)
+        gamma[:, 0] = 1.5
+        data = _manual_recipe(ray_trainer, verl_batch(), gamma)
+        base = plain_advantages(ray_trainer)
+        mask = data.batch["response_mask"].bool() & (base != 0)
+        ratio = data.batch["advantages"][mask] / base[mask]
+        assert sorted(set(ratio.round(decimals=4).tolist())) == [1.0, 1.5]
+        torch.testing.assert_close(data.batch["advantages"], base * gamma)
+        with pytest.raises(ValueError, match="already multiplied"):
+            apply_rhythm_gamma(data, gamma)
+    finally:
+        verl_hooks.uninstall()
 
 
 def test_installed_hooks_and_manual_apply_never_square_gamma(ray_trainer):
-    """With the hooks installed, verl's compute_advantage applies gamma itself; the recipe's own
-    apply_rhythm_gamma then fails loudly instead of squaring gamma, and recomputing the advantages (a fresh
-    estimator pass clears the mark) gives gamma once again, not gamma squared."""
+    """With the hooks installed and gamma in the batch before compute_advantage (the automatic path), verl's
+    compute_advantage applies it; apply_rhythm_gamma afterwards fails loudly instead of squaring gamma, and
+    recomputing the advantages (a fresh estimator pass clears the mark) gives gamma once again."""
     from rhythm.integrations import verl_hooks
+    from rhythm.integrations.verl import apply_rhythm_gamma
 
     verl_hooks.install()
     try:
         gamma = torch.ones(len(RESPONSE_LENS), R_MAX)
         gamma[:, 0] = 1.5
-        with pytest.raises(ValueError, match="already multiplied"):
-            _manual_recipe(ray_trainer, verl_batch(), gamma)
         data = verl_batch()
         data.batch["rhythm_gamma"] = gamma
         for _ in range(2):
             data = ray_trainer.compute_advantage(data, adv_estimator="grpo", config=algo_config("grpo"))
             torch.testing.assert_close(data.batch["advantages"], plain_advantages(ray_trainer) * gamma)
+        with pytest.raises(ValueError, match="already multiplied"):
+            apply_rhythm_gamma(data, sign="both")
     finally:
         verl_hooks.uninstall()
 
