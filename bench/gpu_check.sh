@@ -118,7 +118,7 @@ run_step bench_2k $PY bench/bench_gpu_kernels.py --step bench_2k --shapes "${SHO
 
 if $PY -c "import pytest" 2>/dev/null; then
     run_step cuda_tests --log "$OUT/pytest_cuda.log" $PY -m pytest -q -p no:cacheprovider \
-        tests/test_triton_backend.py tests/test_triton_numerics.py \
+        tests/test_triton_backend.py tests/test_triton_numerics.py tests/test_torch_backend.py \
         -k "cuda or split_heads or two_size or deterministic or numerics" --durations=5
 else
     echo "== cuda_tests: pytest is not installed here; the smoke and the benchmark's checks are the correctness record"
