@@ -117,7 +117,7 @@ def autotune_enabled() -> bool:
 def default_stats_config(d_pad: int, dtype: torch.dtype) -> dict:
     """The config used without autotuning (and the only one for fp32 and D = 256). fp32 uses the IEEE dot on
     CUDA cores (the correctness path: small tiles). sm_90 compile report (bench/results/compile_sm90.json):
-    no spills in fp16/bf16 at any D; fp32 spills at D = 128 (308 B without v, 672 B with v), not at 64 or 256."""
+    no spills in fp16/bf16 at any D; fp32 spills at D = 128 (320 B without v, 672 B with v), not at 64 or 256."""
     if interpreting():
         return dict(INTERPRET_CONFIG)
     if dtype == torch.float32:
