@@ -12,7 +12,9 @@ Inside the block, every attention call arrives at :meth:`Capture._attention_forw
   value, ...)`` in fused mode: one pass gives the attention output O (returned to the model, so the layer
   behaves as with any other attention) and the per-head lse/distance/waad/fai, which are recorded;
 - every other layer goes to transformers' own sdpa function, with the 4-D mask sdpa's mask function built
-  (or to the model's eager function and eager mask when the model was loaded eager or lacks sdpa support).
+  (or to the model's eager function and eager mask when the model was loaded eager or lacks sdpa support,
+  as softcapping and sink models do). The model builds one mask per layer type, so a non-sampled sliding or
+  chunked layer keeps its window or chunks.
 
 The padding and response layout comes from the :class:`CaptureContext` the caller (the scorer) sets up, not
 from the 4-D mask: ``attention_mask [B, T]`` and ``response_start``, or ``cu_seqlens`` for a packed batch. A
