@@ -144,8 +144,10 @@ def test_scorer_packed_matches_oracle_and_padded(kind, source):
         padded_ids[i, :n], mask[i, :n] = ids[0, a:a + n], 1
     padded = scorer.score(padded_ids, mask, response_suffix(mask, resp))
     for i, (a, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
-        torch.testing.assert_close(packed.waad[0, a:a + n], padded.waad[i, :n], atol=1e-5, rtol=0)
-        torch.testing.assert_close(packed.fai[0, a:a + n], padded.fai[i, :n], atol=1e-6, rtol=1e-4)
+        # Two fp32 computations of one value (different block layouts): each is within section 7 of the
+        # truth (checked above for the packed one), so they agree to the section 7 bound, not bitwise.
+        assert_within_spec("waad", packed.waad[0, a:a + n], padded.waad[i, :n], " packed vs padded")
+        assert_within_spec("fai", packed.fai[0, a:a + n], padded.fai[i, :n], " packed vs padded")
         g_packed, g_padded = packed.gamma()[0, a:a + n], padded.gamma()[i, :n]
         assert torch.equal(g_packed, g_padded)
 
