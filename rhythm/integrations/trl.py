@@ -279,7 +279,12 @@ class RhythmGRPOTrainer(GRPOTrainer):
     # -- the fused recording -------------------------------------------------------------------------------------
     def _record(self, job, model, input_ids, attention_mask, logits_to_keep, batch_size, kwargs):
         """Run TRL's log-prob forward in chunks of ``batch_size`` rows with the capture recording the rows that
-        need credit; returns what TRL's own method returns and leaves gamma / the shaped advantages in ``job``."""
+        need credit; returns what TRL's own method returns and leaves gamma / the shaped advantages in ``job``.
+
+        Added time = the wall time of this call minus TRL's own forwards (timed around each call, the recording
+        inside them excluded): setup, the metrics, the signals and the credit."""
+        started = time.perf_counter()
+        forward_seconds = 0.0
         parent = super()._get_per_token_logps_and_entropies
         cfg = self.rhythm_config
         batch, length = input_ids.shape
@@ -291,7 +296,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
         else:
             needed = torch.ones(batch, dtype=torch.bool)  # rewards are computed after this forward
         gamma = torch.ones(batch, width, dtype=torch.float32, device=input_ids.device)
-        seconds, measured = 0.0, 0
+        measured = 0
         scorer = self.rhythm_scorer
         options = cfg.credit_kwargs()
         results = []
@@ -300,30 +305,30 @@ class RhythmGRPOTrainer(GRPOTrainer):
             for first in range(0, batch, step):
                 chunk = slice(first, min(first + step, batch))
                 chunk_kwargs = _chunk_kwargs(kwargs, chunk, batch)
-                call = lambda: parent(model, input_ids[chunk], attention_mask[chunk], logits_to_keep,  # noqa: E731
-                                      batch_size=None, **chunk_kwargs)
                 rows = torch.nonzero(needed[chunk]).reshape(-1)
-                if rows.numel() == 0:
-                    results.append(call())
-                    continue
-                recording = scorer.recording(attention_mask[chunk], response[chunk], rows=rows)
-                capture.run(recording.context, forward=call)
-                results.append(recording.context.output)
+                recording = scorer.recording(attention_mask[chunk], response[chunk], rows=rows) if rows.numel() else None
                 start = time.perf_counter()
+                if recording is None:
+                    results.append(parent(model, input_ids[chunk], attention_mask[chunk], logits_to_keep,
+                                          batch_size=None, **chunk_kwargs))
+                    forward_seconds += time.perf_counter() - start
+                    continue
+                capture.run(recording.context, forward=lambda: parent(
+                    model, input_ids[chunk], attention_mask[chunk], logits_to_keep, batch_size=None, **chunk_kwargs))
+                forward_seconds += time.perf_counter() - start - recording.context.metrics_seconds
+                results.append(recording.context.output)
                 rows_gamma = scorer.scores_from(recording).gamma(cfg.strategy, **options)
                 rows_gamma = to_response_tensor(rows_gamma, width, recording.response_mask, fill=1.0)
                 gamma[first + rows.to(gamma.device)] = rows_gamma.to(gamma.device)
-                seconds += recording.context.metrics_seconds + time.perf_counter() - start
                 measured += rows.numel()
         logps = torch.cat([r[0] for r in results], dim=0)
         entropies = torch.cat([r[1] for r in results], dim=0) if results[0][1] is not None else None
         aux = torch.stack([r[2] for r in results]).mean() if results[0][2] is not None else None
+        seconds = time.perf_counter() - started - forward_seconds
         if job["kind"] == "old":
             job.update(gamma=gamma, seconds=seconds, measured=measured)
         else:
-            start = time.perf_counter()
-            self._rhythm_shape(job["mode"], job["inputs"], gamma, seconds + time.perf_counter() - start,
-                               measured=measured)
+            self._rhythm_shape(job["mode"], job["inputs"], gamma, seconds, measured=measured)
         return logps, entropies, aux
 
     # -- shaping and logs ----------------------------------------------------------------------------------------
@@ -332,9 +337,10 @@ class RhythmGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         batch["advantages"] = shape_advantages(batch["advantages"], gamma.to(batch["advantages"].device),
                                                sign=self.rhythm_config.sign)
-        seconds += time.perf_counter() - start
-        self.rhythm_added_seconds += seconds
+        shaped_at = time.perf_counter()
+        seconds += shaped_at - start
         self._rhythm_log(mode, gamma, batch, seconds, measured)
+        self.rhythm_added_seconds += seconds + time.perf_counter() - shaped_at   # the logging counts too
 
     # -- the scorer path and the baselines: gamma of one generation batch ----------------------------------------
     @torch.no_grad()
