@@ -5,7 +5,8 @@
 #   scripts/check_trl_versions.sh 1.15.0 newest   # chosen ones ("newest" = the newest release pip resolves)
 #
 # Each environment is /work/venvs/trl-<version> (VENVS overrides the folder): a venv that sees the main
-# environment's packages (.venv at the repository root: torch, transformers, accelerate, datasets, ...) through
+# environment's packages (.venv at the repository root, or MAIN_PY=/path/to/python: torch, transformers,
+# accelerate, datasets, ...) through
 # a .pth file and holds only its own TRL, installed with --no-deps, which shadows the main one (so every other
 # package is the main environment's version). The summary line per version goes to stdout; the full pytest
 # output to <venv>/pytest.log.
@@ -17,6 +18,10 @@ VENVS="${VENVS:-/work/venvs}"
 TESTS=(tests/test_trl_integration.py tests/test_trl_config.py)
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(1.16.0 1.15.0 1.14.2 newest)
+if [ ! -x "$MAIN_PY" ]; then
+    echo "no main environment at $MAIN_PY: run scripts/bootstrap.sh first, or set MAIN_PY to its python" >&2
+    exit 2
+fi
 main_site="$("$MAIN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 status=0
 for version in "${versions[@]}"; do

@@ -28,7 +28,7 @@ sequence advantage. ``GRPOTrainer._compute_loss`` unsqueezes advantages only whe
 advantages flow token by token into every supported loss type; buffering and shuffling split the batch along
 dim 0 only.
 
-TRL internals this relies on (checked against TRL 1.16.0 and the newest release listed in docs/integrations.md):
+TRL internals this relies on (checked against TRL 1.14.2 and 1.16.0, see docs/integrations.md):
 ``_generate_and_score_completions`` (returns the batch dict with ``advantages`` (B,)), ``_compute_loss(model,
 inputs)`` (reads ``inputs["advantages"]`` after its policy forward), ``_get_per_token_logps_and_entropies(model,
 input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs)`` (every log-prob forward goes through it)
