@@ -34,7 +34,18 @@ def write_results():
     from . import test_bench_cpu
 
     out_dir = os.environ.get("RHYTHM_BENCH_OUT", "bench/results")
+    machine = describe()
     for suite, rows in RESULTS.items():
         summary = test_bench_cpu.SUMMARIES[suite](rows)
         save_json(os.path.join(out_dir, f"{suite}_pytest.json"),
-                  dict(summary, rows=rows, machine=describe(), runner="pytest bench --benchmark-only"))
+                  dict(summary, rows=rows, machine=machine, runner="pytest bench --benchmark-only",
+                       **contention_note(machine)))
+
+
+def contention_note(machine: dict) -> dict:
+    """A warning stored with the results when the machine was busier than its cores at the start."""
+    load, cores = machine["load_average_at_start"][0], machine["cpu_count"] or 1
+    if load <= cores:
+        return {}
+    return {"note": f"contended machine: load average {load:.1f} on {cores} cores at the start; the timings "
+                    "and the child processes' peak-RSS deltas (resident pages) are not representative"}
