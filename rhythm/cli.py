@@ -308,6 +308,16 @@ def _check_writable_dir(folder: Path, flag: str, *, create: bool = False) -> Non
         raise UsageError(f"{flag}: cannot write in {probe} ({e.strerror or e})") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _parse_strategies(text: str) -> tuple[str, ...]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in knobs.STRATEGIES]
@@ -515,9 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--id", default=None, help="id of the rollout in --input; the report adds its GRPO group "
                    "(the rows with the same prompt, or the same 'group')")
     _add_chat_template(a)
-    a.add_argument("--max-new-tokens", type=knobs._text_parser(knobs.Knob(
-        "max_new_tokens", 200, "an int >= 1", "", knobs.integer(1), "int")), default=200,
-        help="tokens to generate (default: 200)")
+    a.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate (default: 200)")
     a.add_argument("--out", default="reports", help="report folder (default: reports/)")
     a.add_argument("--name", default="rhythm", help="report file stem (default: rhythm)")
     a.add_argument("--no-color", action="store_true", help="no ANSI colours in the terminal view")
