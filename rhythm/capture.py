@@ -395,4 +395,5 @@ class Capture:
                 f"the attention mask {type(self.model).__name__} "
                 f"({', '.join(sorted({str(getattr(c, 'model_type', None)) for c, _ in self._saved}))}) built for "
                 f"sampled layer(s) {bad} differs from the window/chunks/layout read from its configuration: an "
-                "attention pattern the capture does not understand")
+                "attention pattern the capture does not understand (e.g. a custom 4-D mask, or a packed row that "
+                "this model does not split at position_ids resets: score it as a padded batch)")
