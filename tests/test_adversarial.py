@@ -227,3 +227,32 @@ def test_shape_advantages_accepts_zero_and_large_gamma():
     # masked positions of apply-style callers may hold NaN only if they are replaced before shaping
     masked = torch.where(torch.tensor([[True, True, False]]), torch.tensor([[1.5, 1.0, math.nan]]), 1.0)
     assert torch.equal(shape_advantages(adv, masked), torch.tensor([[1.5, -2.0, 3.0]]))
+
+
+# ---- trainer adapters: their settings are checked on construction too ---------------------------------------
+
+TRAINER_BAD = [("rhythm_q", 0, "(0, 1]"), ("rhythm_window", True, "an int >= 1"),
+               ("rhythm_horizon", [100, 10], "a pair"), ("rhythm_backend", "tpu", "one of"),
+               ("rhythm_seed", 2 ** 70, "[0, 2**64)"), ("rhythm_gamma_amp", 1e300, "finite float32")]
+
+
+@pytest.mark.parametrize("field, value, words", TRAINER_BAD)
+def test_trl_config_refuses_bad_rhythm_fields(tmp_path, field, value, words):
+    pytest.importorskip("trl")
+    from rhythm.integrations.trl import RhythmGRPOConfig
+
+    with pytest.raises(Exception) as info:
+        RhythmGRPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **{field: value})
+    _assert_clear(info.value, f"RhythmGRPOConfig.{field} must be")
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("text, words", [('{"windwo": 3}', "did you mean 'window'"), ('{"q": 0}', "q must be"),
+                                         ("[1, 2]", "mapping"), ("{q: 1}", "JSON object")])
+def test_verl_env_config_refused_clearly(monkeypatch, text, words):
+    from rhythm.integrations import verl_hooks
+
+    monkeypatch.setenv(verl_hooks.CONFIG_ENV, text)
+    with pytest.raises(Exception) as info:
+        verl_hooks.config_from_env()
+    _assert_clear(info.value, words)
