@@ -223,7 +223,7 @@ def mask_disagreement(mask, description: LayerAttention, segments: Segments, len
     """Compare the model's 4-D mask for a layer with the visibility ``description`` implies on ``segments``.
 
     mask: bool [B, 1 or H, T, T] (True = attend, sdpa's convention), float [B, 1 or H, T, T] (0 = attend,
-        a large negative value = masked, eager's convention) or None (the model asks for plain causal
+        <= -1e4 = masked, eager's convention) or None (the model asks for plain causal
         attention over whole rows). Only rows of real tokens are compared (padding rows are never recorded).
     Returns a bool device scalar, True where they disagree (no host synchronisation), or None when the
     comparison needs no device work. Raises UnsupportedModelError for what is decidable on the host.
@@ -260,8 +260,8 @@ def mask_disagreement(mask, description: LayerAttention, segments: Segments, len
             if got.dtype == torch.bool:
                 bad |= (got != want).any()
             else:
-                # eager's additive mask: 0 where visible, a value at or below finfo.min / 2 where masked;
-                # anything else is a bias the metrics do not include.
-                masked = got <= torch.finfo(got.dtype).min / 2
+                # An additive mask: exactly 0 where visible; where hidden, at most -1e4 (exp underflows to 0
+                # next to any real logit; eager's mask uses finfo.min). Anything else is a bias or a leak.
+                masked = got <= -1e4
                 bad |= ((got == 0) != want).any() | ~((got == 0) | masked).all()
     return bad

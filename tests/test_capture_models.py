@@ -353,14 +353,35 @@ def test_configured_softcap_the_model_does_not_apply_is_refused():
         _run(model)
 
 
-def test_custom_mask_is_refused():
-    """A 4-D mask the model takes as given (here: a window of 4 that the config knows nothing about)."""
+@pytest.mark.parametrize("pattern", ["window", "alibi", "leaky"])
+def test_custom_mask_is_refused(pattern):
+    """A 4-D mask the model takes as given: a window of 4 the config knows nothing about (bool), an ALiBi-like
+    additive position bias (float: -0.5 * (t - s) on visible keys), or future keys only down-weighted (-5
+    instead of -inf: they leak into the softmax)."""
     model = tiny_model("llama")
     length = 16
     t = torch.arange(length)
-    mask = ((t[:, None] >= t[None, :]) & (t[:, None] - t[None, :] < 4))[None, None]
+    causal = t[:, None] >= t[None, :]
+    if pattern == "window":
+        mask = (causal & (t[:, None] - t[None, :] < 4))[None, None]
+    elif pattern == "alibi":
+        mask = torch.where(causal, -0.5 * (t[:, None] - t[None, :]).float(), float("-inf"))[None, None]
+    else:
+        mask = torch.where(causal, 0.0, -5.0)[None, None]
     with pytest.raises(UnsupportedModelError, match="mask .* differs"):
         _run(model, layers=SAMPLED, length=length, attention_mask=mask)
+
+
+def test_plain_additive_masks_are_accepted():
+    """An additive 4-D mask that is exactly 0 / -1e9 (a common hand-built causal mask) is plain causal attention."""
+    model = tiny_model("llama")
+    t = torch.arange(16)
+    mask = torch.where(t[:, None] >= t[None, :], 0.0, -1e9)[None, None]
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    records = _run(model, layers=SAMPLED, input_ids=ids, attention_mask=mask)
+    plain = _run(model, layers=SAMPLED, input_ids=ids)
+    for layer in SAMPLED:
+        torch.testing.assert_close(records[layer].waad, plain[layer].waad, atol=1e-6, rtol=0)
 
 
 def test_call_keywords_are_cross_checked():
