@@ -34,6 +34,8 @@ def spot_check(metrics, q, k, response_start: int, samples: int = 48, sliding_wi
     the keys s with t - s < sliding_window."""
     import torch
 
+    from bench.reference_check import fp32_bound
+
     length = q.shape[2]
     gen = torch.Generator().manual_seed(1)
     q64 = q[0].double() * DIM ** -0.5
@@ -56,7 +58,7 @@ def spot_check(metrics, q, k, response_start: int, samples: int = 48, sliding_wi
         want = {"lse": torch.logsumexp(scores, -1), "distance": attn @ lag, "waad": attn @ lag.clamp(max=WINDOW)}
         for name, ref in want.items():
             err = (getattr(metrics, name)[0, :, t].double() - ref).abs()
-            bound = {"lse": 1e-6 + 1e-4 * ref.abs(), "distance": 1e-4 * ref.clamp(min=1), "waad": 1e-4}[name]
+            bound = fp32_bound(name, ref)
             worst[name] = max(worst[name], (err / bound).max().item())
     h_lo, h_hi = HORIZON
     for s in torch.randint(0, length - h_lo, (8,), generator=gen).tolist():

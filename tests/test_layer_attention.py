@@ -11,7 +11,7 @@ import rhythm
 from rhythm import LayerAttention
 from rhythm_kernels.segments import influence_counts, segments_from_cu_seqlens, segments_from_mask
 from rhythm_kernels.torch_blocked import blocked_attention_metrics
-from tests.oracle_check import assert_matches_oracle, random_qkv
+from tests.oracle_check import assert_matches_oracle, assert_within_spec7, random_qkv
 
 
 def brute_force(q, k, spans, *, window, horizon, scale, sliding_window=None, chunk_size=None, softcap=None,
@@ -53,17 +53,9 @@ def brute_force(q, k, spans, *, window, horizon, scale, sliding_window=None, chu
 
 
 def assert_spec_close(got, want, names=("lse", "distance", "waad", "fai")):
-    """docs/definitions.md section 7 fp32 bounds: 1e-4 absolute for waad and distance (distance scaled by
-    max(1, value)), 1e-6 + 1e-4 * value for fai and lse."""
+    """docs/definitions.md section 7 fp32 bounds (through the tests' one helper)."""
     for name in names:
-        g = got[name].double().cpu()
-        w = torch.tensor(want[name], dtype=torch.float64)
-        if name in ("waad", "distance"):
-            bound = 1e-4 * (w.abs().clamp_min(1) if name == "distance" else 1)
-        else:
-            bound = 1e-6 + 1e-4 * w.abs()
-        err = (g - w).abs()
-        assert torch.all(err <= bound), f"{name}: max error {err.max().item():.3g} exceeds the section 7 bound"
+        assert_within_spec7(name, got[name], torch.tensor(want[name], dtype=torch.float64))
 
 
 MECHANISMS = {
