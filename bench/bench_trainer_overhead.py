@@ -157,7 +157,10 @@ def main(argv=None) -> int:
     parser.add_argument("--completion-length", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "trainer_overhead_cpu.json"))
+    parser.add_argument("--resummarize", metavar="JSON", help="recompute the medians of a stored run and exit")
     args = parser.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize)
     if args.steps < 5:
         parser.error("--steps must be >= 5 (one warm-up step and at least 4 measured)")
 
@@ -219,19 +222,9 @@ def main(argv=None) -> int:
         return 1
     uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
-    measured = range(1, args.steps)           # step 0 is the warm-up
-    def median(name, key):
-        return statistics.median(records[name][s].get(key, 0.0) for s in measured)
-
-    plain_step, rhythm_step = median("plain", "step_s"), median("rhythm", "step_s")
-    added = median("rhythm", "rhythm_added_s")
     same = all(digests["plain"][s]["digest"] == digests["rhythm"][s]["digest"] for s in range(args.steps))
     logs = [h for h in rhythm.state.log_history if "rhythm/frac_rows_measured" in h]
-    split = {name: {key: median(name, key) for key in ("generation_s", "training_forward_s", "backward_s")}
-             for name in ("plain", "rhythm")}
-    for name, step_s in (("plain", plain_step), ("rhythm", rhythm_step)):
-        split[name]["other_s"] = step_s - sum(split[name].values())
-        split[name]["shares"] = {k: v / step_s for k, v in split[name].items() if k.endswith("_s")}
+    per_step = {n: [dict(records[n][s]) for s in range(args.steps)] for n in records}
     result = {
         "benchmark": "TRL GRPO step: plain GRPOTrainer vs RhythmGRPOTrainer (fused credit), same process",
         "machine": describe(),
@@ -243,24 +236,68 @@ def main(argv=None) -> int:
                   "warmup_steps": 1, "learning_rate": 0.0, "strategy": "coupled", "credit_pass": "fused",
                   "order": "alternated each step", "torch_threads": torch.get_num_threads(),
                   "trl": __import__("trl").__version__},
+        "same_completions": same,
+        "completion_tokens_per_step": [digests["plain"][s]["completion_tokens"] for s in range(args.steps)],
+        "rhythm_frac_rows_measured": [h["rhythm/frac_rows_measured"] for h in logs],
+        "per_step": per_step,
+        "wall_s": time.perf_counter() - started,
+    }
+    result.update(summarize(per_step))
+    save_json(args.out, result)
+    report(result)
+    return 0
+
+
+def summarize(per_step: dict) -> dict:
+    """Medians over the steps after the warm-up (step 0) of the per-step measurements; the split of a step is
+    taken step by step (other = step - generation - training forward - backward), then its median."""
+    def median(name, key):
+        return statistics.median(step.get(key, 0.0) for step in per_step[name][1:])
+
+    for steps in per_step.values():
+        for step in steps:
+            step["other_s"] = step["step_s"] - sum(step.get(k, 0.0) for k in
+                                                   ("generation_s", "training_forward_s", "backward_s"))
+    plain_step, rhythm_step = median("plain", "step_s"), median("rhythm", "step_s")
+    added = median("rhythm", "rhythm_added_s")
+    parts = ("generation_s", "training_forward_s", "backward_s", "other_s")
+    split = {name: {key: median(name, key) for key in parts} for name in ("plain", "rhythm")}
+    for name in split:
+        split[name]["shares_of_step"] = {
+            key: statistics.median(step.get(key, 0.0) / step["step_s"] for step in per_step[name][1:]) for key in parts}
+    return {
         "plain_step_s": plain_step,
         "rhythm_step_s": rhythm_step,
         "rhythm_added_s": added,
         "added_share_of_plain_step": added / plain_step,
         "step_difference_s": rhythm_step - plain_step,
+        "step_time_range_s": {n: [min(s["step_s"] for s in per_step[n][1:]), max(s["step_s"] for s in per_step[n][1:])]
+                              for n in per_step},
         "extra_forwards": median("rhythm", "forwards") - median("plain", "forwards"),
         "forwards_per_step_outside_generation": {n: median(n, "forwards") for n in ("plain", "rhythm")},
         "split": split,
-        "same_completions": same,
-        "completion_tokens_per_step": [digests["plain"][s]["completion_tokens"] for s in range(args.steps)],
-        "rhythm_frac_rows_measured": [h["rhythm/frac_rows_measured"] for h in logs],
-        "per_step": {n: [{k: v for k, v in records[n][s].items()} for s in range(args.steps)] for n in records},
-        "wall_s": time.perf_counter() - started,
     }
-    save_json(args.out, result)
-    print(f"plain step {plain_step:.2f} s, rhythm step {rhythm_step:.2f} s, added work {added * 1e3:.1f} ms "
-          f"({100 * added / plain_step:.2f}% of a plain step), extra forwards {result['extra_forwards']}, "
-          f"same completions: {same}")
+
+
+def report(result: dict) -> None:
+    added, plain = result["rhythm_added_s"], result["plain_step_s"]
+    print(f"plain step {plain:.2f} s, rhythm step {result['rhythm_step_s']:.2f} s, added work {added * 1e3:.1f} ms "
+          f"({100 * added / plain:.2f}% of a plain step), extra forwards {result['extra_forwards']}, "
+          f"same completions: {result['same_completions']}")
+
+
+def resummarize(path: str) -> int:
+    """Recompute the summary of a stored run from its per-step measurements (nothing is re-measured)."""
+    import json
+
+    from bench.machine import save_json
+
+    with open(path) as handle:
+        result = json.load(handle)
+    result.update(summarize(result["per_step"]))
+    result["summarized_by"] = "--resummarize (medians recomputed from per_step; nothing re-measured)"
+    save_json(path, result)
+    report(result)
     return 0
 
 
