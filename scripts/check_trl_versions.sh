@@ -4,7 +4,7 @@
 #   scripts/check_trl_versions.sh                 # the versions below
 #   scripts/check_trl_versions.sh 1.15.0 newest   # chosen ones ("newest" = the newest release pip resolves)
 #
-# Each environment is /work/venvs/trl-<version> (VENVS overrides the folder): a venv that sees the main
+# Each environment is .venvs-trl/trl-<version> in the repository (git-ignored; VENVS overrides the folder): a venv that sees the main
 # environment's packages (.venv at the repository root, or MAIN_PY=/path/to/python: torch, transformers,
 # accelerate, datasets, ...) through
 # a .pth file and holds only its own TRL, installed with --no-deps, which shadows the main one (so every other
@@ -14,7 +14,7 @@ set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 MAIN_PY="${MAIN_PY:-$root/.venv/bin/python}"
-VENVS="${VENVS:-/work/venvs}"
+VENVS="${VENVS:-$root/.venvs-trl}"
 TESTS=(tests/test_trl_integration.py tests/test_trl_config.py)
 versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(1.16.0 1.15.0 1.14.2 newest)
