@@ -54,8 +54,9 @@ from ..credit import credit_multipliers
 from .config import RhythmCreditConfig
 from .verl import (GAMMA_KEY, apply_rhythm_gamma, clear_shaped, compute_rhythm_gamma, response_gamma)
 
-__all__ = ["install", "uninstall", "installed", "resolve_config", "config_from_env", "auto_config",
-           "wrap_compute_advantage", "wrap_compute_log_prob", "wrap_compute_old_log_prob", "CONFIG_ENV",
+__all__ = ["install", "uninstall", "installed", "resolve_config", "check_run_mode", "config_from_env", "auto_config",
+           "wrap_trainer_init", "wrap_compute_advantage", "wrap_compute_log_prob", "wrap_compute_old_log_prob",
+           "wrap_v1_compute_old_log_prob", "wrap_v1_compute_advantage", "v1_shape_advantages", "CONFIG_ENV",
            "ENABLE_ENV", "REQUEST_KEY", "HYDRA_KEY", "TARGET", "WORKERS_TARGET", "V1_TARGET"]
 
 TARGET = "verl.trainer.ppo.ray_trainer"
