@@ -421,3 +421,15 @@ def test_v1_trainer_without_hooked_workers_fails_loudly(model, hooks, v1, monkey
                         ActorRolloutRefWorker.compute_log_prob.__rhythm_original__)
     with pytest.raises(RuntimeError, match="external_lib"):
         _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", **{"window": 4, "horizon": [2, 100]}})
+
+
+def test_a_separate_scorer_pass_is_refused_in_verl(hooks):
+    """A config asking for the separate scorer pass (credit_pass != "fused") fails clearly: verl records in the
+    actor's forward only."""
+    import types
+
+    config = types.SimpleNamespace(needs_scorer=True, credit_pass="scorer")
+    with pytest.raises(ValueError, match="credit_pass='scorer'"):
+        hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, config)
+    hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, types.SimpleNamespace(
+        needs_scorer=True, credit_pass="fused"))

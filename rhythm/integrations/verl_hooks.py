@@ -129,6 +129,11 @@ def check_run_mode(trainer_config, config: RhythmCreditConfig | None) -> None:
                          "credit off (rhythm.enable=false / RHYTHM_CREDIT=0)")
     if not config.needs_scorer:
         return
+    credit_pass = getattr(config, "credit_pass", "fused")
+    if credit_pass != "fused":
+        raise ValueError(f"rhythm.credit_pass={credit_pass!r}: in verl the metrics are recorded inside the actor's "
+                         "old-log-prob forward (credit_pass=fused); a separate scorer pass is not wired into verl's "
+                         "trainers - use the manual pieces (compute_rhythm_gamma) for it")
     strategy = _get(trainer_config, "actor_rollout_ref", "actor", "strategy")
     if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(f"rhythm credit records inside the FSDP/FSDP2 engine's forward; "
