@@ -26,8 +26,9 @@ from rhythm.integrations import trl as rhythm_trl  # noqa: E402
 from rhythm.integrations.trl import RhythmCreditConfig, RhythmGRPOTrainer  # noqa: E402
 from rhythm.models import bundled_model_path  # noqa: E402
 
-# Short completions: WAAD's window and FAI's horizon scaled down so anchors exist within ~10 tokens.
-SMALL = dict(window=4, horizon=(2, 100))
+# Short completions: WAAD's window and FAI's horizon scaled down so anchors exist within ~10 tokens, and H_hi = 8
+# cuts inside the prompt + completion rows (a credit path that dropped H_hi would give other gammas).
+SMALL = dict(window=4, horizon=(2, 8))
 PROMPTS = ["Count to three:", "The sky is", "Write a word:", "Two plus two is"]
 UNCOUNTED = [False]   # True while a test's own reference scorer runs (its metrics are not the trainer's work)
 

@@ -152,7 +152,7 @@ def test_legacy_trainer_shapes_advantages_once_with_gamma_from_the_forward(model
 
     os.environ["RHYTHM_CREDIT_CONFIG"] = hooks_env
     trainer = StandInLegacyTrainer(StandInWorkerGroup(workers), rhythm={"strategy": "coupled", "window": 4,
-                                                                       "horizon": [2, 100], "sign": "both"})
+                                                                       "horizon": [2, 8], "sign": "both"})
     data = verl_batch()
     data.meta_info.update(global_token_num=data.batch["attention_mask"].sum(-1).tolist(), temperature=1.0)
     batch, _ = _legacy_step(ray_trainer, trainer, data)
@@ -403,7 +403,7 @@ def test_v1_trainer_shapes_advantages_once_with_gamma_from_the_forward(model, ho
     _, _, _, base = _v1_step(v1, model, monkeypatch, rhythm=None)  # verl's own v1 advantages
     hooks.install()
     store, batch, metrics, shaped = _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", "window": 4,
-                                                                             "horizon": [2, 100]})
+                                                                             "horizon": [2, 8]})
     expected = per_row_gamma(model, verl_batch(), CFG)
     gamma_nested = store.kv_batch_get(batch.keys, "train", ["rhythm_gamma"])["rhythm_gamma"]
     lengths = torch.tensor([RESPONSE_LENS[b] for b in V1_ROWS])
@@ -420,7 +420,7 @@ def test_v1_trainer_without_hooked_workers_fails_loudly(model, hooks, v1, monkey
     monkeypatch.setattr(ActorRolloutRefWorker, "compute_log_prob",
                         ActorRolloutRefWorker.compute_log_prob.__rhythm_original__)
     with pytest.raises(RuntimeError, match="external_lib"):
-        _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", **{"window": 4, "horizon": [2, 100]}})
+        _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", **{"window": 4, "horizon": [2, 8]}})
 
 
 def test_a_separate_scorer_pass_is_refused_in_verl(hooks):

@@ -21,8 +21,8 @@ import torch
 PROMPT_LENS = [5, 9, 7, 3, 8, 6]
 RESPONSE_LENS = [14, 20, 9, 20, 0, 17]  # one empty response; two rows fill the response window
 P_MAX, R_MAX = 10, 20
-SMALL = dict(window=4, horizon=(2, 100))
-SMALL_ENV = '{"strategy": "%s", "window": 4, "horizon": [2, 100]}'
+SMALL = dict(window=4, horizon=(2, 8))  # H_hi = 8 cuts inside the rows
+SMALL_ENV = '{"strategy": "%s", "window": 4, "horizon": [2, 8]}'
 
 
 def tiny_llama():
