@@ -125,6 +125,7 @@ def _check_common(args) -> None:
     _check_model_path(args.model)
     _check_device(args.device)
     _scorer_settings(args)
+    _check_architecture(args)
 
 
 # ---- analyze --------------------------------------------------------------------------------------------------------
@@ -352,6 +353,14 @@ def _check_score_paths(args) -> None:
             raise UsageError("--output *.parquet needs pyarrow (pip install pyarrow); or write .jsonl") from None
 
 
+def _check_parquet_ids(rows, name: str) -> None:
+    """Parquet stores integer ids as int64: refuse any outside it before scoring (not after, at the write)."""
+    for row in rows:
+        if isinstance(row.id, int) and not -(1 << 63) <= row.id < (1 << 63):
+            raise UsageError(f"{name}:{row.line}: id {row.id} does not fit Parquet's int64 ids; "
+                             "use string ids or write .jsonl")
+
+
 def _model_id(path) -> str:
     from .models import resolve_model_path
 
@@ -391,19 +400,43 @@ def _tokenize_rows(rows, tokenizer, use_template: bool, name: str):
     return pairs
 
 
-def _model_limits(args):
-    """(vocab_size, max_position_embeddings) from the model's config without loading the weights (None where
-    the config does not say or cannot be read cheaply)."""
+def _model_config(args):
+    """The model's transformers config, read without loading the weights (None where it cannot be read
+    cheaply: the same checks then run on the loaded model)."""
     from .models import resolve_model_path
 
     try:
         from transformers import AutoConfig
 
         folder, kwargs = resolve_model_path(args.model)
-        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    except Exception:   # an unusual checkpoint: the same checks run on the loaded model
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    except Exception:   # an unusual checkpoint
+        return None
+
+
+def _check_architecture(args) -> None:
+    """Refuse a model type the capture was not taught about from its config, before the weights load or a
+    token is generated (the capture refuses it again on the loaded model)."""
+    from .model_attention import UnsupportedModelError, check_config_types
+
+    cfg = _model_config(args)
+    if cfg is None:
+        return
+    subs = [getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {})]
+    try:
+        check_config_types([cfg] + [c for c in subs if hasattr(c, "model_type")],
+                           f"checkpoint {args.model or 'bundled SmolLM2'}")
+    except UnsupportedModelError as e:
+        raise UsageError(str(e)) from None
+
+
+def _model_limits(args):
+    """(vocab_size, max_position_embeddings) from the model's config without loading the weights (None where
+    the config does not say or cannot be read cheaply)."""
+    cfg = _model_config(args)
+    if cfg is None:
         return None, None
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     return getattr(cfg, "vocab_size", None), getattr(cfg, "max_position_embeddings", None)
 
 
@@ -419,6 +452,34 @@ def _check_rows_fit(rows, pairs, vocab_size, max_positions, name: str) -> None:
                                f"max_position_embeddings = {max_positions}")
 
 
+def row_seed(seed: int, row_id) -> int:
+    """The random baseline's seed for one row: sha256 of (seed, the row's id), 63 bits.
+
+    Each row draws from its own generator, so its gamma_random depends only on the seed and its id, never on
+    which micro-batch or resume point it was scored in (ids are unique and of one kind per input)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}\0{type(row_id).__name__}\0{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _random_gamma(config, chunk, lengths, width: int):
+    """gamma of the ``random`` strategy per row: float32 [len(chunk), width] in the response layout (ceil(q n)
+    of each row's n response tokens at gamma_amp, drawn with ``row_seed``; 1 on padding)."""
+    import torch
+
+    from .credit import credit_multipliers
+
+    gamma = torch.ones(len(chunk), width, dtype=torch.float32)
+    for i, (row, n) in enumerate(zip(chunk, lengths)):
+        if n:
+            zeros = torch.zeros(1, n)
+            gamma[i, :n] = credit_multipliers(zeros, zeros, torch.ones(1, n, dtype=torch.bool), strategy="random",
+                                              q=config.q, gamma_amp=config.gamma_amp,
+                                              seed=row_seed(config.seed, row.id))[0]
+    return gamma
+
+
 def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
     from .scorer import to_response_tensor
@@ -427,8 +488,10 @@ def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     r_len = max(len(r) for _, r in pairs)
     scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
     columns = {"waad": scores.waad, "fai": scores.fai, "fai_valid": scores.fai_valid}
-    columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies})
+    columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies if s != "random"})
     columns = {key: to_response_tensor(x, r_len, response) for key, x in columns.items()}
+    if "random" in strategies:
+        columns["gamma_random"] = _random_gamma(scorer.config, chunk, [len(r) for _, r in pairs], r_len)
     out = []
     for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
         item = {"id": row.id, "prompt_length": len(p), "response_ids": list(r)}
@@ -447,6 +510,8 @@ def cmd_score(args) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else Path(args.input).read_bytes()
     try:
         rows, id_kind = read_rows(data, name)
+        if args.output.endswith(".parquet"):
+            _check_parquet_ids(rows, name)
         sink = Sink(args.output, _score_settings(args, id_kind))
     except (RowError, OutputError) as e:
         raise UsageError(str(e)) from None
@@ -552,6 +617,13 @@ def main(argv=None) -> int:
     except UsageError as e:
         text = str(e)
         print(text if text.startswith("rhythm") else f"rhythm: error: {text}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:   # a model the config check could not read, refused by the capture
+        from .model_attention import UnsupportedModelError
+
+        if not isinstance(e, UnsupportedModelError):
+            raise
+        print(f"rhythm: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rhythm: interrupted", file=sys.stderr)

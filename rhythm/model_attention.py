@@ -89,11 +89,18 @@ def check_model(model: torch.nn.Module, configs: list) -> None:
 
     configs: the distinct transformers configs of the model's modules (a wrapper such as DDP has none of its
     own; the wrapped model's are used)."""
+    check_config_types(configs, f"in {type(model).__name__}")
+
+
+def check_config_types(configs: list, where: str) -> None:
+    """Raise UnsupportedModelError naming the first config whose ``model_type`` is not in ARCHITECTURES.
+
+    where: how the message names the model (e.g. "in LlamaForCausalLM", or a checkpoint path)."""
     for config in configs:
         model_type = getattr(config, "model_type", None)
         if model_type not in ARCHITECTURES:
             raise UnsupportedModelError(
-                f"model type {model_type!r} (in {type(model).__name__}) is not one the capture was taught about; "
+                f"model type {model_type!r} ({where}) is not one the capture was taught about; "
                 f"supported: {', '.join(supported_model_types())}. Its attention may use a mechanism the "
                 "metrics would silently get wrong (docs/models.md: adding an architecture)")
 

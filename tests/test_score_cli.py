@@ -376,3 +376,65 @@ def test_text_prompts_use_the_chat_template_like_analyze(tiny_model_dir, tok, tm
         (row,) = _read(dst)
         assert row["id"] == 1 and row["prompt_length"] == len(want)
         assert row["response_ids"] == tok(CORPUS[2], add_special_tokens=False).input_ids
+
+
+# ---- findings of the review pass: random baseline per row, untaught models, Parquet ids ------------------------
+
+def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    """gamma_random of a row is the same whatever the micro-batch size or resume point: each row draws from a
+    generator seeded with sha256(seed, id), ceil(q n) of its n response tokens at gamma_amp."""
+    import math
+
+    from rhythm.cli import row_seed
+    from rhythm.credit import credit_multipliers
+
+    src = tmp_path / "in.jsonl"
+    rows = _token_rows(tok, 7)
+    _write(src, rows)
+    out = {}
+    for size in (2, 3):
+        dst = tmp_path / f"mb{size}.jsonl"
+        assert cli.main(_args(tiny_model_dir, src, dst, "--strategies", "random", "--micro-batch-size",
+                              str(size), "--seed", "5")) == 0
+        out[size] = {r["id"]: r["gamma_random"] for r in _read(dst)}
+    assert out[2] == out[3]
+    resumed = tmp_path / "resumed.jsonl"
+    first = (tmp_path / "mb2.jsonl").read_text().splitlines(keepends=True)[:3]
+    resumed.write_text("".join(first))
+    (tmp_path / "resumed.jsonl.settings.json").write_text((tmp_path / "mb2.jsonl.settings.json").read_text())
+    assert cli.main(_args(tiny_model_dir, src, resumed, "--strategies", "random", "--micro-batch-size", "2",
+                          "--seed", "5")) == 0
+    assert {r["id"]: r["gamma_random"] for r in _read(resumed)} == out[2]
+    for row in rows:
+        n = len(row["response_ids"])
+        want = credit_multipliers(torch.zeros(1, n), torch.zeros(1, n), torch.ones(1, n, dtype=torch.bool),
+                                  strategy="random", seed=row_seed(5, row["id"]))[0]
+        got = torch.tensor(out[2][row["id"]])
+        assert torch.equal(got, want) and int((got > 1).sum()) == math.ceil(0.4 * n)
+
+
+def test_untaught_architecture_refused_before_the_model_loads(tiny_model_dir, tmp_path, no_model_load,  # noqa: F811
+                                                              capsys):
+    """A checkpoint whose model type the capture was not taught about: one line, exit 2, before the weights
+    load (score) or a token is generated (analyze)."""
+    import shutil
+
+    model = tmp_path / "olmo"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="olmo2", architectures=["Olmo2ForCausalLM"])
+    (model / "config.json").write_text(json.dumps(config))
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"id": 1, "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]}])
+    assert cli.main(_args(model, src, tmp_path / "o.jsonl")) == 2
+    assert "model type 'olmo2'" in _error(capsys)
+    assert cli.main(["analyze", "--model", str(model), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
+    assert "model type 'olmo2'" in _error(capsys)
+
+
+def test_parquet_int_ids_beyond_int64_refused_before_scoring(tiny_model_dir, tmp_path, no_model_load, capsys):  # noqa: F811
+    pytest.importorskip("pyarrow")
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"id": 2 ** 70, "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]}])
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "o.parquet")) == 2
+    assert "int64" in _error(capsys) and not (tmp_path / "o.parquet").exists()
