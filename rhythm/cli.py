@@ -463,20 +463,23 @@ def row_seed(seed: int, row_id) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _random_gamma(config, chunk, lengths, width: int):
-    """gamma of the ``random`` strategy per row: float32 [len(chunk), width] in the response layout (ceil(q n)
-    of each row's n response tokens at gamma_amp, drawn with ``row_seed``; 1 on padding)."""
+def _random_gamma(config, chunk, pairs, width: int):
+    """gamma of the ``random`` strategy per row: float32 [len(chunk), width] in the response layout, 1 on
+    padding. Each row is drawn as if scored alone (its own [1, P + R] layout, the response a suffix) with seed
+    ``row_seed(seed, id)``: exactly ``RhythmScorer.score`` on that row alone with that seed."""
     import torch
 
     from .credit import credit_multipliers
 
     gamma = torch.ones(len(chunk), width, dtype=torch.float32)
-    for i, (row, n) in enumerate(zip(chunk, lengths)):
-        if n:
-            zeros = torch.zeros(1, n)
-            gamma[i, :n] = credit_multipliers(zeros, zeros, torch.ones(1, n, dtype=torch.bool), strategy="random",
-                                              q=config.q, gamma_amp=config.gamma_amp,
-                                              seed=row_seed(config.seed, row.id))[0]
+    for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
+        if r:
+            response = torch.zeros(1, len(p) + len(r), dtype=torch.bool)
+            response[0, len(p):] = True
+            zeros = torch.zeros(response.shape)
+            gamma[i, :len(r)] = credit_multipliers(zeros, zeros, response, strategy="random", q=config.q,
+                                                   gamma_amp=config.gamma_amp,
+                                                   seed=row_seed(config.seed, row.id))[0, len(p):]
     return gamma
 
 
@@ -491,7 +494,7 @@ def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies if s != "random"})
     columns = {key: to_response_tensor(x, r_len, response) for key, x in columns.items()}
     if "random" in strategies:
-        columns["gamma_random"] = _random_gamma(scorer.config, chunk, [len(r) for _, r in pairs], r_len)
+        columns["gamma_random"] = _random_gamma(scorer.config, chunk, pairs, r_len)
     out = []
     for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
         item = {"id": row.id, "prompt_length": len(p), "response_ids": list(r)}

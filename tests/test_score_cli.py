@@ -310,6 +310,7 @@ def test_stdin_to_stdout_without_progress_frames(tiny_model_dir, tok, monkeypatc
 def _expected_columns(model, rows, strategies):
     """Each row scored alone with RhythmScorer (no padding, no batching, the response as a suffix)."""
     from rhythm import RhythmScorer
+    from rhythm.cli import row_seed
 
     scorer = RhythmScorer(model)
     expected = {}
@@ -322,7 +323,9 @@ def _expected_columns(model, rows, strategies):
         cut = slice(len(p), len(p) + len(r))
         cols = {"waad": scores.waad[0, cut].tolist(), "fai": scores.fai[0, cut].tolist(),
                 "fai_valid": scores.fai_valid[0, cut].tolist()}
-        cols.update({f"gamma_{s}": scores.gamma(s)[0, cut].tolist() for s in strategies})
+        # random: each row drawn alone with seed row_seed(seed, id), so batching and resumes cannot change it
+        cols.update({f"gamma_{s}": scores.gamma(s, **({"seed": row_seed(0, row["id"])} if s == "random" else {}))[
+            0, cut].tolist() for s in strategies})
         expected[row["id"]] = cols
     return expected
 
@@ -381,8 +384,8 @@ def test_text_prompts_use_the_chat_template_like_analyze(tiny_model_dir, tok, tm
 # ---- findings of the review pass: random baseline per row, untaught models, Parquet ids ------------------------
 
 def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_path):  # noqa: F811
-    """gamma_random of a row is the same whatever the micro-batch size or resume point: each row draws from a
-    generator seeded with sha256(seed, id), ceil(q n) of its n response tokens at gamma_amp."""
+    """gamma_random of a row is the same whatever the micro-batch size or resume point: each row is drawn as if
+    scored alone, from a generator seeded with sha256(seed, id): ceil(q n) of its n response tokens."""
     import math
 
     from rhythm.cli import row_seed
@@ -406,9 +409,11 @@ def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_p
                           "--seed", "5")) == 0
     assert {r["id"]: r["gamma_random"] for r in _read(resumed)} == out[2]
     for row in rows:
-        n = len(row["response_ids"])
-        want = credit_multipliers(torch.zeros(1, n), torch.zeros(1, n), torch.ones(1, n, dtype=torch.bool),
-                                  strategy="random", seed=row_seed(5, row["id"]))[0]
+        p, n = len(row["prompt_ids"]), len(row["response_ids"])
+        response = torch.zeros(1, p + n, dtype=torch.bool)
+        response[0, p:] = True
+        zeros = torch.zeros(1, p + n)
+        want = credit_multipliers(zeros, zeros, response, strategy="random", seed=row_seed(5, row["id"]))[0, p:]
         got = torch.tensor(out[2][row["id"]])
         assert torch.equal(got, want) and int((got > 1).sum()) == math.ceil(0.4 * n)
 
