@@ -152,6 +152,32 @@ def test_scorer_packed_matches_oracle_and_padded(kind, source):
         assert torch.equal(g_packed, g_padded)
 
 
+@pytest.mark.parametrize("horizon", [(10, 100), (1, 6)])
+def test_recording_beside_the_models_forward_matches_eager(horizon):
+    """The metrics-only recording a trainer runs inside its own forward (``scorer.recording`` +
+    ``Capture.run(forward=...)``, detached q/k beside the layer's normal attention), on a subset of rows, against
+    the eager-maps oracle. (1, 6) makes H_hi cut, so a recording path that dropped H_hi fails here."""
+    from rhythm.capture import Capture
+
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch("left", length=56)
+    response = response_suffix(mask, [20, 25, 14])
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    scorer = RhythmScorer(model, horizon=horizon)
+    rows = torch.tensor([0, 2])
+    recording = scorer.recording(mask, response, rows=rows)
+    with torch.no_grad(), Capture(model) as capture:
+        capture.run(recording.context, forward=lambda: model(input_ids=ids, attention_mask=mask,
+                                                              position_ids=position_ids))
+    scores = scorer.scores_from(recording)
+    sub_mask = mask[rows]
+    lengths = [20, 14]
+    starts = torch.tensor([e - n for (_, _, e, _), n in zip(brute_force_layout(2, 56, sub_mask), lengths)])
+    segments = brute_force_layout(2, 56, sub_mask, starts)
+    check_against_oracle(scores, model, ids[rows], segments, horizon=horizon, attention_mask=sub_mask,
+                         position_ids=position_ids[rows])
+
+
 def test_micro_batches_and_model_state():
     model = tiny_model("llama")
     model.train()
