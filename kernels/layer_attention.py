@@ -24,12 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .segments import is_bool, is_integer
+
 
 def _positive_int(name: str, value) -> int | None:
     """None, or an int >= 1 (Python or numpy integers; bools refused)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or type(value).__name__ == "bool_":
+    if not is_integer(value):
         raise TypeError(f"LayerAttention.{name} must be None or an int >= 1, got {value!r} "
                         f"({type(value).__name__})")
     if value < 1:
@@ -41,7 +43,7 @@ def _positive_float(name: str, value) -> float | None:
     """None, or a finite float > 0 (Python or numpy numbers; bools refused)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value).__name__ == "bool_":
+    if is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"LayerAttention.{name} must be None or a finite float > 0, got {value!r} "
                         f"({type(value).__name__})")
     value = float(value)

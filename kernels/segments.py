@@ -52,10 +52,15 @@ class Segments:
         )
 
 
-def _is_integer(x) -> bool:
-    """A Python or numpy integer, never a bool (numpy's bool included)."""
-    return (isinstance(x, numbers.Integral) and not isinstance(x, bool)
-            and not (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_")))
+def is_bool(x) -> bool:
+    """A Python or numpy bool (numpy's is named ``bool_``, ``bool`` in numpy 2), without importing numpy."""
+    return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))
+
+
+def is_integer(x) -> bool:
+    """A Python or numpy integer, never a bool. The one integer rule of the package (LayerAttention, the
+    layout builders, rhythm.config)."""
+    return isinstance(x, numbers.Integral) and not is_bool(x)
 
 
 def _response_starts(response_start, n: int, name_count: str) -> list[int] | None:
@@ -63,7 +68,7 @@ def _response_starts(response_start, n: int, name_count: str) -> list[int] | Non
     of ints."""
     if response_start is None:
         return None
-    if _is_integer(response_start):
+    if is_integer(response_start):
         return [int(response_start)] * n
     if type(response_start).__module__ == "numpy" and hasattr(response_start, "dtype"):
         if response_start.dtype.kind not in "iu":

@@ -25,6 +25,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+from rhythm_kernels.segments import is_bool, is_integer
+
 STRATEGIES = ("local", "global", "coupled", "random", "entropy")
 # Strategies that need the attention pass (the scorer); random and entropy read neither WAAD nor FAI.
 ATTENTION_STRATEGIES = ("local", "global", "coupled")
@@ -49,19 +51,14 @@ class _Bad(Exception):
 
 # ---- converters: value -> normalised value, or _Bad -----------------------------------------------------------
 
-def _is_bool(x) -> bool:
-    # numpy.bool_ (named "bool" in numpy 2) without importing numpy
-    return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))
-
-
 def _as_int(x) -> int:
-    if _is_bool(x) or not isinstance(x, numbers.Integral):
+    if not is_integer(x):
         raise _Bad
     return int(x)
 
 
 def _as_float(x) -> float:
-    if _is_bool(x) or not isinstance(x, numbers.Real):
+    if is_bool(x) or not isinstance(x, numbers.Real):
         raise _Bad
     x = float(x)
     if math.isnan(x):
@@ -98,7 +95,7 @@ def one_of(options: tuple[str, ...]) -> Callable:
 
 
 def boolean(x) -> bool:
-    if not _is_bool(x):
+    if not is_bool(x):
         raise _Bad
     return bool(x)
 
