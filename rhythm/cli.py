@@ -402,16 +402,19 @@ def _tokenize_rows(rows, tokenizer, use_template: bool, name: str):
 
 def _model_config(args):
     """The model's transformers config, read without loading the weights (None where it cannot be read
-    cheaply: the same checks then run on the loaded model)."""
-    from .models import resolve_model_path
+    cheaply: the same checks then run on the loaded model). Read once per command (kept on ``args``: the
+    architecture check and the row-length check both use it; for a GGUF file it parses the file's metadata)."""
+    if not hasattr(args, "_model_config"):
+        from .models import resolve_model_path
 
-    try:
-        from transformers import AutoConfig
+        try:
+            from transformers import AutoConfig
 
-        folder, kwargs = resolve_model_path(args.model)
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
-    except Exception:   # an unusual checkpoint
-        return None
+            folder, kwargs = resolve_model_path(args.model)
+            args._model_config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        except Exception:   # an unusual checkpoint
+            args._model_config = None
+    return args._model_config
 
 
 def _check_architecture(args) -> None:
