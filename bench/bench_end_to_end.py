@@ -62,7 +62,7 @@ def cpu_worker(method: str, batch: int, length: int, repeats: int) -> dict:
     import torch
 
     from rhythm.models import load_model
-    from rhythm.scorer import RhythmScorer
+    from rhythm.scoring.scorer import RhythmScorer
 
     model, _ = load_model(None)
     ids, response = _inputs(batch, length, model.config.vocab_size)
@@ -161,7 +161,7 @@ def main_gpu(args, save) -> dict:
     import torch
     import transformers
 
-    from rhythm.scorer import RhythmScorer
+    from rhythm.scoring.scorer import RhythmScorer
 
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device (use --gpu --dry-run for the code path on CPU)")

@@ -1,12 +1,12 @@
 """Attention-rhythm credit in verl: the manual pieces on CPU, with verl's real DataProto and compute_advantage.
 
 A verl training job does not need this script: `bash examples/verl_rhythm_grpo.sh` (GPUs, vLLM, verl's data)
-installs the hooks in every process through VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin, configures
+installs the hooks in every process through VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin, configures
 them with a `rhythm` block of verl's Hydra config, and the actor records the metrics inside its own old-log-prob
 forward (docs/integrations.md, "verl"; tests/test_verl_trainers.py runs that path on CPU stand-ins).
 
 This script is the documented "manual pieces" recipe, for a trainer of your own: a tiny random 3-layer Llama
-stands in for the actor, gamma comes from rhythm.integrations.verl.compute_rhythm_gamma (a separate no-grad
+stands in for the actor, gamma comes from rhythm.integrations.verl.credit.compute_rhythm_gamma (a separate no-grad
 pass, in verl's remove-padding layout), verl's own compute_advantage computes GRPO advantages and
 apply_rhythm_gamma multiplies them by gamma - once (a second application is refused).
 
@@ -19,7 +19,7 @@ from verl import DataProto
 
 from rhythm import RhythmScorer
 from rhythm.integrations.config import RhythmCreditConfig
-from rhythm.integrations.verl import GAMMA_KEY, apply_rhythm_gamma, compute_rhythm_gamma
+from rhythm.integrations.verl.credit import GAMMA_KEY, apply_rhythm_gamma, compute_rhythm_gamma
 
 
 def rollout_batch(prompt_lens, response_lens, p_max=8, r_max=24, vocab=128, seed=0):

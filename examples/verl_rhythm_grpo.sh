@@ -17,7 +17,7 @@ N_GPUS=${N_GPUS:-8}
 PYTHON=${PYTHON:-python3}
 
 # Every process that imports verl (driver, Ray workers) installs the hooks.
-export VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin
+export VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin
 
 "$PYTHON" -m verl.trainer.main_ppo \
     algorithm.adv_estimator=grpo \
@@ -29,7 +29,7 @@ export VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin
     data.max_response_length=1024 \
     data.filter_overlong_prompts=True \
     actor_rollout_ref.model.path="$MODEL" \
-    actor_rollout_ref.model.external_lib=rhythm.integrations.verl_plugin \
+    actor_rollout_ref.model.external_lib=rhythm.integrations.verl.plugin \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \
     actor_rollout_ref.actor.strategy=fsdp2 \

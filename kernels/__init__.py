@@ -1,5 +1,8 @@
 """rhythm_kernels: the compute backends of attention-rhythm.
 
+This folder (``kernels/``) installs as the package ``rhythm_kernels`` (pyproject.toml's ``package-dir``); it
+imports nothing from ``rhythm``.
+
 - ``naive``: the materialised oracle (tests only).
 - ``torch_blocked``: the blocked pure-torch algorithm (CPU production path and fallback).
 - ``triton_stats`` / ``triton_influence``: the fused Triton kernels (GPU; CPU under TRITON_INTERPRET=1).

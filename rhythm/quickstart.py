@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import attention_metrics
+from rhythm.metrics.attention import attention_metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -250,7 +250,7 @@ def test_trl_config_refuses_bad_rhythm_fields(tmp_path, field, value, words):
 @pytest.mark.parametrize("text, words", [('{"windwo": 3}', "did you mean 'window'"), ('{"q": 0}', "q must be"),
                                          ("[1, 2]", "mapping"), ("{q: 1}", "JSON object")])
 def test_verl_env_config_refused_clearly(monkeypatch, text, words):
-    from rhythm.integrations import verl_hooks
+    from rhythm.integrations.verl import hooks as verl_hooks
 
     monkeypatch.setenv(verl_hooks.CONFIG_ENV, text)
     with pytest.raises(Exception) as info:

@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture import Capture, CaptureContext, UnsupportedModelError, is_registered  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError, is_registered  # noqa: E402
 from tests.oracle_check import brute_force_count, brute_force_layout, spec7_excess  # noqa: E402
 
 WINDOW, HORIZON = 10, (10, 100)
@@ -231,7 +231,7 @@ def test_model_bypassing_the_interface_raises():
 def test_mixed_dtypes_under_autocast_follow_sdpa():
     """accelerate's bf16=True on fp32 weights: RoPE leaves q/k in fp32 and v in bf16. The capture must
     compute in the autocast dtype instead of refusing the mixed inputs."""
-    from rhythm.capture import _common_dtype
+    from rhythm.capture.recording import _common_dtype
 
     q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -242,7 +242,7 @@ def test_mixed_dtypes_under_autocast_follow_sdpa():
 def test_layout_is_read_once_per_pass(monkeypatch):
     """Reading the padding mask syncs with the host: the capture builds the layout at the first sampled
     layer and hands it to the others (docs/definitions.md section 8: capture passes validate=False to avoid host syncs)."""
-    import rhythm.capture as capture_module
+    import rhythm.capture.recording as capture_module
 
     calls = []
     real = capture_module.segments_from_mask

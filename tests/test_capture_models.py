@@ -25,7 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture import Capture, CaptureContext, UnsupportedModelError  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError  # noqa: E402
 from tests.oracle_check import assert_within_spec7  # noqa: E402
 
 VOCAB = 128

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from rhythm import cli  # noqa: E402
+from rhythm.app import cli
 
 CORPUS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
           "How many clips did Natalia sell altogether in April and May? Think step by step.",

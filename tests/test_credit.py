@@ -436,7 +436,7 @@ def test_bad_advantages_shape():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cpu_row_chunking_is_invisible(strategy, monkeypatch):
-    import rhythm.credit as credit
+    import rhythm.credit.shaping as credit
 
     torch.manual_seed(6)
     mask = _batch([(0, 40), (5, 30), (39, 40), (7, 7), (2, 40)], 40)

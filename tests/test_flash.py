@@ -1,11 +1,11 @@
-"""FlashAttention 2 on the layers the capture does not sample (rhythm.flash): off without flash-attn or CUDA;
+"""FlashAttention 2 on the layers the capture does not sample (rhythm.capture.flash): off without flash-attn or CUDA;
 where both exist, the same output as SDPA and the capture's records unchanged."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rhythm import flash
+from rhythm.capture import flash
 
 
 def test_not_used_on_cpu_or_without_the_package():

@@ -16,7 +16,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from rhythm.capture import Capture, CaptureContext  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureContext  # noqa: E402
 
 LAYERS = (1, 2)
 FIELDS = ("lse", "distance", "waad", "fai")

@@ -6,7 +6,7 @@ import torch
 
 from rhythm import (HeadGroups, fixed_head_groups, head_to_layer, mean_response_distance, sample_layers,
                     select_head_groups, token_signals)
-from rhythm.heads import group_size
+from rhythm.credit.heads import group_size
 
 
 @pytest.mark.parametrize("num_layers, expected", [

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rhythm import attention_metrics
-from rhythm.attention_band import band_attention
-from rhythm.rollouts import grpo_advantages
+from rhythm.report.band import band_attention
+from rhythm.report.groups import grpo_advantages
 
 
 def _materialised(q, k, scale, softcap=None, window=None, chunk=None):
@@ -89,7 +89,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 pytest.importorskip("matplotlib")
 
-from rhythm import cli  # noqa: E402
+from rhythm.app import cli
 
 from .test_cli import CORPUS, tiny_model_dir  # noqa: E402,F401  (the fixture)
 
@@ -182,8 +182,8 @@ def test_scores_render_in_notebooks(tiny_model_dir):  # noqa: F811
 def test_band_of_real_layers_matches_eager_maps(kind):
     """QKCapture keeps q, k and each sampled layer's description; the band from them is the model's own eager
     attention map on those diagonals."""
-    from rhythm.attention_band import QKCapture, band_attention
-    from rhythm.capture import CaptureContext
+    from rhythm.report.band import QKCapture, band_attention
+    from rhythm.capture.recording import CaptureContext
 
     from .test_capture_models import LENGTH, SAMPLED, VOCAB, eager_run, tiny_model
 

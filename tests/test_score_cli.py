@@ -17,7 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from rhythm import cli, models  # noqa: E402
+from rhythm import models  # noqa: E402
+from rhythm.app import cli
 from tests.test_cli import CORPUS, tiny_model_dir  # noqa: E402,F401  (the saved tiny Llama + tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_kill_mid_run_then_resume(tiny_model_dir, tok, tmp_path):  # noqa: F811
     src, dst, ref = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
     _write(src, _token_rows(tok, 12))
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "rhythm.cli", *_args(tiny_model_dir, src, dst),
+    proc = subprocess.Popen([sys.executable, "-m", "rhythm.app.cli", *_args(tiny_model_dir, src, dst),
                              "--micro-batch-size", "1"], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -310,7 +311,7 @@ def test_stdin_to_stdout_without_progress_frames(tiny_model_dir, tok, monkeypatc
 def _expected_columns(model, rows, strategies):
     """Each row scored alone with RhythmScorer (no padding, no batching, the response as a suffix)."""
     from rhythm import RhythmScorer
-    from rhythm.cli import row_seed
+    from rhythm.app.cli import row_seed
 
     scorer = RhythmScorer(model)
     expected = {}
@@ -388,8 +389,8 @@ def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_p
     scored alone, from a generator seeded with sha256(seed, id): ceil(q n) of its n response tokens."""
     import math
 
-    from rhythm.cli import row_seed
-    from rhythm.credit import credit_multipliers
+    from rhythm.app.cli import row_seed
+    from rhythm.credit.shaping import credit_multipliers
 
     src = tmp_path / "in.jsonl"
     rows = _token_rows(tok, 7)

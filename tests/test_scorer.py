@@ -12,8 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture import is_registered  # noqa: E402
-from rhythm.scorer import RhythmScorer, to_response_tensor, trainer_response_mask  # noqa: E402
+from rhythm.capture.recording import is_registered  # noqa: E402
+from rhythm.scoring.scorer import RhythmScorer, to_response_tensor, trainer_response_mask  # noqa: E402
 from tests.oracle_check import brute_force_layout  # noqa: E402
 
 from .test_capture import VOCAB, assert_within_spec, eager_attentions, maps_metrics, padded_batch, tiny_model  # noqa: E402
@@ -157,7 +157,7 @@ def test_recording_beside_the_models_forward_matches_eager(horizon):
     """The metrics-only recording a trainer runs inside its own forward (``scorer.recording`` +
     ``Capture.run(forward=...)``, detached q/k beside the layer's normal attention), on a subset of rows, against
     the eager-maps oracle. (1, 6) makes H_hi cut, so a recording path that dropped H_hi fails here."""
-    from rhythm.capture import Capture
+    from rhythm.capture.recording import Capture
 
     model = tiny_model("qwen2")
     ids, mask = padded_batch("left", length=56)

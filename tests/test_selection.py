@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rhythm import entropy_selection, random_selection, rhythm_selection, top_q_mask
-from rhythm.selection import response_delta, selection_count
+from rhythm.credit.selection import response_delta, selection_count
 
 
 def _mask(length, start, end):
@@ -138,7 +138,7 @@ def test_selection_bad_inputs():
 
 
 def test_kth_smallest_matches_sort():
-    from rhythm.selection import kth_smallest
+    from rhythm.credit.selection import kth_smallest
 
     torch.manual_seed(9)
     values = torch.randint(0, 5, (6, 11)).float()

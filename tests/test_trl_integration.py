@@ -239,7 +239,7 @@ def forward_census(monkeypatch):
 @pytest.fixture
 def metrics_rows(monkeypatch):
     """Batch sizes of every attention_metrics call the capture makes (rows whose metrics are computed)."""
-    import rhythm.capture as capture_module
+    import rhythm.capture.recording as capture_module
 
     sizes = []
     original = capture_module.attention_metrics

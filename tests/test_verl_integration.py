@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 from rhythm import RhythmScorer  # noqa: E402
 from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
-from rhythm.integrations.verl import (apply_rhythm_gamma, compute_rhythm_gamma, pack_batch,  # noqa: E402
+from rhythm.integrations.verl.credit import (apply_rhythm_gamma, compute_rhythm_gamma, pack_batch,  # noqa: E402
                                       rhythm_gamma_packed)
 
 from .verl_standins import (P_MAX, R_MAX, RESPONSE_LENS, SMALL, algo_config, per_row_gamma,  # noqa: E402
@@ -134,7 +134,7 @@ def test_importing_the_hooks_changes_nothing_install_is_explicit():
     the legacy trainer, the worker and compute_advantage; uninstall() restores verl's own functions."""
     code = ("import sys, verl\n"
             "before = list(sys.meta_path)\n"
-            "from rhythm.integrations import verl_hooks\n"
+            "from rhythm.integrations.verl import hooks as verl_hooks\n"
             "import verl.trainer.ppo.ray_trainer as rt\n"
             "from verl.workers.engine_workers import ActorRolloutRefWorker as W\n"
             "assert sys.meta_path == before and not verl_hooks.installed()\n"
@@ -151,12 +151,12 @@ def test_importing_the_hooks_changes_nothing_install_is_explicit():
 
 
 def test_plugin_through_verl_env_var_installs_in_a_fresh_process(tmp_path):
-    """VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin makes `import verl` install the hooks; modules
+    """VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin makes `import verl` install the hooks; modules
     imported later (the trainer, a `from ... import compute_advantage`, the workers) get the wrapped versions,
     with verl's register() dispatch attributes kept on the worker method (the worker group binds by them)."""
     (tmp_path / "late_user.py").write_text("from verl.trainer.ppo.ray_trainer import compute_advantage\n")
     code = ("import sys, verl\n"
-            "from rhythm.integrations import verl_hooks\n"
+            "from rhythm.integrations.verl import hooks as verl_hooks\n"
             "assert verl_hooks.installed()\n"
             "import verl.trainer.ppo.ray_trainer as rt, late_user\n"
             "assert rt.compute_advantage.__rhythm_wrapped__ and late_user.compute_advantage is rt.compute_advantage\n"
@@ -166,7 +166,7 @@ def test_plugin_through_verl_env_var_installs_in_a_fresh_process(tmp_path):
             "assert m.__rhythm_wrapped__ and getattr(m, MAGIC_ATTR) == getattr(m.__rhythm_original__, MAGIC_ATTR)\n"
             "assert rt.RayPPOTrainer._compute_old_log_prob.__rhythm_wrapped__\n"
             "print('installed', getattr(m, MAGIC_ATTR)['dispatch_mode'])\n")
-    out = run_fresh(code, "trainer", env={"VERL_USE_EXTERNAL_MODULES": "rhythm.integrations.verl_plugin"},
+    out = run_fresh(code, "trainer", env={"VERL_USE_EXTERNAL_MODULES": "rhythm.integrations.verl.plugin"},
                     extra_path=tmp_path)
     assert "installed" in out
 
@@ -176,7 +176,7 @@ def test_plugin_through_verl_env_var_installs_in_a_fresh_process(tmp_path):
 def _manual_recipe(ray_trainer, data, gamma):
     """docs/integrations.md, verl, "Manual pieces", in its order (gamma given instead of scored, so the ratio is
     exact): verl's compute_advantage, then gamma, then apply_rhythm_gamma."""
-    from rhythm.integrations.verl import GAMMA_KEY, apply_rhythm_gamma
+    from rhythm.integrations.verl.credit import GAMMA_KEY, apply_rhythm_gamma
 
     data = ray_trainer.compute_advantage(data, adv_estimator="grpo", config=algo_config("grpo"))
     data.batch[GAMMA_KEY] = gamma
@@ -189,9 +189,9 @@ def test_manual_recipe_multiplies_once(ray_trainer, installed):
     """The recipe imports the hooks module (for config_from_env), which changes nothing: the advantages are
     multiplied by gamma once - 1.5 stays 1.5 (it was 2.25 when importing patched compute_advantage) - also
     with the hooks installed; a second application is refused."""
-    from rhythm.integrations import verl_hooks
-    from rhythm.integrations.verl import apply_rhythm_gamma
-    from rhythm.integrations.verl_hooks import config_from_env  # noqa: F401 - the recipe's import
+    from rhythm.integrations.verl import hooks as verl_hooks
+    from rhythm.integrations.verl.credit import apply_rhythm_gamma
+    from rhythm.integrations.verl.hooks import config_from_env  # noqa: F401 - the recipe's import
 
     assert not verl_hooks.installed()  # (tests that install, uninstall when done)
     if installed:
@@ -215,8 +215,8 @@ def test_installed_hooks_and_manual_apply_never_square_gamma(ray_trainer):
     """With the hooks installed and gamma in the batch before compute_advantage (the automatic path), verl's
     compute_advantage applies it; apply_rhythm_gamma afterwards fails loudly instead of squaring gamma, and
     recomputing the advantages (a fresh estimator pass clears the mark) gives gamma once again."""
-    from rhythm.integrations import verl_hooks
-    from rhythm.integrations.verl import apply_rhythm_gamma
+    from rhythm.integrations.verl import hooks as verl_hooks
+    from rhythm.integrations.verl.credit import apply_rhythm_gamma
 
     verl_hooks.install()
     try:
@@ -267,7 +267,7 @@ def test_run_script_composes_a_config_the_hooks_accept(tmp_path):
     import yaml
     from omegaconf import OmegaConf
 
-    from rhythm.integrations import verl_hooks
+    from rhythm.integrations.verl import hooks as verl_hooks
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(["bash", os.path.join(root, "examples", "verl_rhythm_grpo.sh"), "--cfg", "job"],
@@ -280,4 +280,4 @@ def test_run_script_composes_a_config_the_hooks_accept(tmp_path):
     rhythm = verl_hooks.resolve_config(config)
     verl_hooks.check_run_mode(config, rhythm)
     assert (rhythm.strategy, rhythm.sign, rhythm.horizon) == ("coupled", "both", (10, 100))
-    assert config.actor_rollout_ref.model.external_lib == "rhythm.integrations.verl_plugin"
+    assert config.actor_rollout_ref.model.external_lib == "rhythm.integrations.verl.plugin"

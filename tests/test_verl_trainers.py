@@ -17,7 +17,7 @@ pytest.importorskip("tensordict")
 import torch  # noqa: E402
 
 from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
-from rhythm.integrations.verl import response_gamma  # noqa: E402
+from rhythm.integrations.verl.credit import response_gamma  # noqa: E402
 
 from .verl_standins import (P_MAX, R_MAX, RESPONSE_LENS, SMALL, SMALL_ENV, StandInWorkerGroup,  # noqa: E402
                             algo_config, cpu_device, engine_worker, ensure_process_group, per_row_gamma,
@@ -43,7 +43,7 @@ def ray_trainer():
 
 @pytest.fixture
 def hooks(ray_trainer, monkeypatch):
-    from rhythm.integrations import verl_hooks
+    from rhythm.integrations.verl import hooks as verl_hooks
 
     ensure_process_group()
     cpu_device(monkeypatch)

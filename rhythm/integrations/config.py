@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..config import (ATTENTION_STRATEGIES, CREDIT_KNOBS, GAMMA_KNOBS, SCORER_KNOBS, SIGNS, STRATEGIES, check, default,
+from rhythm.config import (ATTENTION_STRATEGIES, CREDIT_KNOBS, GAMMA_KNOBS, SCORER_KNOBS, SIGNS, STRATEGIES, check, default,
                       from_mapping, knob_dataclass)
 
 __all__ = ["ATTENTION_STRATEGIES", "RhythmCreditConfig", "SIGNS", "STRATEGIES"]

@@ -4,7 +4,7 @@ Where the metrics come from (``credit_pass``):
 
 - ``"fused"`` (default): inside a forward TRL runs anyway, over the same rows, with the same weights - no extra
   forward. The sampled layers keep their normal attention (sdpa, with its gradient) and the metrics come from a
-  metrics-only pass on detached q, k beside it (:mod:`rhythm.capture`, ``metrics_only``).
+  metrics-only pass on detached q, k beside it (:mod:`rhythm.capture.recording`, ``metrics_only``).
   * When TRL runs a no-grad forward for the old log-probs (``steps_per_generation`` or ``num_iterations`` make
     generation and optimisation steps misaligned, or vLLM importance sampling), the metrics are recorded there,
     for every row of the generation batch (TRL computes the rewards after that forward, so which advantages are
@@ -51,11 +51,11 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from ..capture import Capture
-from ..config import CREDIT_KNOBS, CREDIT_PASSES, ConfigError, check, dataclass_fields, default, from_prefixed
-from ..credit import credit_multipliers, rows_needing_credit, shape_advantages
-from ..scorer import RhythmScorer, to_response_tensor
-from .config import RhythmCreditConfig
+from rhythm.capture.recording import Capture
+from rhythm.config import CREDIT_KNOBS, CREDIT_PASSES, ConfigError, check, dataclass_fields, default, from_prefixed
+from rhythm.credit.shaping import credit_multipliers, rows_needing_credit, shape_advantages
+from rhythm.scoring.scorer import RhythmScorer, to_response_tensor
+from rhythm.integrations.config import RhythmCreditConfig
 
 __all__ = ["CREDIT_PASSES", "RhythmCreditConfig", "RhythmGRPOConfig", "RhythmGRPOTrainer", "SUPPORTED_LOSS_TYPES",
            "check_grpo_args", "computes_old_logps"]

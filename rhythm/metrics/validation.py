@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .config import KNOBS
+from rhythm.config import KNOBS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .report import GroupMember, SequenceReport
+from rhythm.report.sequence import GroupMember, SequenceReport
 
 # GRPO's group normalisation as TRL's GRPOTrainer does it (scale_rewards="group"):
 #   A_i = (r_i - mean_j r_j) / (std_j r_j + EPS), std with Bessel's correction (torch.std's default).
@@ -14,7 +14,7 @@ LOCAL_BAND_WIDTH = 64
 
 
 def group_of(rows: list, chosen) -> list:
-    """The rows (``rhythm.score_rows.InputRow``) of ``chosen``'s GRPO group, in file order: the same ``group``
+    """The rows (``rhythm.app.rows.InputRow``) of ``chosen``'s GRPO group, in file order: the same ``group``
     value when ``chosen`` has one, otherwise the same prompt (text, or token ids)."""
     if "group" in chosen.extra:
         return [r for r in rows if r.extra.get("group") == chosen.extra["group"]]
@@ -70,11 +70,11 @@ def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_l
     """Fill ``report.local_band`` (H_loc, lags 0..63, by query row) and ``report.fai_band`` (H_glob, the FAI
     horizon's lags, by key column, response rows only) from one early-stopped pass over the sequence alone
     that keeps q and k of the sampled layers and their attention descriptions
-    (:class:`rhythm.attention_band.QKCapture`)."""
+    (:class:`rhythm.report.band.QKCapture`)."""
     import torch
 
-    from .attention_band import QKCapture, group_band
-    from .capture import CaptureContext
+    from rhythm.report.band import QKCapture, group_band
+    from rhythm.capture.recording import CaptureContext
 
     device = scorer.device
     length = len(ids)

@@ -1,8 +1,8 @@
 """``RhythmScorer``: one no-grad pass over rollouts -> per-token WAAD / FAI and credit multipliers.
 
-Data flow: input_ids + masks -> :class:`rhythm.capture.Capture` (per-head
+Data flow: input_ids + masks -> :class:`rhythm.capture.recording.Capture` (per-head
 lse / distance / waad / fai of the sampled layers, the forward stopped after the last one) -> head groups
-(``rhythm.heads``) -> per-token signals -> ``credit_multipliers`` on demand (``RhythmScores.gamma``).
+(``rhythm.credit.heads``) -> per-token signals -> ``credit_multipliers`` on demand (``RhythmScores.gamma``).
 
 Two input layouts, one output layout ``[B, T]`` matching the input:
 
@@ -23,10 +23,10 @@ import torch
 
 from rhythm_kernels.segments import segments_from_cu_seqlens, segments_from_mask
 
-from .config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
-from .capture import Capture, CaptureContext, cu_seqlens_from_position_ids
-from .credit import credit_multipliers
-from .heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
+from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
+from rhythm.capture.recording import Capture, CaptureContext, cu_seqlens_from_position_ids
+from rhythm.credit.shaping import credit_multipliers
+from rhythm.credit.heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
     token_signals
 
 GAMMA_OVERRIDES = GAMMA_KNOBS
@@ -67,7 +67,7 @@ class RhythmScores:
         sequence's first token and on padding).
     layers: the sampled layer indices. heads_per_layer: query heads per layer.
     groups: HeadGroups, local/global_ long [n_seq, n_sel] indices into the flattened (layer, head) axis
-        (``rhythm.heads.head_to_layer`` maps them back); -1 on sequences with an empty response.
+        (``rhythm.credit.heads.head_to_layer`` maps them back); -1 on sequences with an empty response.
     head_distance: float32 [n_seq, n_heads], d(l, h) = mean response distance per head.
     segments: one (row, start, end, response_start) per sequence (n_seq = B when padded).
     config: the scorer's ScorerConfig (defaults of gamma()).
@@ -115,14 +115,14 @@ class RhythmScores:
 
     def _repr_html_(self) -> str:
         """Notebook view: head groups, top anchors / preplan tokens with their values, WAAD / FAI strips."""
-        from .report_html import scores_html
+        from rhythm.report.html import scores_html
 
         return scores_html(self)
 
     def selection(self, **overrides):
-        """The preplan / anchor / dominated / intro masks (``rhythm.selection.rhythm_selection``) in the
+        """The preplan / anchor / dominated / intro masks (``rhythm.credit.selection.rhythm_selection``) in the
         padded layout [n_seq, L] (for a padded batch: [B, T], the input layout)."""
-        from .selection import rhythm_selection
+        from rhythm.credit.selection import rhythm_selection
 
         q = overrides.get("q", self.config.q)
         k = overrides.get("k", self.config.k)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .capture import Capture
-from .model_attention import describe_layer
+from rhythm.capture.recording import Capture
+from rhythm.capture.architectures import describe_layer
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, lags: range, scale: float,
@@ -96,7 +96,7 @@ def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range
 
 
 class QKCapture(Capture):
-    """A :class:`rhythm.capture.Capture` that also keeps the post-RoPE query and unrepeated key of every
+    """A :class:`rhythm.capture.recording.Capture` that also keeps the post-RoPE query and unrepeated key of every
     sampled layer, ``self.qk[layer] = (query [B, Hq, T, D], key [B, Hkv, T, D], scale)`` (detached), and the
     layer's attention description, ``self.layer_attention[layer]`` (window, chunks, softcap, sinks)."""
 

@@ -12,9 +12,9 @@ Three pieces, none of which forks verl:
 (b) driver side - :func:`apply_rhythm_gamma` multiplies ``data.batch["advantages"]`` [B, R_len] by gamma on
     ``response_mask`` tokens (sign mode as configured); it works after any estimator (grpo, gae, rloo,
     reinforce_plus_plus, ...), since all of them write token-level advantages of width R_len.
-(c) registration - :func:`rhythm.integrations.verl_hooks.install` (called by importing
-    ``rhythm.integrations.verl_plugin`` through ``VERL_USE_EXTERNAL_MODULES`` or
-    ``actor_rollout_ref.model.external_lib``; importing ``verl_hooks`` itself changes nothing) records the
+(c) registration - :func:`rhythm.integrations.verl.hooks.install` (called by importing
+    ``rhythm.integrations.verl.plugin`` through ``VERL_USE_EXTERNAL_MODULES`` or
+    ``actor_rollout_ref.model.external_lib``; importing ``rhythm.integrations.verl.hooks`` itself changes nothing) records the
     metrics inside the actor's own old-log-prob forward and applies (b) right after verl computes the
     advantages, in the legacy and the v1 trainer. :func:`padded_from_no_padding` turns the no-padding
     TensorDict a worker receives (nested ``input_ids`` / ``position_ids``) back into the padded tensors (a)
@@ -33,9 +33,9 @@ import time
 
 import torch
 
-from ..credit import credit_multipliers, shape_advantages
-from ..scorer import RhythmScorer
-from .config import RhythmCreditConfig
+from rhythm.credit.shaping import credit_multipliers, shape_advantages
+from rhythm.scoring.scorer import RhythmScorer
+from rhythm.integrations.config import RhythmCreditConfig
 
 __all__ = ["RhythmCreditConfig", "GAMMA_KEY", "SHAPED_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed",
            "pack_batch", "apply_rhythm_gamma", "response_window_mask", "padded_from_no_padding", "response_gamma",
@@ -176,11 +176,11 @@ def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, pos
                          "data.batch['entropys'] (verl's compute_log_prob with calculate_entropy=True)")
     options = cfg.credit_kwargs(seed)
     if cfg.strategy == "random":
-        from ..scorer import from_rows, to_rows  # per sequence, like the padded layout
+        from rhythm.scoring.scorer import from_rows, to_rows  # per sequence, like the padded layout
         from rhythm_kernels.segments import segments_from_cu_seqlens
 
         if cu_seqlens is None:
-            from ..capture import cu_seqlens_from_position_ids
+            from rhythm.capture.recording import cu_seqlens_from_position_ids
             cu_seqlens = cu_seqlens_from_position_ids(position_ids_rmpad)
         segs = segments_from_cu_seqlens(cu_seqlens.cpu(), 1, input_ids_rmpad.shape[1], None, torch.device("cpu"))
         segments = [(0, s, e, 0) for _, s, e, _ in segs.host]
@@ -278,7 +278,7 @@ def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "
     Returns ``data`` (modified in place) - its ``meta_info["metrics"]`` gains rhythm/* entries."""
     if is_shaped(data):
         raise ValueError("these advantages were already multiplied by gamma (the batch carries the "
-                         f"{SHAPED_KEY!r} mark): with rhythm.integrations.verl_hooks installed, verl's "
+                         f"{SHAPED_KEY!r} mark): with rhythm.integrations.verl.hooks installed, verl's "
                          "compute_advantage applies gamma itself - do not call apply_rhythm_gamma after it")
     batch = _batch(data)
     if gamma is None:

@@ -225,7 +225,7 @@ def render_html(r, *, embed_pictures: bool = True, curves: bytes | None = None) 
     PNG when the caller already drew it."""
     bands = None
     if embed_pictures:
-        from .report_plots import bands_png, curves_png
+        from rhythm.report.plots import bands_png, curves_png
 
         curves = curves if curves is not None else curves_png(r)
         bands = bands_png(r)
@@ -278,7 +278,7 @@ def scores_html(scores, max_sequences: int = 8) -> str:
     """A notebook view of ``RhythmScores`` (no tokenizer at hand: positions instead of token text): per
     sequence the response length, the head groups, the top anchors and preplan tokens with their values and a
     WAAD / FAI strip over the response."""
-    from .heads import head_to_layer
+    from rhythm.credit.heads import head_to_layer
 
     sel = scores.selection()
     blocks = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check
+from rhythm.config import check
 
 INF = float("inf")
 

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import config as knobs
+from rhythm import config as knobs
 
 DEFAULT_PROMPT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                   "How many clips did Natalia sell altogether in April and May? Think step by step.")
@@ -50,7 +50,7 @@ def _progress(args, **kwargs):
 
 
 def _check_model_path(path) -> None:
-    from .models import resolve_model_path
+    from rhythm.models import resolve_model_path
 
     try:
         resolve_model_path(path)
@@ -87,7 +87,7 @@ def _load(args, tokenizer=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from .models import load_model
+    from rhythm.models import load_model
 
     if not _bars(args):    # transformers' own bars (loading weights) follow the same rule
         hf_logging.disable_progress_bar()
@@ -105,7 +105,7 @@ def _scorer_settings(args) -> dict:
 
 
 def _scorer(model, args):
-    from .scorer import RhythmScorer
+    from rhythm.scoring.scorer import RhythmScorer
 
     return RhythmScorer(model, **_scorer_settings(args))
 
@@ -188,8 +188,8 @@ def _terminal_view(report, colour: bool) -> str:
 def _analyze_rollouts(args):
     """(rows of the selected rollout's GRPO group, index of the selected row) from ``--input`` / ``--id``, or
     (None, None) without ``--input``. Checked before any model loads."""
-    from .rollouts import group_of
-    from .score_rows import RowError, read_rows
+    from rhythm.report.groups import group_of
+    from rhythm.app.rows import RowError, read_rows
 
     if args.input is None:
         if args.id is not None:
@@ -222,7 +222,7 @@ def _trainer_batch(pairs, pad: int):
     right-padded) for (prompt_ids, response_ids) pairs."""
     import torch
 
-    from .scorer import trainer_response_mask
+    from rhythm.scoring.scorer import trainer_response_mask
 
     p_len, r_len = max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
     ids = torch.full((len(pairs), p_len + r_len), pad, dtype=torch.long)
@@ -242,9 +242,9 @@ def cmd_analyze(args) -> int:
     _check_common(args)
     _check_writable_dir(Path(args.out), "--out", create=True)
     group_rows, index = _analyze_rollouts(args)
-    from .report import SequenceReport, write_report
-    from .rollouts import attach_bands, attach_group
-    from .score_rows import RowError
+    from rhythm.report.sequence import SequenceReport, write_report
+    from rhythm.report.groups import attach_bands, attach_group
+    from rhythm.app.rows import RowError
 
     t0 = time.time()
     model, tokenizer = _load(args)
@@ -362,7 +362,7 @@ def _check_parquet_ids(rows, name: str) -> None:
 
 
 def _model_id(path) -> str:
-    from .models import resolve_model_path
+    from rhythm.models import resolve_model_path
 
     folder, kwargs = resolve_model_path(path)
     return str(((folder / kwargs["gguf_file"]) if "gguf_file" in kwargs else folder).resolve())
@@ -381,7 +381,7 @@ def _score_settings(args, id_kind: str) -> dict:
 def _tokenize_rows(rows, tokenizer, use_template: bool, name: str):
     """[(prompt_ids, response_ids)] per row: token rows as given; text rows with the prompt as one user message
     through the chat template (as ``rhythm analyze`` does) when the tokenizer has one and use_template."""
-    from .score_rows import RowError
+    from rhythm.app.rows import RowError
 
     template = use_template and bool(getattr(tokenizer, "chat_template", None))
     pairs = []
@@ -405,7 +405,7 @@ def _model_config(args):
     cheaply: the same checks then run on the loaded model). Read once per command (kept on ``args``: the
     architecture check and the row-length check both use it; for a GGUF file it parses the file's metadata)."""
     if not hasattr(args, "_model_config"):
-        from .models import resolve_model_path
+        from rhythm.models import resolve_model_path
 
         try:
             from transformers import AutoConfig
@@ -420,7 +420,7 @@ def _model_config(args):
 def _check_architecture(args) -> None:
     """Refuse a model type the capture was not taught about from its config, before the weights load or a
     token is generated (the capture refuses it again on the loaded model)."""
-    from .model_attention import UnsupportedModelError, check_config_types
+    from rhythm.capture.architectures import UnsupportedModelError, check_config_types
 
     cfg = _model_config(args)
     if cfg is None:
@@ -444,7 +444,7 @@ def _model_limits(args):
 
 
 def _check_rows_fit(rows, pairs, vocab_size, max_positions, name: str) -> None:
-    from .score_rows import RowError, check_vocab
+    from rhythm.app.rows import RowError, check_vocab
 
     if vocab_size:
         check_vocab([r for r in rows if not r.is_text], int(vocab_size), name)
@@ -472,7 +472,7 @@ def _random_gamma(config, chunk, pairs, width: int):
     ``row_seed(seed, id)``: exactly ``RhythmScorer.score`` on that row alone with that seed."""
     import torch
 
-    from .credit import credit_multipliers
+    from rhythm.credit.shaping import credit_multipliers
 
     gamma = torch.ones(len(chunk), width, dtype=torch.float32)
     for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
@@ -488,7 +488,7 @@ def _random_gamma(config, chunk, pairs, width: int):
 
 def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
-    from .scorer import to_response_tensor
+    from rhythm.scoring.scorer import to_response_tensor
 
     ids, mask, response = _trainer_batch(pairs, pad)
     r_len = max(len(r) for _, r in pairs)
@@ -507,8 +507,8 @@ def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
 
 
 def cmd_score(args) -> int:
-    from .score_output import OutputError, Sink
-    from .score_rows import RowError, read_rows
+    from rhythm.app.output import OutputError, Sink
+    from rhythm.app.rows import RowError, read_rows
 
     _check_common(args)
     _check_score_paths(args)
@@ -526,7 +526,7 @@ def cmd_score(args) -> int:
         _info(args, f"nothing to do: all {len(rows)} rows of {name} are in {args.output}")
         sink.finish()
         return 0
-    from .models import load_tokenizer
+    from rhythm.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)   # cheap: the rows are checked against it before the weights load
     try:
@@ -625,7 +625,7 @@ def main(argv=None) -> int:
         print(text if text.startswith("rhythm") else f"rhythm: error: {text}", file=sys.stderr)
         return 2
     except RuntimeError as e:   # a model the config check could not read, refused by the capture
-        from .model_attention import UnsupportedModelError
+        from rhythm.capture.architectures import UnsupportedModelError
 
         if not isinstance(e, UnsupportedModelError):
             raise

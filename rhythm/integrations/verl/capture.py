@@ -4,7 +4,7 @@ verl 0.9's actor computes old log-probs with ``engine.infer_batch`` -> ``forward
 ``engine.forward_step(micro_batch)`` per micro-batch (``verl.workers.engine.fsdp.transformer_impl``), each one
 calling the FSDP-wrapped model once. :func:`recording_forward` replaces ``engine.forward_step`` on that engine
 instance for the duration of one ``compute_log_prob`` call: every micro-batch forward runs inside a
-:class:`rhythm.capture.Capture` (fused mode on the sampled layers - the layer gets the attention output O from
+:class:`rhythm.capture.recording.Capture` (fused mode on the sampled layers - the layer gets the attention output O from
 the same pass that records lse/distance/waad/fai -, sdpa on the others, no early exit), and the per-sequence
 gamma is added to the micro-batch's ``model_output`` as ``rhythm_gamma``: a jagged nested tensor over each
 sequence's real tokens (prompt + response), the layout of ``log_probs``. verl's own ``postprocess_batch_func``
@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from ..capture import Capture, CaptureContext
-from ..credit import credit_multipliers
-from .verl import GAMMA_KEY
+from rhythm.capture.recording import Capture, CaptureContext
+from rhythm.credit.shaping import credit_multipliers
+from rhythm.integrations.verl.credit import GAMMA_KEY
 
 __all__ = ["micro_batch_segments", "recording_forward", "response_lengths"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import selection as sel
-from .config import check, default
+from rhythm.credit import selection as sel
+from rhythm.config import check, default
 
 
 def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("strategy"), fai_valid=None,

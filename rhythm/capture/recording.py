@@ -29,7 +29,7 @@ as the model wrote it: the capture only needs the model to route attention throu
 exception is raised from inside the no-grad forward; nothing stateful (no KV cache: ``use_cache=False``)
 is left half-updated.
 
-Each sampled layer's attention is described from the model itself (:mod:`rhythm.model_attention`): the
+Each sampled layer's attention is described from the model itself (:mod:`rhythm.capture.architectures`): the
 configuration gives its sliding window (``layer_types``, ``sliding_window``, ``use_sliding_window`` /
 ``max_window_layers``), its chunks (``attention_chunk_size``), its logit softcap and its sink logits, and the
 metrics are computed on exactly that attention (``attention_metrics(..., layer=LayerAttention)``). The
@@ -57,9 +57,11 @@ import torch
 
 from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
 
-from . import flash, validation
-from .metrics import AttentionMetrics, attention_metrics
-from .model_attention import UnsupportedModelError, check_call, check_model, describe_layer, mask_disagreement
+from rhythm.capture import flash
+
+from rhythm.metrics import validation
+from rhythm.metrics.attention import AttentionMetrics, attention_metrics
+from rhythm.capture.architectures import UnsupportedModelError, check_call, check_model, describe_layer, mask_disagreement
 
 _NAME_PREFIX = "rhythm_capture"
 _counter = itertools.count()
@@ -311,7 +313,7 @@ class Capture:
 
     def _passthrough(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
         """The attention of a layer whose output we do not compute: flash-attn where usable, else the delegate."""
-        if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.flash)
+        if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.capture.flash)
             return flash.attention(query, key, value, scaling=scaling, sliding_window=kwargs.get("sliding_window"),
                                    softcap=kwargs.get("softcap")), None
         return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -10,7 +10,7 @@ from rhythm_kernels.layer_attention import LayerAttention, check_layer
 from rhythm_kernels.segments import (Segments, influence_counts, position_table, segments_from_cu_seqlens,
                                      segments_from_mask)
 
-from . import validation
+from rhythm.metrics import validation
 
 
 @dataclass

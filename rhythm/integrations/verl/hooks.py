@@ -3,12 +3,12 @@
 Importing this module changes nothing. :func:`install` applies the patches (each one now if its verl module is
 loaded, otherwise the moment that module is imported, through a post-import hook on ``sys.meta_path``);
 :func:`uninstall` removes them. verl runs :func:`install` in every process when told to import
-``rhythm.integrations.verl_plugin`` (whose import is that one call):
+``rhythm.integrations.verl.plugin`` (whose import is that one call):
 
-- ``VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin``: ``verl/__init__.py`` imports each listed
+- ``VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin``: ``verl/__init__.py`` imports each listed
   module right after ``verl.protocol`` - in the driver and in every Ray worker that imports verl (workers
   inherit the variable from a local driver's environment, or from ``ray_kwargs.ray_init.runtime_env.env_vars``).
-- ``actor_rollout_ref.model.external_lib=rhythm.integrations.verl_plugin``: ``HFModelConfig.__post_init__``
+- ``actor_rollout_ref.model.external_lib=rhythm.integrations.verl.plugin``: ``HFModelConfig.__post_init__``
   imports it in every process that builds the model config (the workers).
 
 Configuration (driver only; it travels to the workers inside each request): the ``rhythm`` block of verl's
@@ -23,14 +23,14 @@ What the patches do (verl 0.9.1):
 1. worker - ``verl.workers.engine_workers.ActorRolloutRefWorker.compute_log_prob`` (the actor's old-log-prob
    pass): when the batch carries the driver's request (non-tensor ``rhythm_credit`` in the legacy TensorDict,
    ``extra_info["rhythm_credit"]`` of the v1 ``KVBatchMeta``), the request is removed (the engine never sees
-   it) and the method runs with :func:`rhythm.integrations.verl_capture.recording_forward` active: the metrics
+   it) and the method runs with :func:`rhythm.integrations.verl.capture.recording_forward` active: the metrics
    are recorded inside that same forward (fused on the sampled layers, sdpa elsewhere, no early exit) and the
    output gains ``rhythm_gamma``, nested like ``log_probs``. Without the request the method is untouched (the
    ref pass, the LoRA ref pass, RHYTHM_CREDIT=0).
 2. legacy driver - ``RayPPOTrainer._compute_old_log_prob`` sends the request and puts ``rhythm_gamma``
    [B, R_len] (response-aligned) into the ``DataProto`` it returns; ``random`` / ``entropy`` need no model and
    are computed there. ``verl.trainer.ppo.ray_trainer.compute_advantage`` (and aliases bound by ``from ...
-   import``) applies gamma right after the estimator, once (:func:`rhythm.integrations.verl.apply_rhythm_gamma`
+   import``) applies gamma right after the estimator, once (:func:`rhythm.integrations.verl.credit.apply_rhythm_gamma`
    marks the batch).
 3. v1 driver - ``verl.trainer.ppo.v1.trainer_base.PPOTrainer._compute_old_log_prob`` puts the request into
    ``batch.extra_info`` for the actor's call (and takes it out again before the ref pass);
@@ -50,9 +50,9 @@ import sys
 import time
 import torch
 
-from ..credit import credit_multipliers
-from .config import RhythmCreditConfig
-from .verl import (GAMMA_KEY, apply_rhythm_gamma, clear_shaped, compute_rhythm_gamma, response_gamma)
+from rhythm.credit.shaping import credit_multipliers
+from rhythm.integrations.config import RhythmCreditConfig
+from rhythm.integrations.verl.credit import (GAMMA_KEY, apply_rhythm_gamma, clear_shaped, compute_rhythm_gamma, response_gamma)
 
 __all__ = ["install", "uninstall", "installed", "resolve_config", "check_run_mode", "config_from_env", "auto_config",
            "wrap_trainer_init", "wrap_compute_advantage", "wrap_compute_log_prob", "wrap_compute_old_log_prob",
@@ -200,7 +200,7 @@ def _actor_module(worker):
 def _worker_scorer(worker, module, config: RhythmCreditConfig):
     """One RhythmScorer per worker (and module / config), built on first use: the sampled layers, the head
     grouping and the window / horizon of the recording."""
-    from ..scorer import RhythmScorer
+    from rhythm.scoring.scorer import RhythmScorer
 
     kwargs = config.scorer_kwargs()
     key = (id(module), json.dumps(kwargs, sort_keys=True, default=str))
@@ -238,7 +238,7 @@ def wrap_compute_log_prob(fn):
         request = _pop_request(data)  # before the engine sees the batch
         if request is None:
             return fn(self, data, *args, **kwargs)
-        from .verl_capture import recording_forward
+        from rhythm.integrations.verl.capture import recording_forward
 
         config = RhythmCreditConfig(**request["config"])
         engine, module = _actor_module(self)
@@ -324,8 +324,8 @@ def wrap_compute_old_log_prob(fn):
 
 
 _NO_WORKER_GAMMA = ("the actor workers returned no rhythm_gamma: install the hooks in the Ray workers too "
-                    "(VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl_plugin in their environment, or "
-                    "actor_rollout_ref.model.external_lib=rhythm.integrations.verl_plugin), or turn the credit off "
+                    "(VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin in their environment, or "
+                    "actor_rollout_ref.model.external_lib=rhythm.integrations.verl.plugin), or turn the credit off "
                     "(rhythm.enable=false / RHYTHM_CREDIT=0)")
 
 

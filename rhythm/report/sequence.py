@@ -5,7 +5,7 @@ groups with every head's mean distance and, when q and k were kept, exact attent
 the GRPO group of completions that share the response's prompt. ``write_report`` writes
 ``<stem>.html`` (self-contained: pictures inlined as base64 PNG, no external files or scripts),
 ``<stem>.png`` (the WAAD/FAI curves, also inside the HTML) and ``<stem>.json`` (the numbers).
-The page itself is built in ``rhythm.report_html``, the pictures in ``rhythm.report_plots``.
+The page itself is built in ``rhythm.report.html``, the pictures in ``rhythm.report.plots``.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class SequenceReport:
     def from_scores(cls, scores, tokens: list[str], index: int = 0, meta: dict | None = None,
                     strategies=STRATEGIES) -> "SequenceReport":
         """Build from ``RhythmScores`` (sequence ``index``; padded or packed layout)."""
-        from .heads import head_to_layer
+        from rhythm.credit.heads import head_to_layer
 
         row, start, end, resp = scores.segments[index]
         sel = scores.selection()
@@ -127,7 +127,7 @@ class SequenceReport:
         return sorted(items, key=lambda x: (-x[2], x[0]))[:n]
 
     def _repr_html_(self) -> str:
-        from .report_html import render_html
+        from rhythm.report.html import render_html
 
         return render_html(self, embed_pictures=True)
 
@@ -135,8 +135,8 @@ class SequenceReport:
 def write_report(report: SequenceReport, out_dir: str | Path, stem: str = "rhythm") -> dict[str, Path]:
     """Write ``<stem>.html`` (self-contained), ``<stem>.png`` and ``<stem>.json`` under out_dir; returns their
     paths."""
-    from .report_html import render_html
-    from .report_plots import curves_png
+    from rhythm.report.html import render_html
+    from rhythm.report.plots import curves_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
