@@ -58,7 +58,7 @@ MUTATIONS = (
              "q, k, None, window=context.window, horizon=(context.horizon[0], None),",
              ("tests/test_scorer.py", "-k", "recording")),
     Mutation("score-gamma-shifted", "`rhythm score` writes each gamma column shifted by one token",
-             "rhythm/app/cli.py",
+             "rhythm/app/score.py",
              'columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies if s != "random"})',
              'columns.update({f"gamma_{s}": scores.gamma(s).roll(1, dims=-1) for s in strategies if s != "random"})',
              ("tests/test_score_cli.py", "-k", "columns")),

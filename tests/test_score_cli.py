@@ -19,6 +19,7 @@ pytest.importorskip("tokenizers")
 
 from rhythm import models  # noqa: E402
 from rhythm.app import cli
+from rhythm.app.common import chat_ids
 from tests.test_cli import CORPUS, tiny_model_dir  # noqa: E402,F401  (the saved tiny Llama + tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +312,7 @@ def test_stdin_to_stdout_without_progress_frames(tiny_model_dir, tok, monkeypatc
 def _expected_columns(model, rows, strategies):
     """Each row scored alone with RhythmScorer (no padding, no batching, the response as a suffix)."""
     from rhythm import RhythmScorer
-    from rhythm.app.cli import row_seed
+    from rhythm.app.score import row_seed
 
     scorer = RhythmScorer(model)
     expected = {}
@@ -371,7 +372,7 @@ def test_output_columns_equal_the_scorer(tiny_model_dir, tok, tmp_path):  # noqa
 def test_text_prompts_use_the_chat_template_like_analyze(tiny_model_dir, tok, tmp_path):  # noqa: F811
     src = tmp_path / "in.jsonl"
     _write(src, [{"prompt": CORPUS[0], "response": CORPUS[2]}])
-    templated = cli._chat_ids(tok, CORPUS[0])[0].tolist()          # what `rhythm analyze` feeds the model
+    templated = chat_ids(tok, CORPUS[0])[0].tolist()          # what `rhythm analyze` feeds the model
     plain = tok(CORPUS[0]).input_ids
     assert len(templated) > len(plain)
     for extra, want in (([], templated), (["--no-chat-template"], plain)):
@@ -389,7 +390,7 @@ def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_p
     scored alone, from a generator seeded with sha256(seed, id): ceil(q n) of its n response tokens."""
     import math
 
-    from rhythm.app.cli import row_seed
+    from rhythm.app.score import row_seed
     from rhythm.credit.shaping import credit_multipliers
 
     src = tmp_path / "in.jsonl"
@@ -444,3 +445,31 @@ def test_parquet_int_ids_beyond_int64_refused_before_scoring(tiny_model_dir, tmp
     _write(src, [{"id": 2 ** 70, "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]}])
     assert cli.main(_args(tiny_model_dir, src, tmp_path / "o.parquet")) == 2
     assert "int64" in _error(capsys) and not (tmp_path / "o.parquet").exists()
+
+
+# ---- the score job's Python API (what `rhythm score` runs; a worker process calls it per micro-batch) ---------
+
+def test_score_job_per_micro_batch_equals_the_command(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    """ScoreJob(settings).score_rows called once per micro-batch (a fresh job from an unpickled settings object,
+    as a worker would) gives the rows `rhythm score` writes, bitwise, including the per-row random baseline."""
+    import pickle
+
+    from rhythm import ScorerConfig
+    from rhythm.app.rows import parse_row
+    from rhythm.app.score import ScoreJob, ScoreSettings
+
+    rows = _token_rows(tok, 5)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, rows)
+    flags = ["--micro-batch-size", "2", "--strategies", "coupled,random,entropy", "--seed", "3"]
+    assert cli.main(_args(tiny_model_dir, src, dst, *flags)) == 0
+    settings = ScoreSettings(model=str(tiny_model_dir), strategies=("coupled", "random", "entropy"),
+                             scorer=ScorerConfig(micro_batch_size=2, seed=3))
+    assert settings.record("str") == json.loads((tmp_path / "out.jsonl.settings.json").read_text())["settings"]
+    job = ScoreJob(pickle.loads(pickle.dumps(settings)))
+    parsed = [parse_row(r, f"row {i}", i + 1) for i, r in enumerate(rows)]
+    job.tokenize(parsed)
+    assert job.model is None                                 # the checks do not load the weights
+    got = job.score_rows(parsed[:2]) + job.score_rows(parsed[2:4]) + job.score_rows(parsed[4:])
+    assert got == _read(dst)
+    assert ScoreJob(settings).score_rows(parsed) == got      # one call: the same micro-batches

@@ -61,8 +61,7 @@ def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
             raise RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise RowError(f"{where}: expected a JSON object (one row per line), got {_json_kind(obj)}")
-        row = _parse_row(obj, where, number)
-        row.extra = {key: value for key, value in obj.items() if key not in ROW_KEYS}
+        row = parse_row(obj, where, number)
         if "id" in obj:
             with_id = with_id or number
             kind = type(row.id)
@@ -87,7 +86,15 @@ def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
     return rows, kind
 
 
-def _parse_row(obj: dict, where: str, number: int) -> InputRow:
+def parse_row(obj: dict, where: str, number: int) -> InputRow:
+    """One row from its decoded JSON object (``where`` names it in errors, ``number`` is its line: the id of a
+    row without one). Checks the row alone; the checks across rows (ids) are :func:`read_rows`'s."""
+    row = _parse_fields(obj, where, number)
+    row.extra = {key: value for key, value in obj.items() if key not in ROW_KEYS}
+    return row
+
+
+def _parse_fields(obj: dict, where: str, number: int) -> InputRow:
     if "id" in obj:
         row_id = obj["id"]
         if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):

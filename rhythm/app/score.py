@@ -1,0 +1,274 @@
+"""The score job: rollouts -> per-token signals and gammas, one output row per input row.
+
+Python API (what ``rhythm score`` runs, and what another process can call per micro-batch)::
+
+    settings = ScoreSettings(model="path/to/model", strategies=("coupled", "random"),
+                             scorer=ScorerConfig(micro_batch_size=4))
+    job = ScoreJob(settings)
+    pairs = job.tokenize(rows, "rollouts.jsonl")   # cheap checks, before the weights load (RowError)
+    out = job.score_rows(rows)                      # loads the model once; [dict] in the order of rows
+
+``rows`` are :class:`rhythm.app.rows.InputRow` (from :func:`rhythm.app.rows.read_rows` or
+:func:`rhythm.app.rows.parse_row`). ``score_rows`` scores them in micro-batches of
+``settings.scorer.micro_batch_size`` consecutive rows; a row's values depend only on the settings and on the
+micro-batch it shares (and its random baseline only on the seed and its id), so calling ``score_rows`` once
+per micro-batch gives the rows of one call on the whole list.
+
+Output row: ``id``, ``prompt_length``, ``response_ids``, ``waad``, ``fai``, ``fai_valid`` and one
+``gamma_<strategy>`` per strategy, every list over the response tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from rhythm import config as knobs
+from rhythm.app.common import DEFAULT_STRATEGIES, Console, ModelSource, chat_ids, pad_id, trainer_batch
+from rhythm.app.rows import InputRow, RowError, check_vocab
+from rhythm.scoring.scorer import ScorerConfig
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """Everything a score job needs (picklable: a worker process can rebuild the job from it).
+
+    model: a local model directory or .gguf file (None: the bundled SmolLM2). device: torch device (None: CPU).
+    dtype: "auto" (the checkpoint's) or a torch dtype name. strategies: the gamma columns written.
+    chat_template: text prompts go through the tokenizer's chat template as one user message.
+    scorer: the :class:`rhythm.ScorerConfig` (window, horizon, q, seed, micro_batch_size, ...).
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    strategies: tuple[str, ...] = DEFAULT_STRATEGIES
+    chat_template: bool = True
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+    def __post_init__(self):
+        bad = [s for s in self.strategies if s not in knobs.STRATEGIES]
+        if not self.strategies or bad:
+            raise knobs.ConfigError(f"ScoreSettings.strategies must be a non-empty list of {knobs.STRATEGIES}, "
+                                    f"got {self.strategies!r}")
+        object.__setattr__(self, "strategies", tuple(dict.fromkeys(self.strategies)))
+        if not isinstance(self.scorer, ScorerConfig):
+            raise knobs.ConfigError(f"ScoreSettings.scorer must be a rhythm.ScorerConfig, got "
+                                    f"{type(self.scorer).__name__}")
+
+    def scorer_knobs(self) -> dict:
+        """The scorer's knob values, in ScorerConfig's order (the RhythmScorer's keyword arguments)."""
+        return {name: getattr(self.scorer, name) for name in knobs.SCORER_KNOBS}
+
+    def record(self, id_kind: str, model_id: str | None = None) -> dict:
+        """Everything that changes a number of the output (stored with it; a resume must match), as JSON
+        values. ``model_id``: the resolved checkpoint path (default: resolved from ``model``)."""
+        stored = {"model": model_id or ModelSource(self.model).model_id(), "dtype": self.dtype, "ids": id_kind,
+                  "strategies": list(self.strategies), "chat_template": self.chat_template}
+        stored.update(self.scorer_knobs())
+        if stored["grouping"] != "fixed":   # per-sequence groups do not depend on how rows are batched
+            del stored["micro_batch_size"]
+        return json.loads(json.dumps(stored))    # tuples -> lists, as stored
+
+
+def row_seed(seed: int, row_id) -> int:
+    """The random baseline's seed for one row: sha256 of (seed, the row's id), 63 bits.
+
+    Each row draws from its own generator, so its gamma_random depends only on the seed and its id, never on
+    which micro-batch or resume point it was scored in (ids are unique and of one kind per input)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}\0{type(row_id).__name__}\0{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _random_gamma(config, chunk, pairs, width: int):
+    """gamma of the ``random`` strategy per row: float32 [len(chunk), width] in the response layout, 1 on
+    padding. Each row is drawn as if scored alone (its own [1, P + R] layout, the response a suffix) with seed
+    ``row_seed(seed, id)``: exactly ``RhythmScorer.score`` on that row alone with that seed."""
+    import torch
+
+    from rhythm.credit.shaping import credit_multipliers
+
+    gamma = torch.ones(len(chunk), width, dtype=torch.float32)
+    for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
+        if r:
+            response = torch.zeros(1, len(p) + len(r), dtype=torch.bool)
+            response[0, len(p):] = True
+            zeros = torch.zeros(response.shape)
+            gamma[i, :len(r)] = credit_multipliers(zeros, zeros, response, strategy="random", q=config.q,
+                                                   gamma_amp=config.gamma_amp,
+                                                   seed=row_seed(config.seed, row.id))[0, len(p):]
+    return gamma
+
+
+def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
+    """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
+    from rhythm.scoring.scorer import to_response_tensor
+
+    ids, mask, response = trainer_batch(pairs, pad)
+    r_len = max(len(r) for _, r in pairs)
+    scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
+    columns = {"waad": scores.waad, "fai": scores.fai, "fai_valid": scores.fai_valid}
+    columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies if s != "random"})
+    columns = {key: to_response_tensor(x, r_len, response) for key, x in columns.items()}
+    if "random" in strategies:
+        columns["gamma_random"] = _random_gamma(scorer.config, chunk, pairs, r_len)
+    out = []
+    for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
+        item = {"id": row.id, "prompt_length": len(p), "response_ids": list(r)}
+        item.update({key: x[i, : len(r)].tolist() for key, x in columns.items()})
+        out.append(item)
+    return out
+
+
+def tokenize_rows(rows: list[InputRow], tokenizer, use_template: bool, name: str):
+    """[(prompt_ids, response_ids)] per row: token rows as given; text rows with the prompt as one user message
+    through the chat template (as ``rhythm analyze`` does) when the tokenizer has one and use_template."""
+    template = use_template and bool(getattr(tokenizer, "chat_template", None))
+    pairs = []
+    for row in rows:
+        if not row.is_text:
+            pairs.append((row.prompt_ids, row.response_ids))
+            continue
+        if template:
+            prompt = chat_ids(tokenizer, row.prompt)[0].tolist()
+        else:
+            prompt = tokenizer(row.prompt, add_special_tokens=True).input_ids
+        response = tokenizer(row.response, add_special_tokens=False).input_ids
+        if not prompt and not response:
+            raise RowError(f"{name}:{row.line}: prompt and response tokenize to no tokens (nothing to score)")
+        pairs.append((list(prompt), list(response)))
+    return pairs
+
+
+def check_rows_fit(rows, pairs, vocab_size, max_positions, name: str) -> None:
+    """Token ids inside [0, vocab_size) and every row within the model's positions (None: not checked)."""
+    if vocab_size:
+        check_vocab([r for r in rows if not r.is_text], int(vocab_size), name)
+    if max_positions:
+        for row, (p, r) in zip(rows, pairs):
+            if len(p) + len(r) > max_positions:
+                raise RowError(f"{name}:{row.line}: {len(p)} prompt + {len(r)} response tokens exceed the model's "
+                               f"max_position_embeddings = {max_positions}")
+
+
+class ScoreJob:
+    """A score job for one settings object: the tokenizer and the model load once, on first use.
+
+    ``tokenize(rows, name)`` -> [(prompt_ids, response_ids)]: tokenizes and checks the rows against the
+    model's config (vocabulary, positions) without loading the weights (RowError naming ``name:line``).
+    ``score_rows(rows, name)`` -> output rows (loads the model on the first call).
+    """
+
+    def __init__(self, settings: ScoreSettings, *, console: Console | None = None,
+                 source: ModelSource | None = None):
+        self.settings = settings
+        self.console = console or Console(quiet=True)
+        self.source = source or ModelSource(settings.model)
+        self._tokenizer = None
+        self.model = None
+        self.scorer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.source.load_tokenizer()
+        return self._tokenizer
+
+    def tokenize(self, rows: list[InputRow], name: str = "<rows>"):
+        pairs = tokenize_rows(rows, self.tokenizer, self.settings.chat_template, name)
+        check_rows_fit(rows, pairs, *self.source.limits(), name)
+        return pairs
+
+    def load(self) -> None:
+        """Load the model and build the scorer (once)."""
+        if self.model is not None:
+            return
+        from rhythm.scoring.scorer import RhythmScorer
+
+        self.model, self._tokenizer = self.source.load(device=self.settings.device, dtype=self.settings.dtype,
+                                                       console=self.console, tokenizer=self._tokenizer)
+        self.scorer = RhythmScorer(self.model, **self.settings.scorer_knobs())
+
+    def check_embeddings(self, rows: list[InputRow], pairs, name: str) -> None:
+        """The loaded model is the final word on the vocabulary (its embedding rows)."""
+        check_rows_fit(rows, pairs, self.model.get_input_embeddings().num_embeddings, None, name)
+
+    def score_rows(self, rows: list[InputRow], name: str = "<rows>", *, pairs=None) -> list[dict]:
+        """Output rows of ``rows`` (in their order), scored in micro-batches of consecutive rows.
+        ``pairs``: their tokens from :meth:`tokenize` (default: tokenized and checked here)."""
+        if pairs is None:
+            pairs = self.tokenize(rows, name)
+        self.load()
+        self.check_embeddings(rows, pairs, name)
+        pad = pad_id(self.tokenizer)
+        size = self.scorer.config.micro_batch_size
+        out = []
+        for first in range(0, len(rows), size):
+            out += _score_batch(self.scorer, rows[first:first + size], pairs[first:first + size], pad,
+                                self.settings.strategies)
+        return out
+
+    def batches(self, rows: list[InputRow], pairs):
+        """(rows, pairs) of each micro-batch, in order."""
+        size = self.settings.scorer.micro_batch_size
+        for first in range(0, len(rows), size):
+            yield rows[first:first + size], pairs[first:first + size]
+
+
+def run(settings: ScoreSettings, input: str, output: str, console: Console) -> int:
+    """``rhythm score``: the rows of ``input`` (a JSONL file, or - for stdin) scored into ``output`` (.jsonl,
+    .parquet, or - for stdout), resuming by id. Returns the exit code; UsageError for bad input."""
+    import sys
+    from pathlib import Path
+
+    from rhythm.app.common import UsageError
+    from rhythm.app.output import OutputError, Sink
+    from rhythm.app.rows import read_rows
+
+    source = ModelSource(settings.model)
+    job = ScoreJob(settings, console=console, source=source)
+    name = "<stdin>" if input == "-" else input
+    data = sys.stdin.buffer.read() if input == "-" else Path(input).read_bytes()
+    try:
+        rows, id_kind = read_rows(data, name)
+        if output.endswith(".parquet"):
+            _check_parquet_ids(rows, name)
+        sink = Sink(output, settings.record(id_kind, source.model_id()))
+    except (RowError, OutputError) as e:
+        raise UsageError(str(e)) from None
+    todo = [row for row in rows if row.id not in sink.done]
+    if not todo:
+        console.info(f"nothing to do: all {len(rows)} rows of {name} are in {output}")
+        sink.finish()
+        return 0
+    try:
+        pairs = job.tokenize(todo, name)   # the tokenizer is cheap: rows are checked before the weights load
+        job.load()
+        job.check_embeddings(todo, pairs, name)
+    except RowError as e:
+        raise UsageError(str(e)) from None
+    written = 0
+    try:
+        with console.progress(total=len(rows), initial=len(rows) - len(todo), desc="scoring", unit="row") as bar:
+            for chunk, chunk_pairs in job.batches(todo, pairs):
+                sink.append(job.score_rows(chunk, name, pairs=chunk_pairs))
+                written += len(chunk)
+                bar.update(len(chunk))
+    except KeyboardInterrupt:
+        console.info(f"interrupted: {written} new rows written to {output}; run the same command to resume")
+        return 130
+    sink.finish()
+    console.info(f"wrote {written} rows to {output}" + (f" ({len(rows) - len(todo)} already there)"
+                                                         if len(rows) > len(todo) else ""))
+    return 0
+
+
+def _check_parquet_ids(rows, name: str) -> None:
+    """Parquet stores integer ids as int64: refuse any outside it before scoring (not after, at the write)."""
+    from rhythm.app.common import UsageError
+
+    for row in rows:
+        if isinstance(row.id, int) and not -(1 << 63) <= row.id < (1 << 63):
+            raise UsageError(f"{name}:{row.line}: id {row.id} does not fit Parquet's int64 ids; "
+                             "use string ids or write .jsonl")
