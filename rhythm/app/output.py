@@ -54,39 +54,9 @@ class Sink:
         return any(p.exists() and p.stat().st_size > 0 for p in {self.output, self.journal})
 
     def _check_settings(self) -> None:
-        path = settings_path(self.output)
-        stored = None
-        if path.exists():
-            try:
-                stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
-            except (ValueError, KeyError, TypeError):
-                raise OutputError(f"{path} is not a settings file written by rhythm score; delete it together with "
-                                  f"{self.output}, or choose another --output") from None
-        elif self.parquet and self.output.exists():
-            stored = _read_parquet_settings(self.output)
-        if stored is None:
-            if self._has_rows():
-                raise OutputError(f"{self.output} already holds rows but no record of the settings they were scored "
-                                  f"with ({path.name} is missing); choose another --output or delete it")
-            self._write_settings()
-            return
-        differ = [key for key in sorted(set(stored) | set(self.settings))
-                  if stored.get(key, _ABSENT) != self.settings.get(key, _ABSENT)]
-        if differ and not self._has_rows():
-            self._write_settings()          # nothing was scored with the old settings
-        elif differ:
-            pairs = "; ".join(f"{key}: {_show(stored.get(key, _ABSENT))} there, "
-                              f"{_show(self.settings.get(key, _ABSENT))} now"
-                              for key in differ)
-            raise OutputError(f"{self.output} was scored with other settings ({pairs}); resume with the same "
-                              "settings, or write to another --output")
-
-    def _write_settings(self) -> None:
-        path = settings_path(self.output)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"format": SETTINGS_FORMAT, "settings": self.settings}, indent=1) + "\n",
-                       encoding="utf-8")
-        tmp.replace(path)
+        check_stored_settings(self.output, self.settings, has_rows=self._has_rows(),
+                              parquet_settings=lambda: _read_parquet_settings(self.output)
+                              if self.parquet and self.output.exists() else None)
 
     # -- rows ----------------------------------------------------------------------------------------------------
     def append(self, rows: list[dict]) -> None:
@@ -125,6 +95,44 @@ class Sink:
         pq.write_table(table, tmp)
         tmp.replace(self.output)
         self.journal.unlink()
+
+
+def check_stored_settings(output: Path, settings: dict, *, has_rows: bool, parquet_settings=None) -> None:
+    """The resume rule for an output (a file, or a folder of part files): the settings stored next to it
+    (``settings_path(output)``; else ``parquet_settings()``, those in its Parquet metadata) must equal
+    ``settings`` when it already holds rows; otherwise ``settings`` are stored. OutputError naming both values
+    of each setting that differs."""
+    path = settings_path(output)
+    stored = None
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise OutputError(f"{path} is not a settings file written by rhythm score; delete it together with "
+                              f"{output}, or choose another --output") from None
+    elif parquet_settings is not None:
+        stored = parquet_settings()
+    if stored is None:
+        if has_rows:
+            raise OutputError(f"{output} already holds rows but no record of the settings they were scored "
+                              f"with ({path.name} is missing); choose another --output or delete it")
+        _write_settings(path, settings)
+        return
+    differ = [key for key in sorted(set(stored) | set(settings))
+              if stored.get(key, _ABSENT) != settings.get(key, _ABSENT)]
+    if differ and not has_rows:
+        _write_settings(path, settings)          # nothing was scored with the old settings
+    elif differ:
+        pairs = "; ".join(f"{key}: {_show(stored.get(key, _ABSENT))} there, {_show(settings.get(key, _ABSENT))} now"
+                          for key in differ)
+        raise OutputError(f"{output} was scored with other settings ({pairs}); resume with the same "
+                          "settings, or write to another --output")
+
+
+def _write_settings(path: Path, settings: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": SETTINGS_FORMAT, "settings": settings}, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def parquet_schema(settings: dict):

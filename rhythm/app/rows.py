@@ -41,12 +41,27 @@ ID_KINDS = ("line", "int", "str")      # how a run's ids were made (stored with 
 def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
     """All rows of a JSONL input and the kind of their ids ("line", "int" or "str"); RowError on the first
     bad line. Blank lines are skipped (they still count for line numbers); the last line may lack its newline."""
-    rows: list[InputRow] = []
-    with_id: int | None = None         # first line with / without an explicit id
-    without_id: int | None = None
-    first_of_type: dict[type, int] = {}
-    seen: dict = {}
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    checker = RowChecker()
+    rows = [row for number, raw in enumerate(data.split(b"\n"), start=1)
+            if (row := checker.line(raw, name, number)) is not None]
+    return rows, checker.finish(name)
+
+
+class RowChecker:
+    """The row checks of :func:`read_rows`, one row at a time (for streaming readers, and across several files
+    of one input): each row well formed, ids present on every row or on none, all of one type, each once.
+
+    ``line(raw, name, number)`` checks one JSONL line (None for a blank one); ``row(obj, name, number)`` one
+    decoded object (a Parquet row, say); ``finish(name)`` -> the id kind ("line", "int" or "str")."""
+
+    def __init__(self):
+        self.count = 0
+        self._with_id: tuple | None = None       # (name, number) of the first row with / without an 'id'
+        self._without_id: tuple | None = None
+        self._first_of_type: dict[type, tuple] = {}
+        self._seen: dict = {}                    # id -> (name, number)
+
+    def line(self, raw: bytes, name: str, number: int) -> InputRow | None:
         where = f"{name}:{number}"
         try:
             text = raw.decode("utf-8")
@@ -54,41 +69,54 @@ def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
             raise RowError(f"{where}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                            "save the file as UTF-8") from None
         if not text.strip():
-            continue
+            return None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise RowError(f"{where}: expected a JSON object (one row per line), got {_json_kind(obj)}")
+        return self.row(obj, name, number)
+
+    def row(self, obj: dict, name: str, number: int) -> InputRow:
+        where = f"{name}:{number}"
         row = parse_row(obj, where, number)
         if "id" in obj:
-            with_id = with_id or number
+            self._with_id = self._with_id or (name, number)
             kind = type(row.id)
-            first_of_type.setdefault(kind, number)
-            if len(first_of_type) > 1:
+            self._first_of_type.setdefault(kind, (name, number))
+            if len(self._first_of_type) > 1:
                 other = str if kind is int else int
-                raise RowError(f"{where}: id {row.id!r} is {_json_kind(row.id)} but the id on line "
-                               f"{first_of_type[other]} is {'a string' if kind is int else 'an int'}; use one type "
-                               "for every id (1 and \"1\" would be ambiguous)")
+                raise RowError(f"{where}: id {row.id!r} is {_json_kind(row.id)} but the id on "
+                               f"{_at(self._first_of_type[other], name)} is {'a string' if kind is int else 'an int'}; "
+                               "use one type for every id (1 and \"1\" would be ambiguous)")
         else:
-            without_id = without_id or number
-        if with_id and without_id:
-            raise RowError(f"{where}: some rows have an 'id' (line {with_id}) and some do not (line {without_id}); "
-                           "give every row an id, or none (then ids are line numbers)")
-        if row.id in seen:
-            raise RowError(f"{where}: duplicate id {row.id!r} (also on line {seen[row.id]}); ids must be unique")
-        seen[row.id] = number
-        rows.append(row)
-    if not rows:
-        raise RowError(f"{name}: no rows (expected one JSON object per line)")
-    kind = "line" if without_id else ("int" if int in first_of_type else "str")
-    return rows, kind
+            self._without_id = self._without_id or (name, number)
+        if self._with_id and self._without_id:
+            raise RowError(f"{where}: some rows have an 'id' ({_at(self._with_id, name)}) and some do not "
+                           f"({_at(self._without_id, name)}); give every row an id, or none (then ids are line "
+                           "numbers)")
+        if row.id in self._seen:
+            raise RowError(f"{where}: duplicate id {row.id!r} (also on {_at(self._seen[row.id], name)}); ids must be "
+                           "unique")
+        self._seen[row.id] = (name, number)
+        self.count += 1
+        return row
+
+    def finish(self, name: str) -> str:
+        if not self.count:
+            raise RowError(f"{name}: no rows (expected one JSON object per line)")
+        return "line" if self._without_id else ("int" if int in self._first_of_type else "str")
+
+
+def _at(place: tuple, name: str) -> str:
+    """Where an earlier row is: "line 3" in the same file, "other.jsonl:3" in another one."""
+    return f"line {place[1]}" if place[0] == name else f"{place[0]}:{place[1]}"
 
 
 def parse_row(obj: dict, where: str, number: int) -> InputRow:
     """One row from its decoded JSON object (``where`` names it in errors, ``number`` is its line: the id of a
-    row without one). Checks the row alone; the checks across rows (ids) are :func:`read_rows`'s."""
+    row without one). Checks the row alone; the checks across rows (ids) are :class:`RowChecker`'s."""
     row = _parse_fields(obj, where, number)
     row.extra = {key: value for key, value in obj.items() if key not in ROW_KEYS}
     return row
