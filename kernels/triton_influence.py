@@ -35,14 +35,12 @@ Row stages (H_hi = None, no window or chunk; otherwise every row block is masked
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_stats import (LOG2E, _layer_scores2, autotune_enabled, cached_device_table, interpreting, layer_args,
-                           prescaled)
+from .triton_common import (LOG2E, PassSpec, interpreting, launch_plan, layer_args, layer_scores2, length_key,
+                            load_cols, load_rows, table_row)
 
 # Autotune configs (GPU). BLOCK_N = resident keys per program, BLOCK_M = query rows per step.
 # Kept short (one compile per config and variant). Compiled for sm_90 as the runtime specialises them
@@ -71,31 +69,24 @@ def default_influence_config(d_pad: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_N": 128, "BLOCK_M": 64, "SPLIT_HEADS": True, "num_warps": 8, "num_stages": 2}
 
 
+INFLUENCE_PASS = PassSpec("influence", "BLOCK_N", GPU_BLOCK_NS, default_influence_config, 5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Block table: (batch, seg_start, seg_end, response_start, key block start), sorted by rows to visit.
 # ----------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _influence_table_host(host: tuple, block_ns: tuple, horizon: tuple) -> tuple[list, dict]:
+def _influence_table_rows(host: tuple, block_n: int, horizon: tuple) -> list:
+    """[(work, batch, seg_start, seg_end, response_start, n0)] for every key block of BLOCK_N keys that some
+    row can attend; work = rows the block visits. An empty block keeps fai = 0 (zero-initialised)."""
     h_lo, h_hi = horizon
-    rows, offsets = [], {}
-    for bn in block_ns:
-        entries = []
-        for b, start, end, resp in host:
-            for n0 in range(start, end, bn):
-                t_lo = max(n0 + h_lo, resp)
-                t_end = end if h_hi is None else min(end, n0 + bn + h_hi)
-                if t_end > t_lo:                        # an empty block keeps fai = 0 (zero-initialised)
-                    entries.append((t_end - t_lo, b, start, end, resp, n0))
-        entries.sort(key=lambda e: -e[0])
-        offsets[bn] = (len(rows), len(entries))
-        rows.extend(e[1:] for e in entries)
-    return rows, offsets
-
-
-def influence_block_table(host: tuple, block_ns: tuple, horizon: tuple, device) -> tuple[torch.Tensor, dict]:
-    """int32 [n, 5] device table for every BLOCK_N in block_ns and {BLOCK_N: (offset, count)} (cached)."""
-    return cached_device_table(("influence", host, block_ns, horizon),
-                               lambda: _influence_table_host(host, block_ns, horizon), 5, device)
+    entries = []
+    for b, start, end, resp in host:
+        for n0 in range(start, end, block_n):
+            t_lo = max(n0 + h_lo, resp)
+            t_end = end if h_hi is None else min(end, n0 + block_n + h_hi)
+            if t_end > t_lo:
+                entries.append((t_end - t_lo, b, start, end, resp, n0))
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,26 +109,17 @@ def _influence_rows(col, k, q_base, norm_base, stride_qt, stride_qd, stride_norm
     for t0 in range(lo, hi, BLOCK_M):
         offs_t = t0 + offs_m
         qt_ptrs = q_base + offs_t.to(tl.int64)[None, :] * stride_qt + offs_d[:, None] * stride_qd   # [D, M]
+        row_ok = offs_t < seg_end
+        qt = load_cols(qt_ptrs, row_ok, offs_d, HEAD_DIM, D_PAD, MASKED, UPCAST)
         if MASKED:
-            row_ok = offs_t < seg_end
-            if HEAD_DIM == D_PAD:
-                qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
-            else:
-                qt = tl.load(qt_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
             row_max = tl.load(norm_base + offs_t, mask=row_ok, other=0.0)
             log2_l = tl.load(norm_base + stride_norm + offs_t, mask=row_ok, other=0.0)
         else:
-            if HEAD_DIM == D_PAD:
-                qt = tl.load(qt_ptrs)
-            else:
-                qt = tl.load(qt_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
             row_max = tl.load(norm_base + offs_t)
             log2_l = tl.load(norm_base + stride_norm + offs_t)
-        if UPCAST:
-            qt = qt.to(tl.float32)
         if PRESCALE:
             qt = qt * scale2                                                    # as the stats pass's q
-        s2t = _layer_scores2(tl.dot(k, qt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+        s2t = layer_scores2(tl.dot(k, qt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
                              SOFTCAP)                                           # S2'[t, s] as [s, t]
         pt = tl.exp2((s2t - row_max[None, :]) - log2_l[None, :])               # A[t, s] as [s, t]
         if MASKED:
@@ -165,7 +147,7 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
                       len_key,
                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_HI: tl.constexpr, UPCAST: tl.constexpr,
                       PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr,
-                      VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_N: tl.constexpr,
+                      VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, SMALL_BLOCK: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_HEADS: tl.constexpr):
     """Q [B, Hq, T, D], K [B, Hkv, T, D] (any strides); Fai fp32 [B, Hq, T] (unit stride on T); Norm fp32
     [2, B, Hq, T] (the stats pass's m and log2 l, strides of Fai, planes stride_norm apart); Counts int64
@@ -183,11 +165,7 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
         g_start = 0
         g_stop = group
         entry = pid // n_kv_heads
-    if BLOCK_N == SMALL_N:
-        entry += table_off_small
-    else:
-        entry += table_off_large
-    row = Table + entry.to(tl.int64) * 5
+    row = table_row(Table, entry, table_off_small, table_off_large, 5, BLOCK_N, SMALL_BLOCK)
     batch = tl.load(row).to(tl.int64)
     seg_start = tl.load(row + 1)
     seg_end = tl.load(row + 2)
@@ -200,12 +178,7 @@ def _influence_kernel(Q, K, Norm, Counts, Fai, Table, table_off_small, table_off
     key_ok = offs_s < seg_end
     k_ptrs = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + offs_s.to(tl.int64)[:, None] * stride_kt \
         + offs_d[None, :] * stride_kd
-    if HEAD_DIM == D_PAD:
-        k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    k = load_rows(k_ptrs, key_ok, offs_d, HEAD_DIM, D_PAD, True, UPCAST)
     count = tl.load(Counts + batch * stride_cb + offs_s, mask=key_ok, other=0).to(tl.float32)
 
     # rows that can attend this key block: [t_lo, t_end)
@@ -268,16 +241,16 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segment
     q [B, Hq, T, D], k [B, Hkv, T, D]; norm float32 [2, B, Hq, T], the stats pass's ``StatsResult.norm``
     (unit stride on T); counts int64 [B, T] = |T(s)| (``influence_counts``). Returns fai float32 [B, Hq, T]
     (0 on padding and where T(s) is empty). layer: the ``LayerAttention`` the stats pass ran with (None =
-    plain causal); with a window w a key block visits only the rows up to w - 1 after it. ``config`` (tests): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS,
-    num_warps, num_stages} instead of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build
-    the block table for (default: just config's).
+    plain causal); with a window w a key block visits only the rows up to w - 1 after it.
+    ``config`` (tests, pinned configs): a fixed {BLOCK_N, BLOCK_M, SPLIT_HEADS, num_warps, num_stages} instead
+    of the default / autotuned one; ``table_sizes`` the BLOCK_N sizes to build the block table for (default:
+    just config's).
     """
-    batch, q_heads, length, dim = q.shape
+    batch, q_heads, length, _ = q.shape
     kv_heads = k.shape[1]
     if tuple(norm.shape) != (2, batch, q_heads, length) or norm.dtype != torch.float32:
         raise ValueError(f"norm must be the stats pass's float32 [2, B, Hq, T] = [2, {batch}, {q_heads}, {length}] "
                          f"(StatsResult.norm), got {norm.dtype} {tuple(norm.shape)}")
-    d_pad = max(16, triton.next_power_of_2(dim))
     # T(s) never reaches past the longest segment: larger horizons are the same horizons, and keep
     # n0 + BLOCK_N + H_hi inside int32 (a caller may pass 2**31 - 1 for "to the end")
     longest = segments.max_len
@@ -291,29 +264,19 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segment
     if counts.stride(1) != 1:
         counts = counts.contiguous()
 
-    # fp32 and D = 256 always take their default config (the tuned tiles spill registers there)
-    if config is None and autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
-        block_ns, launch, meta = GPU_BLOCK_NS, _influence_kernel_tuned, {}
-    else:
-        meta = dict(config) if config is not None else default_influence_config(d_pad, q.dtype)
-        block_ns = tuple(table_sizes) if table_sizes else (meta["BLOCK_N"],)
-        launch = _influence_kernel
-    table, offsets = influence_block_table(segments.host, block_ns, (h_lo, h_hi), q.device)
-    if sum(n for _, n in offsets.values()) == 0:
+    host = segments.host
+    plan = launch_plan(INFLUENCE_PASS, _influence_kernel, _influence_kernel_tuned, q,
+                       lambda bn: _influence_table_rows(host, bn, (h_lo, h_hi)), (host, h_lo, h_hi), config,
+                       table_sizes)
+    if plan.programs == 0:
         return fai                                      # every T(s) is empty (e.g. empty responses)
-    small = block_ns[0]
-    grid = lambda META: (offsets[META["BLOCK_N"]][1] * (q_heads if META["SPLIT_HEADS"] else kv_heads),)  # noqa: E731
-
-    upcast = interpreting()
-    dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
-    launch[grid](
-        q, k, norm, counts, fai, table, offsets[small][0], offsets[block_ns[-1]][0],
+    plan.kernel[plan.grid(lambda META: q_heads if META["SPLIT_HEADS"] else kv_heads)](
+        q, k, norm, counts, fai, plan.table, plan.off_small, plan.off_large,
         *q.stride(), *k.stride(),
         norm.stride(1), norm.stride(2), norm.stride(0), counts.stride(0),
         q_heads, kv_heads, q_heads // kv_heads, h_lo, 0 if h_hi is None else h_hi, layer_.sliding, layer_.chunk,
-        float(scale) * LOG2E, layer_.cap2, layer_.neg_two_over_cap, triton.next_power_of_2(max(longest, 1)),
-        HEAD_DIM=dim, D_PAD=d_pad, HAS_HI=h_hi is not None, UPCAST=upcast, PRESCALE=prescaled(q.dtype),
-        DOT_PREC=dot_prec, SMALL_N=small, **{key: flag for key, flag in layer_.flags.items() if key != "HAS_SINKS"},
-        **meta,
+        float(scale) * LOG2E, layer_.cap2, layer_.neg_two_over_cap, length_key(longest),
+        HAS_HI=h_hi is not None, **{key: flag for key, flag in layer_.flags.items() if key != "HAS_SINKS"},
+        **plan.constexprs, **plan.meta,
     )
     return fai

@@ -3,6 +3,8 @@
     stats pass      (triton_stats)      lse, distance, waad [and out]   row-parallel, FlashAttention forward
     influence pass  (triton_influence)  fai from q, k and the stored lse column-parallel, dK/dV shape
 
+Both take their launch plan, tile loads and logit math from ``triton_common``.
+
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from . import tuned_configs
 from .layer_attention import LayerAttention
 from .segments import Horizon, Segments
+from .triton_common import autotunes, interpreting, length_key
 from .triton_influence import influence_pass
-from .triton_stats import autotune_enabled, interpreting, stats_pass
+from .triton_stats import stats_pass
 
 MAX_HEAD_DIM = 256
 
@@ -63,11 +66,11 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
 def _pinned(q: torch.Tensor, segments: Segments, kernel: str, mode: str) -> dict | None:
     """The pinned config (``rhythm_kernels.tuned_configs``) where the launcher would autotune, else None."""
     dim = q.shape[-1]
-    if q.device.type != "cuda" or not autotune_enabled() or q.dtype == torch.float32 or dim > 128:
-        return None                                  # fp32 and D > 128 (padded to 256) never autotune
+    if q.device.type != "cuda" or not autotunes(q.dtype, dim):
+        return None
     entries = tuned_configs.load_entries()
     if not entries:
         return None
-    len_key = 1 << max(segments.max_len - 1, 0).bit_length()          # triton.next_power_of_2(max_len)
     return tuned_configs.pinned_config(kernel, torch.cuda.get_device_name(q.device), dim,
-                                       str(q.dtype).replace("torch.", ""), mode, len_key, entries)
+                                       str(q.dtype).replace("torch.", ""), mode, length_key(segments.max_len),
+                                       entries)

@@ -48,15 +48,14 @@ and a packed batch is not sized by the longest sequence times the number of segm
 """
 from __future__ import annotations
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .triton_common import (LOG2E, PassSpec, interpreting, launch_plan, layer_args, layer_scores2, length_key,
+                            load_cols, load_rows, table_row)
 
 # Autotune configs (GPU). BLOCK_M = query rows per program, BLOCK_N = keys per step.
 # Kept short on purpose: every config is one more compile per (D, HAS_V, dtype) variant. Compiled for sm_90 as
@@ -74,46 +73,6 @@ assert len(GPU_BLOCK_MS) <= 2, "the kernel addresses at most two block-table siz
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 
 
-def interpreting() -> bool:
-    """True under the Triton CPU interpreter (tests without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _patch_interpreter_scalar_index() -> None:
-    """Interpreter-only fix: Triton 3.6's interpreter turns a scalar into a loop bound with int(array) on a
-    1-element array, which numpy >= 2.4 refuses (triton-lang/triton#9171), so every loop with a runtime bound
-    fails. Squeeze first. Compiled (GPU) kernels are untouched."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter, "_rhythm_scalar_index_patch", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._rhythm_scalar_index_patch = True
-
-
-if interpreting():
-    _patch_interpreter_scalar_index()
-
-
-def prescaled(dtype: torch.dtype) -> bool:
-    """fp32 inputs: both passes multiply q by scale * log2(e) before the dot, so the dot gives the base-2 logits
-    S2 directly and the influence pass recomputes bitwise the S2 the stats pass saw (an FMA of q.k * scale - m
-    would not round like the stats pass's product). fp16/bf16 q would lose precision if scaled in its dtype:
-    there the scale multiplies the fp32 dot result."""
-    return dtype == torch.float32
-
-
-def autotune_enabled() -> bool:
-    """GPU autotuning is on unless RHYTHM_TRITON_AUTOTUNE=0 (the test suite turns it off to save compiles)."""
-    return not interpreting() and os.environ.get("RHYTHM_TRITON_AUTOTUNE", "1") != "0"
-
-
 def default_stats_config(d_pad: int, dtype: torch.dtype) -> dict:
     """The config used without autotuning (and the only one for fp32 and D = 256). fp32 uses the IEEE dot on
     CUDA cores (the correctness path: small tiles). sm_90 compile report (bench/results/compile_sm90.json):
@@ -129,123 +88,22 @@ def default_stats_config(d_pad: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
+STATS_PASS = PassSpec("stats", "BLOCK_M", GPU_BLOCK_MS, default_stats_config, 4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Block table: (batch, segment start, segment end, query block start) per program, sorted by work.
 # ----------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _stats_table_host(host: tuple, block_ms: tuple) -> tuple[list, dict]:
-    rows, offsets = [], {}
-    for bm in block_ms:
-        entries = []
-        for b, start, end, _ in host:
-            for m0 in range(start, end, bm):
-                work = min(m0 + bm, end) - start          # keys visited by the block's last row
-                entries.append((work, b, start, end, m0))
-        entries.sort(key=lambda e: -e[0])                 # stable: ties keep segment order
-        offsets[bm] = (len(rows), len(entries))
-        rows.extend(e[1:] for e in entries)
-    return rows, offsets
-
-
-_DEVICE_TABLES: dict = {}
-
-
-def cached_device_table(key: tuple, build_host, width: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Upload a host block table once per (key, device): int32 [n, width] and its {block: (offset, count)}.
-
-    build_host() -> (rows, offsets). Shared by both passes; bounded to 64 entries."""
-    key = key + (str(device),)
-    if key not in _DEVICE_TABLES:
-        rows, offsets = build_host()
-        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, width).to(device)
-        if len(_DEVICE_TABLES) > 64:
-            _DEVICE_TABLES.clear()
-        _DEVICE_TABLES[key] = (table, offsets)
-    return _DEVICE_TABLES[key]
-
-
-def stats_block_table(host: tuple, block_ms: tuple, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """int32 [n, 4] device table for every BLOCK_M in block_ms and {BLOCK_M: (offset, count)} (cached)."""
-    return cached_device_table(("stats", host, block_ms), lambda: _stats_table_host(host, block_ms), 4, device)
+def _stats_table_rows(host: tuple, block_m: int) -> list:
+    """[(work, batch, seg_start, seg_end, m0)] for every query block of BLOCK_M rows; work = keys visited by
+    the block's last row."""
+    return [(min(m0 + block_m, end) - start, b, start, end, m0)
+            for b, start, end, _ in host for m0 in range(start, end, block_m)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------------------
-@triton.jit
-def _load_tile(ptrs, rows_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, ROW_MASK: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """Load a [rows, D_PAD] tile, zero outside the real rows / head dim; fp32 right away under UPCAST."""
-    if ROW_MASK:
-        if HEAD_DIM == D_PAD:
-            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == D_PAD:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _load_keys_t(ptrs, keys_ok, offs_d, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, KEY_MASK: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    """Load K^T as a [D_PAD, keys] tile (ptrs laid out that way), zero outside the real keys / head dim.
-
-    K is read already transposed (as the Triton tutorial's K block pointer with order (0, 1)) rather than
-    tl.trans of a [keys, D] tile: then the stats dot q K^T and the influence pass's K Q^T reduce the same
-    products in the same order, also under the interpreter (numpy rounds a matmul with a transposed view
-    differently), so both passes see bitwise the same scores."""
-    if KEY_MASK:
-        if HEAD_DIM == D_PAD:
-            x = tl.load(ptrs, mask=keys_ok[None, :], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=keys_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-    else:
-        if HEAD_DIM == D_PAD:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _scores2(qk, scale2, PRESCALE: tl.constexpr):
-    """Base-2 logits S2 = scale * log2(e) * q.k of a q.k tile. PRESCALE (fp32 inputs): q was multiplied by
-    scale2 before the dot, so the dot result already is S2 (no rounded product to redo in the influence pass)."""
-    if PRESCALE:
-        return qk
-    else:
-        return qk * scale2
-
-
-@triton.jit
-def _softcap2(s2, cap2, neg_two_over_cap):
-    """Softcapping in base 2: cap * tanh(S / cap) in log2(e) units is cap2 * tanh(S2 / cap2), cap2 =
-    cap * log2(e). tanh|x| = (1 - e) / (1 + e), e = 2^(-2 log2(e) |x|) = 2^(|S2| * neg_two_over_cap)
-    (neg_two_over_cap = -2 log2(e) / cap2 = -2 / cap): only exp2, so the interpreter and the GPU run the same
-    formula. Its absolute error is a few fp32 ulps of 1 (times cap2 in the logit), also near 0 where 1 - e
-    loses relative precision: the softmax only sees absolute logit errors. Apply before masking (-inf -> -cap)."""
-    e = tl.exp2(tl.abs(s2) * neg_two_over_cap)
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(s2 < 0, -t, t) * cap2
-
-
-@triton.jit
-def _layer_scores2(qk, scale2, cap2, neg_two_over_cap, PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr):
-    """The layer's base-2 logits S2' of a q.k tile: scaled, then softcapped when SOFTCAP."""
-    s2 = _scores2(qk, scale2, PRESCALE)
-    if SOFTCAP:
-        s2 = _softcap2(s2, cap2, neg_two_over_cap)
-    return s2
-
-
 @triton.jit
 def _first_visible(t, seg_start, sliding, chunk, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr):
     """First key row t sees: max(seg_start, t - sliding + 1 (window), start of t's chunk (chunked))."""
@@ -265,9 +123,9 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
     """Keys [lo, hi): visible to every row of the block and all <= m0 - W: no mask, every key is "far"."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
-        kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, offs_s,
+        kt = load_cols(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, offs_s,
                           offs_d, HEAD_DIM, D_PAD, False, UPCAST)
-        s2 = _layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+        s2 = layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
                             SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))                              # base-2 running max
         alpha = tl.exp2(m_i - m_new)
@@ -276,7 +134,7 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
         # distance numerator, off-band part: sum_s p * (m0 - s), every (m0 - s) > 0
         d_acc = d_acc * alpha + tl.sum(p * (m0 - offs_s).to(tl.float32)[None, :], 1)
         if HAS_V:
-            v = _load_tile(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_s,
+            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_s,
                            offs_d, HEAD_DIM, D_PAD, False, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -296,13 +154,13 @@ def _stats_masked(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt,
     for n0 in range(lo, hi, BLOCK_N):
         offs_s = n0 + offs_n
         key_ok = offs_s < hi
-        kt = _load_keys_t(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok,
+        kt = load_cols(k_base + offs_s.to(tl.int64)[None, :] * stride_kt + offs_d[:, None] * stride_kd, key_ok,
                           offs_d, HEAD_DIM, D_PAD, True, UPCAST)
         lag = offs_m[:, None] - offs_s[None, :]                               # t - s
         valid = (lag >= 0) & key_ok[None, :]
         if VISIBLE:
             valid = valid & (offs_s[None, :] >= lo_row[:, None])
-        s2 = _layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
+        s2 = layer_scores2(tl.dot(q, kt, input_precision=DOT_PREC), scale2, cap2, neg_two_over_cap, PRESCALE,
                             SOFTCAP)
         # masked after scaling: a scale that underflows to 0 in fp32 must not turn -inf * 0 into NaN
         s2 = tl.where(valid, s2, float("-inf"))
@@ -320,7 +178,7 @@ def _stats_masked(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt,
         near = near * alpha + tl.sum(tl.where(is_near, p * lag_f, 0.0), 1)   # p * (t - s) for t - s < W
         far = far * alpha + tl.sum(tl.where(is_near, 0.0, p), 1)             # p for t - s >= W
         if HAS_V:
-            v = _load_tile(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, key_ok,
+            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, key_ok,
                            offs_d, HEAD_DIM, D_PAD, True, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -344,24 +202,20 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
                   PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr,
                   VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr,
-                  SMALL_M: tl.constexpr,
+                  SMALL_BLOCK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Q [B, Hq, T, D], K/V [B, Hkv, T, D] (any strides); Out [B, T, Hq, D]; Lse/Dist/Waad fp32 [B, Hq, T]
     (unit stride on T); Norm fp32 [2, B, Hq, T] (same strides as Lse, planes stride_norm apart): the row's
     base-2 max m and log2 l, for the influence pass. Sinks fp32 [Hq] (base-2 sink logits, HAS_SINKS).
     Table int32 [n, 4] = (batch, seg_start, seg_end, block_start), the rows for this BLOCK_M starting at
-    table_off_small (BLOCK_M == SMALL_M) or table_off_large. window: W, at most the longest segment (clamped
+    table_off_small (BLOCK_M == SMALL_BLOCK) or table_off_large. window: W, at most the longest segment (clamped
     on the host). sliding / chunk: the layer's window and chunk size (HAS_SLIDING / HAS_CHUNK); cap2 and
     neg_two_over_cap: the softcap in base 2 (SOFTCAP). VISIBLE = HAS_SLIDING or HAS_CHUNK. Plain causal
     attention compiles all of them out."""
     pid = tl.program_id(0)
     head = pid % n_q_heads
     entry = pid // n_q_heads
-    if BLOCK_M == SMALL_M:
-        entry += table_off_small
-    else:
-        entry += table_off_large
-    row = Table + entry.to(tl.int64) * 4
+    row = table_row(Table, entry, table_off_small, table_off_large, 4, BLOCK_M, SMALL_BLOCK)
     batch = tl.load(row).to(tl.int64)
     seg_start = tl.load(row + 1)
     seg_end = tl.load(row + 2)
@@ -376,7 +230,7 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
 
     q_ptrs = Q + batch * stride_qb + head64 * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qt \
         + offs_d[None, :] * stride_qd
-    q = _load_tile(q_ptrs, row_ok, offs_d, HEAD_DIM, D_PAD, True, UPCAST)
+    q = load_rows(q_ptrs, row_ok, offs_d, HEAD_DIM, D_PAD, True, UPCAST)
     if PRESCALE:
         q = q * scale2                                      # fp32: the dot yields S2 itself (see _scores2)
     k_base = K + batch * stride_kb + kv_head * stride_kh
@@ -470,37 +324,6 @@ class StatsResult(NamedTuple):
     norm: torch.Tensor
 
 
-class LayerArgs(NamedTuple):
-    """The kernels' view of a ``LayerAttention``: runtime values and the constexpr flags that compile each
-    mechanism in only when used (plain causal attention runs the same code as without a layer)."""
-
-    sliding: int            # the window w (0 when unused)
-    chunk: int              # the chunk size c (0 when unused)
-    cap2: float             # softcap * log2(e) (1.0 when unused)
-    neg_two_over_cap: float  # -2 / softcap, the exponent factor of tanh in base 2 (-1.0 when unused)
-    sinks2: torch.Tensor | None   # fp32 [Hq] sink logits * log2(e), or None
-    flags: dict             # HAS_SLIDING, HAS_CHUNK, VISIBLE, SOFTCAP, HAS_SINKS
-
-
-def layer_args(layer, longest: int, device: torch.device) -> LayerArgs:
-    """LayerAttention (or None) -> LayerArgs. A window or chunk at least the longest segment hides no key
-    (t - s < len <= w; every row's chunk starts at the segment start), so it is dropped here: plain code,
-    and no int32 overflow of t - w + 1."""
-    sliding = getattr(layer, "sliding_window", None) if layer is not None else None
-    chunk = getattr(layer, "chunk_size", None) if layer is not None else None
-    softcap = getattr(layer, "softcap", None) if layer is not None else None
-    sinks = getattr(layer, "sinks", None) if layer is not None else None
-    sliding = None if sliding is None or sliding >= longest else int(sliding)
-    chunk = None if chunk is None or chunk >= longest else int(chunk)
-    sinks2 = None if sinks is None else (sinks.detach().to(device=device, dtype=torch.float32) * LOG2E).contiguous()
-    flags = dict(HAS_SLIDING=sliding is not None, HAS_CHUNK=chunk is not None,
-                 VISIBLE=sliding is not None or chunk is not None, SOFTCAP=softcap is not None,
-                 HAS_SINKS=sinks is not None)
-    # -2 / cap stays a finite fp32 for any cap > 0 (0 * -inf would be NaN at S = 0)
-    return LayerArgs(sliding or 0, chunk or 0, 1.0 if softcap is None else float(softcap) * LOG2E,
-                     -1.0 if softcap is None else max(-2.0 / float(softcap), -3.0e38), sinks2, flags)
-
-
 def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segments, *, window: int,
                scale: float, layer=None, config: dict | None = None,
                table_sizes: tuple | None = None) -> StatsResult:
@@ -515,7 +338,6 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     sizes to build the block table for (default: just config's), instead of the default / autotuned setup.
     """
     batch, q_heads, length, dim = q.shape
-    d_pad = max(16, triton.next_power_of_2(dim))
     covered = sum(e - s for _, s, e, _ in segments.host) == batch * length
     alloc = torch.empty if covered else torch.zeros
     lse = alloc(batch, q_heads, length, dtype=torch.float32, device=q.device)
@@ -532,31 +354,16 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     window = max(1, min(int(window), segments.max_len))
     layer_ = layer_args(layer, segments.max_len, q.device)
 
-    # fp32 and D = 256 always take their default config: the tuned tiles spill registers there
-    if config is None and autotune_enabled() and q.dtype != torch.float32 and d_pad < 256:
-        block_ms = GPU_BLOCK_MS
-        launch = _stats_kernel_tuned
-        meta = {}
-    else:
-        meta = dict(config) if config is not None else default_stats_config(d_pad, q.dtype)
-        block_ms = tuple(table_sizes) if table_sizes else (meta["BLOCK_M"],)
-        launch = _stats_kernel
-    table, offsets = stats_block_table(segments.host, block_ms, q.device)
-    small = block_ms[0]
-    off_small = offsets[small][0]
-    off_large = offsets[block_ms[-1]][0]
-    grid = lambda META: (offsets[META["BLOCK_M"]][1] * q_heads,)  # noqa: E731
-
-    upcast = interpreting()
-    dot_prec = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
-    launch[grid](
-        q, k, v_arg, out_arg, lse, dist, waad, norm, lse if layer_.sinks2 is None else layer_.sinks2, table,
-        off_small, off_large,
+    host = segments.host
+    plan = launch_plan(STATS_PASS, _stats_kernel, _stats_kernel_tuned, q, lambda bm: _stats_table_rows(host, bm),
+                       (host,), config, table_sizes)
+    plan.kernel[plan.grid(lambda META: q_heads)](
+        q, k, v_arg, out_arg, lse, dist, waad, norm, lse if layer_.sinks2 is None else layer_.sinks2, plan.table,
+        plan.off_small, plan.off_large,
         *q.stride(), *k.stride(), *v_strides, *o_strides,
         lse.stride(0), lse.stride(1), norm.stride(0),
         q_heads, q_heads // k.shape[1], window, layer_.sliding, layer_.chunk, float(scale) * LOG2E, layer_.cap2,
-        layer_.neg_two_over_cap, triton.next_power_of_2(max(segments.max_len, 1)),
-        HEAD_DIM=dim, D_PAD=d_pad, HAS_V=has_v, UPCAST=upcast, PRESCALE=prescaled(q.dtype), DOT_PREC=dot_prec,
-        SMALL_M=small, **layer_.flags, **meta,
+        layer_.neg_two_over_cap, length_key(segments.max_len),
+        HAS_V=has_v, **plan.constexprs, **layer_.flags, **plan.meta,
     )
     return StatsResult(lse, dist, waad, out, norm)
