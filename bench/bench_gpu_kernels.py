@@ -3,7 +3,9 @@ outputs checked against an fp64 reference in the same run (docs/definitions.md s
 
 bf16, causal, one layer B x Hq x Hkv x D = 1 x 32 x 8 x D (Qwen3-4B's heads), every position a response
 position. Shapes run in the order given (``--shapes D:T ...``; default D=128 at T=8192 and 32768, then D=64,
-then both at 2048). Per shape and method: CUDA events, 3 warm-ups, median of 10 repeats (5 at T > 8192).
+then both and the MLA head dims at 2048). ``D/Dv:T`` gives v its own head dim (DeepSeek MLA: 192/128:T);
+SDPA and FlashAttention 2 take one head dim, so for them v is zero-padded to D outside the timing and the
+output sliced back (what transformers does for MLA on flash-attention). Per shape and method: CUDA events, 3 warm-ups, median of 10 repeats (5 at T > 8192).
 
     sdpa_flash          F.scaled_dot_product_attention(is_causal=True) under SDPBackend.FLASH_ATTENTION
     fa2                 flash_attn.flash_attn_func(causal=True), FlashAttention 2 itself, native GQA (only where
@@ -23,7 +25,7 @@ Every measurement is printed and appended to $OUT/results.jsonl at once; $OUT/be
 rewritten from it; the autotuner's picks go to $OUT/tuned_configs.json (rhythm_kernels.tuned_configs).
 
 FLOPs (FlashAttention's convention: only the useful entries of the causal triangle, 2 FLOPs per MAC):
-    sdpa_flash, fa2, stats_with_out   4 * B * Hq * T^2 * D / 2   (QK^T and PV)
+    sdpa_flash, fa2, stats_with_out   2 * B * Hq * T^2 * (D + Dv) / 2   (QK^T and PV)
     stats_no_out, influence_full 2 * B * Hq * T^2 * D / 2        (QK^T only; the influence pass recomputes it)
     influence_band               2 * B * Hq * D * (band entries)  (entries with 10 <= t - s <= 100)
     metrics_only, api, eager     stats_no_out + influence_band    (the same useful work, to compare)
@@ -50,14 +52,15 @@ WINDOW = 10
 BAND = (10, 100)
 FULL = (10, None)
 TARGETS = {"stats_with_out": 1.05, "metrics_only": 0.75, "influence_full": 0.6}
-DEFAULT_SHAPES = ["128:8192", "128:32768", "64:8192", "64:32768", "128:2048", "64:2048"]
-DRY_SHAPES = ["64:96", "64:64"]
+DEFAULT_SHAPES = ["128:8192", "128:32768", "64:8192", "64:32768", "128:2048", "64:2048", "192/128:2048"]
+DRY_SHAPES = ["64:96", "64:64", "192/128:48"]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU under TRITON_INTERPRET=1 with tiny shapes")
-    parser.add_argument("--shapes", nargs="+", default=None, metavar="D:T", help="head dim:length, in order")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="D[/Dv]:T",
+                        help="head dim (and v's head dim when it differs):length, in order")
     parser.add_argument("--heads", type=int, nargs=2, default=None, metavar=("HQ", "HKV"))
     parser.add_argument("--budget-s", type=float, default=210.0,
                         help="start no new method after this many seconds (the rest is recorded as skipped)")
@@ -68,7 +71,7 @@ def parse_args(argv=None):
     parser.add_argument("--warm", action="store_true", help="compile the run's kernel variants in parallel")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile for --arch without a GPU, specialised as the runtime does")
-    parser.add_argument("--quick", action="store_true", help="with --compile-only: four representative variants")
+    parser.add_argument("--quick", action="store_true", help="with --compile-only: five representative variants")
     parser.add_argument("--jobs", type=int, default=None, help="--warm / --compile-only: parallel processes")
     parser.add_argument("--limit", type=int, default=None, help="--warm: only the first N jobs")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only")
@@ -132,24 +135,36 @@ def is_oom(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------------
 # The methods and what each one's outputs are checked as
 # --------------------------------------------------------------------------------------------------------
+def _v_padded(q, v):
+    """(v zero-padded to q's head dim, Dv, note): SDPA and FlashAttention 2 take one head dim for q, k, v."""
+    import torch.nn.functional as F
+
+    v_dim = v.shape[-1]
+    if v_dim == q.shape[-1]:
+        return v, v_dim, ""
+    return F.pad(v, (0, q.shape[-1] - v_dim)), v_dim, f", v zero-padded {v_dim} -> {q.shape[-1]} outside the timing"
+
+
 def sdpa_flash_fn(q, k, v):
     """SDPA forward under the flash backend. GQA via enable_gqa when the backend takes it, else K/V repeated
-    once outside the timed call. Returns (fn, how)."""
+    once outside the timed call. Returns (fn, how); fn's output is [B, Hq, T, Dv]."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    v, v_dim, padded = _v_padded(q, v)
+
     def attempt(kk, vv, gqa):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=gqa)[..., :v_dim]
 
     try:
         attempt(k, v, True)
-        return (lambda: attempt(k, v, True)), "flash, enable_gqa"
+        return (lambda: attempt(k, v, True)), "flash, enable_gqa" + padded
     except RuntimeError:
         group = q.shape[1] // k.shape[1]
         kk, vv = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         attempt(kk, vv, False)
-        return (lambda: attempt(kk, vv, False)), "flash, K/V repeated outside the timing"
+        return (lambda: attempt(kk, vv, False)), "flash, K/V repeated outside the timing" + padded
 
 
 def fa2_fn(q, k, v):
@@ -157,16 +172,20 @@ def fa2_fn(q, k, v):
     Raises ImportError without the flash-attn package. Returns (fn, how)."""
     from flash_attn import __version__, flash_attn_func
 
+    v, v_dim, padded = _v_padded(q, v)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))   # transposed once, outside the timing
-    return (lambda: flash_attn_func(qt, kt, vt, causal=True)), f"flash-attn {__version__}, native GQA"
+    return (lambda: flash_attn_func(qt, kt, vt, causal=True)[..., :v_dim]), \
+        f"flash-attn {__version__}, native GQA{padded}"
 
 
-def flops(name: str, batch: int, heads: int, length: int, dim: int) -> float:
-    tri = batch * heads * length * length * dim / 2
+def flops(name: str, batch: int, heads: int, length: int, dim: int, v_dim: int | None = None) -> float:
+    """Useful FLOPs of a method (see the module docstring); v_dim: v's head dim (default dim)."""
+    tri = batch * heads * length * length / 2                    # causal entries
+    qk, pv = 2 * tri * dim, 2 * tri * (v_dim or dim)
     band_entries = sum(max(0, t - BAND[0] - max(0, t - BAND[1]) + 1) for t in range(length))
     band = 2 * batch * heads * dim * band_entries
-    return {"sdpa_flash": 4 * tri, "fa2": 4 * tri, "stats_with_out": 4 * tri, "stats_no_out": 2 * tri,
-            "influence_full": 2 * tri, "influence_band": band}.get(name, 2 * tri + band)
+    return {"sdpa_flash": qk + pv, "fa2": qk + pv, "stats_with_out": qk + pv, "stats_no_out": qk,
+            "influence_full": qk, "influence_band": band}.get(name, qk + band)
 
 
 def checked_outputs(name: str, result) -> dict:
@@ -208,7 +227,8 @@ class References:
         return self.ref64, self.ref_lp
 
 
-def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtype, warmup, repeats, started):
+def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
+                started):
     import torch
 
     import rhythm
@@ -220,10 +240,10 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
     from rhythm_kernels.triton_stats import stats_pass
 
     device = "cuda" if cuda else "cpu"
-    shape = {"B": 1, "Hq": q_heads, "Hkv": kv_heads, "T": length, "D": dim, "dtype": str(dtype)}
+    shape = {"B": 1, "Hq": q_heads, "Hkv": kv_heads, "T": length, "D": dim, "Dv": v_dim, "dtype": str(dtype)}
     gen = torch.Generator(device=device).manual_seed(length * 1000 + dim)
-    make = lambda heads: torch.randn(1, heads, length, dim, generator=gen, device=device, dtype=dtype)  # noqa: E731
-    q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
+    make = lambda heads, d: torch.randn(1, heads, length, d, generator=gen, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = make(q_heads, dim), make(kv_heads, dim), make(kv_heads, v_dim)
     scale = dim ** -0.5
     segments = segments_from_mask(None, 1, length, None, q.device)
     counts_band = influence_counts(segments, 1, length, BAND)
@@ -269,7 +289,7 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
         try:
             entry.update(timer.measure(fn, warmup, repeats))
             entry["peak_mem_bytes"], result = timer.peak_and_result(fn)
-            entry["tflops"] = flops(name, 1, q_heads, length, dim) / (entry["ms"] * 1e-3) / 1e12
+            entry["tflops"] = flops(name, 1, q_heads, length, dim, v_dim) / (entry["ms"] * 1e-3) / 1e12
             measured[name] = entry["ms"]
             if name == "sdpa_flash":
                 sdpa_out = result
@@ -316,13 +336,15 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtyp
 
 
 def parse_shapes(items):
+    """["D:T" or "D/Dv:T"] -> [(D, Dv, T)]."""
     shapes = []
     for item in items:
         try:
-            dim, length = (int(x) for x in item.split(":"))
+            dims, length = item.split(":")
+            dim, _, v_dim = dims.partition("/")
+            shapes.append((int(dim), int(v_dim or dim), int(length)))
         except ValueError:
-            sys.exit(f"--shapes: expected D:T (e.g. 128:8192), got {item!r}")
-        shapes.append((dim, length))
+            sys.exit(f"--shapes: expected D:T or D/Dv:T (e.g. 128:8192, 192/128:2048), got {item!r}")
     return shapes
 
 
@@ -342,13 +364,15 @@ def benchmark(args, cuda, records) -> int:
                            "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)",
                            "check": "docs/definitions.md section 7 against bench/reference_check.py"},
               "targets_vs_sdpa_flash": TARGETS}
-    records.emit("machine", **machine(cuda), shapes=[f"{d}:{t}" for d, t in shapes], heads=[q_heads, kv_heads])
-    for dim, length in shapes:
+    records.emit("machine", **machine(cuda), shapes=[f"{d}/{dv}:{t}" if dv != d else f"{d}:{t}"
+                                                     for d, dv, t in shapes], heads=[q_heads, kv_heads])
+    for dim, v_dim, length in shapes:
         if time.perf_counter() - started > args.budget_s:
-            records.emit("skipped", T=length, D=dim, reason=f"time budget of {args.budget_s:.0f} s spent")
+            records.emit("skipped", T=length, D=dim, Dv=v_dim, reason=f"time budget of {args.budget_s:.0f} s spent")
             continue
         repeats = 1 if args.dry_run else (10 if length <= 8192 else 5)
-        bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, dtype, warmup, repeats, started)
+        bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
+                    started)
         records.rewrite_summary(header)
     print(f"wrote {records.rewrite_summary(header)}")
     failed = [r for r in records.read(("bench",)) if r["step"] == args.step and r.get("ok") is False]
@@ -366,19 +390,22 @@ def smoke(args, cuda, records) -> int:
 
     os.environ["RHYTHM_TRITON_AUTOTUNE"] = "0"      # the fixed configs (what the test suite runs)
     device = "cuda" if cuda else "cpu"
-    # (dtype, T, Hq, Hkv, D, response_start): fp32 at T >= 2K holds the ieee dot to the fp32 rule on a GPU
-    cases = ([(torch.float32, 128, 4, 2, 64, 40), (torch.bfloat16, 96, 4, 2, 64, 0)] if args.dry_run else
-             [(torch.float32, 2048, 32, 8, 128, 512), (torch.bfloat16, 1024, 32, 8, 128, 0)])
+    # (dtype, T, Hq, Hkv, D, Dv, response_start): fp32 at T >= 2K holds the ieee dot to the fp32 rule on a
+    # GPU; the MLA head dims (192 / 128, DeepSeek-V3: no GQA) in bf16
+    cases = ([(torch.float32, 128, 4, 2, 64, 64, 40), (torch.bfloat16, 96, 4, 2, 64, 64, 0),
+              (torch.bfloat16, 48, 2, 2, 192, 128, 8)] if args.dry_run else
+             [(torch.float32, 2048, 32, 8, 128, 128, 512), (torch.bfloat16, 1024, 32, 8, 128, 128, 0),
+              (torch.bfloat16, 1024, 16, 16, 192, 128, 256)])
     failed = 0
-    for dtype, length, q_heads, kv_heads, dim, resp in cases:
+    for dtype, length, q_heads, kv_heads, dim, v_dim, resp in cases:
         gen = torch.Generator(device=device).manual_seed(length + dim)
-        make = lambda heads: (torch.randn(1, heads, length, dim, generator=gen, device=device) * 1.5).to(dtype)  # noqa: E731
-        q, k, v = make(q_heads), make(kv_heads), make(kv_heads)
+        make = lambda heads, d: (torch.randn(1, heads, length, d, generator=gen, device=device) * 1.5).to(dtype)  # noqa: E731
+        q, k, v = make(q_heads, dim), make(kv_heads, dim), make(kv_heads, v_dim)
         horizons = {"band": BAND, "full": FULL}
         refs = [reference_metrics(q, k, scale=dim ** -0.5, window=WINDOW, horizons=horizons, response_start=resp,
-                                  compute_dtype=cd) for cd in (torch.float64, dtype)]
+                                  compute_dtype=cd, v=v) for cd in (torch.float64, dtype)]
         for name, horizon in horizons.items():
-            entry = {"dtype": str(dtype), "T": length, "Hq": q_heads, "Hkv": kv_heads, "D": dim,
+            entry = {"dtype": str(dtype), "T": length, "Hq": q_heads, "Hkv": kv_heads, "D": dim, "Dv": v_dim,
                      "response_start": resp, "horizon": horizon, "with_v": name == "band"}
             started = time.perf_counter()
             try:
@@ -386,6 +413,8 @@ def smoke(args, cuda, records) -> int:
                                                    window=WINDOW, horizon=horizon, response_start=resp)
                 ours = {"lse": metrics.lse[0], "distance": metrics.distance[0], "waad": metrics.waad[0],
                         f"fai:{name}": metrics.fai[0]}
+                if metrics.out is not None:
+                    ours["out"] = metrics.out[0].transpose(0, 1)                    # [Hq, T, Dv]
                 entry["check"] = compare(ours, refs[0], None if dtype == torch.float32 else refs[1], dtype)
                 entry["ok"] = all(c["ok"] for c in entry["check"].values())
             except Exception as exc:  # noqa: BLE001
@@ -420,6 +449,9 @@ def warm_jobs(dims=(128, 64)) -> list:
              Job("influence", "bf16", 128, True, length=2048, q_heads=4, kv_heads=1, autotune=False),
              Job("stats", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False),
              Job("influence", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False)]
+    # the MLA head dims (D = 192 padded to 256, v 128): fixed configs, never autotuned (smoke and benchmark)
+    jobs += [Job("stats", "bf16", 192, flag, v_dim=128, autotune=False) for flag in (True, False)]
+    jobs += [Job("influence", "bf16", 192, flag, autotune=False) for flag in (True, False)]
     for i in range(len(triton_stats.STATS_CONFIGS)):
         jobs.append(Job("stats", "bf16", 128, True, length=3000, q_heads=8, kv_heads=2, config=i))
     for flag in (True, False):
@@ -492,7 +524,8 @@ def compile_only(args, records) -> int:
         jobs = [Job("stats", "bf16", 128, True, q_heads=4, kv_heads=2, autotune=False),
                 Job("influence", "bf16", 128, False, q_heads=4, kv_heads=2, autotune=False),
                 Job("stats", "fp32", 64, True, q_heads=4, kv_heads=2, autotune=False),
-                Job("influence", "fp32", 48, True, q_heads=4, kv_heads=2, autotune=False)]
+                Job("influence", "fp32", 48, True, q_heads=4, kv_heads=2, autotune=False),
+                Job("stats", "bf16", 192, True, q_heads=4, kv_heads=2, autotune=False, v_dim=128)]
     else:
         jobs = []
         for dim in (128, 64):
@@ -504,6 +537,7 @@ def compile_only(args, records) -> int:
                            ("bf16", 80), ("fp16", 128), ("bf16", 128), ("bf16", 64)):
             for kind in ("stats", "influence"):
                 jobs += [Job(kind, dtype, dim, flag, autotune=False) for flag in (True, False)]
+        jobs += [Job("stats", "bf16", 192, flag, autotune=False, v_dim=128) for flag in (True, False)]
     path = args.out or os.path.join(records.folder, "compile_check.json")
     reports = compile_jobs(jobs, "arch", args.arch, args.jobs or 1, records, path)
     failed = sum(not r["ok"] for r in reports)

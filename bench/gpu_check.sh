@@ -29,9 +29,9 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 PLAN=(
     "preflight   40 C compiler, Python.h, import shim, TRITON_CACHE_DIR, one tiny kernel launch"
     "warm        60 compile the benchmark's, smoke's and CUDA tests' kernel variants in parallel processes"
-    "smoke       40 correctness: fp32 T=2048 and bf16 T=1024 (Hq 32, Hkv 8, D 128) vs fp64, section 7"
-    "bench_long 210 benchmark + checks: D=128 T=8192, 32768, then D=64 T=8192, 32768 (bf16, Hq 32, Hkv 8)"
-    "bench_2k    40 benchmark + checks: D=128 and D=64 at T=2048"
+    "smoke       40 correctness: fp32 T=2048, bf16 T=1024 (Hq 32, Hkv 8, D 128), MLA bf16 D 192 / Dv 128 vs fp64"
+    "bench_long 200 benchmark + checks: D=128 T=8192, 32768, then D=64 T=8192, 32768 (bf16, Hq 32, Hkv 8)"
+    "bench_2k    50 benchmark + checks: D=128, D=64 and MLA D=192 / Dv=128 at T=2048"
     "cuda_tests  60 pytest: the CUDA cases, the GPU-only determinism ones, tests/test_triton_numerics.py"
     "end_to_end ${GPU_CHECK_E2E_S:-0} optional (GPU_CHECK_E2E_S=60): RhythmScorer vs SDPA/eager forward, Qwen3-4B shape"
 )
@@ -108,7 +108,7 @@ fi
 run_step warm $PY bench/bench_gpu_kernels.py --warm --step warm "${DRYFLAG[@]}"
 run_step smoke $PY bench/bench_gpu_kernels.py --smoke --step smoke "${DRYFLAG[@]}"
 
-if [ "$DRY" = 1 ]; then LONG=(64:96); SHORT=(64:64); else LONG=(128:8192 128:32768 64:8192 64:32768); SHORT=(128:2048 64:2048); fi
+if [ "$DRY" = 1 ]; then LONG=(64:96); SHORT=(64:64 192/128:48); else LONG=(128:8192 128:32768 64:8192 64:32768); SHORT=(128:2048 64:2048 192/128:2048); fi
 left=$(( DEADLINE[bench_long] - SECONDS ))
 run_step bench_long $PY bench/bench_gpu_kernels.py --step bench_long --shapes "${LONG[@]}" \
     --budget-s $(( left > 60 ? left - 35 : left / 2 )) "${DRYFLAG[@]}"

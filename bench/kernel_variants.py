@@ -41,12 +41,14 @@ class Job:
     kv_heads: int = 8
     autotune: bool = True
     config: int | None = None
+    v_dim: int | None = None   # v's head dim when it differs from dim (MLA: 192 / 128); stats only
 
     @property
     def label(self) -> str:
         mode = ("HAS_V" if self.kind == "stats" else "HAS_HI") + f"={self.flag}"
         tune = f"autotune config {self.config}" if self.config is not None else "fixed config"
-        return (f"{self.kind} {self.dtype} D={self.dim} {mode} T={self.length} Hq={self.q_heads} "
+        dims = f"D={self.dim}" + (f"/Dv={self.v_dim}" if self.v_dim else "")
+        return (f"{self.kind} {self.dtype} {dims} {mode} T={self.length} Hq={self.q_heads} "
                 f"Hkv={self.kv_heads} {tune}")
 
 
@@ -68,8 +70,8 @@ def _inputs(job: Job):
 
     dtype = getattr(torch, DTYPES[job.dtype])
     gen = torch.Generator().manual_seed(0)
-    make = lambda heads: torch.randn(1, heads, job.length, job.dim, generator=gen).to(dtype)  # noqa: E731
-    return make(job.q_heads), make(job.kv_heads), make(job.kv_heads)
+    make = lambda heads, dim: torch.randn(1, heads, job.length, dim, generator=gen).to(dtype)  # noqa: E731
+    return make(job.q_heads, job.dim), make(job.kv_heads, job.dim), make(job.kv_heads, job.v_dim or job.dim)
 
 
 def record_launches(job: Job) -> list[tuple]:

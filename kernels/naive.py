@@ -38,12 +38,12 @@ def naive_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | 
                             layer: LayerAttention | None = None) -> dict[str, torch.Tensor]:
     """Materialised reference.
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D]. Every product, softmax and sum runs in ``compute_dtype``
-    (float64 for the exact reference; the input's fp16/bf16 for the low-precision reference of
-    docs/definitions.md section 7).
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Dv may differ from D). Every product, softmax and
+    sum runs in ``compute_dtype`` (float64 for the exact reference; the input's fp16/bf16 for the
+    low-precision reference of docs/definitions.md section 7).
     layer: the layer's window / chunk / softcap / sinks (None = plain causal).
     Returns lse, distance, waad, fai ([B, Hq, T], compute_dtype, 0 on padding), fai_valid (bool [B, Hq, T])
-    and out ([B, T, Hq, D] in compute_dtype) when v is given.
+    and out ([B, T, Hq, Dv] in compute_dtype) when v is given.
     """
     batch, heads, length, _ = q.shape
     group = heads // k.shape[1]

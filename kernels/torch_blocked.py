@@ -173,10 +173,10 @@ def _band_column_sums(attn_rows: torch.Tensor, probs: torch.Tensor, t0: int, t1:
 
 def _segment_metrics(q, k, v, response_offset: int, window: int, horizon: Horizon, scale: float, block: int,
                      layer: LayerAttention | None = None, sinks: torch.Tensor | None = None):
-    """Metrics of one sequence. q [Hq, n, D], k/v [Hkv, n, D] (fp32). response_offset: first response row.
+    """Metrics of one sequence. q [Hq, n, D], k [Hkv, n, D], v [Hkv, n, Dv] (fp32). response_offset: first response row.
     layer: window / chunk / softcap of the layer (None = plain causal); sinks: fp32 [Hq] or None.
 
-    Returns lse, distance, waad, fai_sum ([Hq, n] fp32) and out ([n, Hq, D] fp32 or None).
+    Returns lse, distance, waad, fai_sum ([Hq, n] fp32) and out ([n, Hq, Dv] fp32 or None).
     """
     q_heads, n, dim = q.shape
     kv_heads = k.shape[0]
@@ -277,10 +277,11 @@ def blocked_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor 
                               ) -> dict[str, torch.Tensor]:
     """Torch backend of ``rhythm.attention_metrics``.
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D]; counts [B, T] = |T(s)| (``influence_counts``).
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Dv may differ from D); counts [B, T] = |T(s)|
+    (``influence_counts``).
     layer: the layer's sliding window / chunks / softcap / sinks [Hq] (None = plain causal); only visible
     keys are visited (O(T * w) scores with a window w).
-    Returns lse, distance, waad, fai: float32 [B, Hq, T] (0 on padding); out [B, T, Hq, D] in q.dtype
+    Returns lse, distance, waad, fai: float32 [B, Hq, T] (0 on padding); out [B, T, Hq, Dv] in q.dtype
     when v is given. Forward only: inputs are read detached.
     """
     batch, q_heads, length, _ = q.shape

@@ -83,10 +83,13 @@ def autotune_enabled() -> bool:
     return not interpreting() and os.environ.get("RHYTHM_TRITON_AUTOTUNE", "1") != "0"
 
 
-def autotunes(dtype: torch.dtype, dim: int) -> bool:
-    """The one rule for when a launch autotunes: on GPU with autotuning on, for fp16/bf16 at D <= 128. fp32 and
-    D > 128 (padded to 256) always take the pass's default config: the tuned tiles spill registers there."""
-    return autotune_enabled() and dtype != torch.float32 and head_dim_pad(dim) < 256
+def autotunes(dtype: torch.dtype, dim: int, v_dim: int | None = None) -> bool:
+    """The one rule for when a launch autotunes: on GPU with autotuning on, for fp16/bf16 at D <= 128 (and v,
+    when the pass reads it, of the same head dim). fp32 and D > 128 (padded to 256) always take the pass's
+    default config: the tuned tiles spill registers there. A v head dim Dv != D (MLA) takes it too: the
+    autotune key and the pinned-config file name one head dim."""
+    return (autotune_enabled() and dtype != torch.float32 and head_dim_pad(dim) < 256
+            and (v_dim is None or v_dim == dim))
 
 
 class PassSpec(NamedTuple):
@@ -108,7 +111,7 @@ class LaunchPlan(NamedTuple):
     offsets: dict           # {block size: (first row, row count)}
     off_small: int          # first row of the small block size's rows (table_off_small)
     off_large: int          # first row of the large one's (the same rows when there is one size)
-    constexprs: dict        # HEAD_DIM, D_PAD, UPCAST, PRESCALE, DOT_PREC, SMALL_BLOCK
+    constexprs: dict        # HEAD_DIM, D_PAD, UPCAST, PRESCALE, DOT_PREC, SMALL_BLOCK (and V_DIM, DV_PAD)
     block_key: str
 
     @property
@@ -122,8 +125,11 @@ class LaunchPlan(NamedTuple):
 
 
 def launch_plan(spec: PassSpec, fixed, tuned, q: torch.Tensor, table_rows: Callable[[int], list],
-                table_key: tuple, config: dict | None = None, table_sizes: tuple | None = None) -> LaunchPlan:
-    """The launch plan of one pass over q [B, Hq, T, D].
+                table_key: tuple, config: dict | None = None, table_sizes: tuple | None = None,
+                v_dim: int | None = None) -> LaunchPlan:
+    """The launch plan of one pass over q [B, Hq, T, D] (and, for a pass that reads v, its head dim v_dim:
+    then the constexprs hold V_DIM and its padding DV_PAD, and the default config is the one of the larger
+    padded head dim).
 
     fixed / tuned: the pass's kernel and its autotuner (looked up by the caller at call time).
     table_rows(block) -> [(work, *row)]: the pass's block-table entries for one block size (work: what the
@@ -133,16 +139,19 @@ def launch_plan(spec: PassSpec, fixed, tuned, q: torch.Tensor, table_rows: Calla
     """
     dim = q.shape[-1]
     d_pad = head_dim_pad(dim)
-    if config is None and autotunes(q.dtype, dim):
+    if config is None and autotunes(q.dtype, dim, v_dim):
         kernel, meta, blocks = tuned, {}, tuple(spec.tuned_blocks)
     else:
-        meta = dict(config) if config is not None else spec.default_config(d_pad, q.dtype)
+        widest = d_pad if v_dim is None else max(d_pad, head_dim_pad(v_dim))
+        meta = dict(config) if config is not None else spec.default_config(widest, q.dtype)
         kernel, blocks = fixed, (tuple(table_sizes) if table_sizes else (meta[spec.block_key],))
     table, offsets = cached_device_table((spec.name, table_key, blocks), lambda: sorted_table(blocks, table_rows),
                                          spec.width, q.device)
     upcast = interpreting()                 # the interpreter's dots run in fp32 (numpy has no bf16 matmul)
     constexprs = dict(HEAD_DIM=dim, D_PAD=d_pad, UPCAST=upcast, PRESCALE=prescaled(q.dtype),
                       DOT_PREC="ieee" if (q.dtype == torch.float32 or upcast) else "tf32", SMALL_BLOCK=blocks[0])
+    if v_dim is not None:
+        constexprs.update(V_DIM=v_dim, DV_PAD=head_dim_pad(v_dim))
     return LaunchPlan(kernel, meta, table, offsets, offsets[blocks[0]][0], offsets[blocks[-1]][0], constexprs,
                       spec.block_key)
 

@@ -29,7 +29,8 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
     """Exact per-head metrics of causal softmax attention with the fused Triton kernels.
 
     Args:
-        q: [B, Hq, T, D]; k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated; any strides; fp32/fp16/bf16).
+        q: [B, Hq, T, D]; k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv] (Hq % Hkv == 0, not repeated; Dv may differ
+            from D; D, Dv <= 256; any strides; fp32/fp16/bf16).
         segments: where the sequences live on the T axis (padded rows or packed cu_seqlens).
         counts: int64 [B, T], |T(s)| per key position (``influence_counts``).
         window: W of WAAD. horizon: (H_lo, H_hi), H_hi None = to the segment end. scale: softmax scale.
@@ -37,21 +38,21 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
             skip the keys a window or chunk hides (O(T * w) work with a window w).
     Returns:
         {"lse", "distance", "waad", "fai"}: float32 [B, Hq, T], exactly 0 on padding positions, and
-        "out": [B, T, Hq, D] in q.dtype (zeros on padding rows) when v is given.
+        "out": [B, T, Hq, Dv] in q.dtype (zeros on padding rows) when v is given.
     """
     if layer is not None and layer.is_plain:
         layer = None
-    dim = q.shape[-1]
-    if dim > MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim D = {dim} is not supported by the triton backend (D <= {MAX_HEAD_DIM}); "
-                         "use backend='torch'")
+    for name, x in (("q", q), ("v", v)):
+        if x is not None and x.shape[-1] > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head dim {x.shape[-1]} is not supported by the triton backend (at most "
+                             f"{MAX_HEAD_DIM}); use backend='torch'")
     if not (q.device.type == "cuda" or (q.device.type == "cpu" and interpreting())):
         raise ValueError(f"q: the triton backend needs CUDA tensors (or CPU under TRITON_INTERPRET=1), got {q.device}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"k: query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
     device_ctx = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
-        stats_config = _pinned(q, segments, "stats", f"HAS_V={v is not None}")
+        stats_config = _pinned(q, segments, "stats", f"HAS_V={v is not None}", None if v is None else v.shape[-1])
         influence_config = _pinned(q, segments, "influence", f"HAS_HI={horizon[1] is not None}")
         lse, distance, waad, out, norm = stats_pass(q, k, v, segments, window=window, scale=scale, layer=layer,
                                                     config=stats_config)
@@ -63,10 +64,10 @@ def triton_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor |
     return result
 
 
-def _pinned(q: torch.Tensor, segments: Segments, kernel: str, mode: str) -> dict | None:
+def _pinned(q: torch.Tensor, segments: Segments, kernel: str, mode: str, v_dim: int | None = None) -> dict | None:
     """The pinned config (``rhythm_kernels.tuned_configs``) where the launcher would autotune, else None."""
     dim = q.shape[-1]
-    if q.device.type != "cuda" or not autotunes(q.dtype, dim):
+    if q.device.type != "cuda" or not autotunes(q.dtype, dim, v_dim):
         return None
     entries = tuned_configs.load_entries()
     if not entries:

@@ -117,8 +117,9 @@ def _first_visible(t, seg_start, sliding, chunk, HAS_SLIDING: tl.constexpr, HAS_
 
 @triton.jit
 def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-                   lo, hi, m0, scale2, cap2, neg_two_over_cap, offs_n, offs_d,
-                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
+                   lo, hi, m0, scale2, cap2, neg_two_over_cap, offs_n, offs_d, offs_dv,
+                   HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
+                   HAS_V: tl.constexpr, UPCAST: tl.constexpr,
                    PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi): visible to every row of the block and all <= m0 - W: no mask, every key is "far"."""
     for n0 in range(lo, hi, BLOCK_N):
@@ -134,8 +135,8 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
         # distance numerator, off-band part: sum_s p * (m0 - s), every (m0 - s) > 0
         d_acc = d_acc * alpha + tl.sum(p * (m0 - offs_s).to(tl.float32)[None, :], 1)
         if HAS_V:
-            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, offs_s,
-                           offs_d, HEAD_DIM, D_PAD, False, UPCAST)
+            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :] * stride_vd, offs_s,
+                          offs_dv, V_DIM, DV_PAD, False, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -145,7 +146,8 @@ def _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd
 @triton.jit
 def _stats_masked(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt,
                   stride_vd, lo, hi, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
+                  offs_dv, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr,
+                  DV_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
                   PRESCALE: tl.constexpr, SOFTCAP: tl.constexpr, VISIBLE: tl.constexpr, DOT_PREC: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """Keys [lo, hi) (hi <= the segment end) with every mask: causal, the range and (VISIBLE) each row's first
@@ -178,8 +180,8 @@ def _stats_masked(acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt,
         near = near * alpha + tl.sum(tl.where(is_near, p * lag_f, 0.0), 1)   # p * (t - s) for t - s < W
         far = far * alpha + tl.sum(tl.where(is_near, 0.0, p), 1)             # p for t - s >= W
         if HAS_V:
-            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_d[None, :] * stride_vd, key_ok,
-                           offs_d, HEAD_DIM, D_PAD, True, UPCAST)
+            v = load_rows(v_base + offs_s.to(tl.int64)[:, None] * stride_vt + offs_dv[None, :] * stride_vd, key_ok,
+                          offs_dv, V_DIM, DV_PAD, True, UPCAST)
             acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -199,12 +201,14 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
                   stride_ob, stride_oh, stride_ot, stride_od,
                   stride_mb, stride_mh, stride_norm,
                   n_q_heads, group, window, sliding, chunk, scale2, cap2, neg_two_over_cap, len_key,
-                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_V: tl.constexpr, UPCAST: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, V_DIM: tl.constexpr, DV_PAD: tl.constexpr,
+                  HAS_V: tl.constexpr, UPCAST: tl.constexpr,
                   PRESCALE: tl.constexpr, HAS_SLIDING: tl.constexpr, HAS_CHUNK: tl.constexpr,
                   VISIBLE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, DOT_PREC: tl.constexpr,
                   SMALL_BLOCK: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q [B, Hq, T, D], K/V [B, Hkv, T, D] (any strides); Out [B, T, Hq, D]; Lse/Dist/Waad fp32 [B, Hq, T]
+    """Q [B, Hq, T, D], K [B, Hkv, T, D], V [B, Hkv, T, Dv] (any strides; D = HEAD_DIM padded to D_PAD, Dv =
+    V_DIM padded to DV_PAD; Dv != D for MLA); Out [B, T, Hq, Dv]; Lse/Dist/Waad fp32 [B, Hq, T]
     (unit stride on T); Norm fp32 [2, B, Hq, T] (same strides as Lse, planes stride_norm apart): the row's
     base-2 max m and log2 l, for the influence pass. Sinks fp32 [Hq] (base-2 sink logits, HAS_SINKS).
     Table int32 [n, 4] = (batch, seg_start, seg_end, block_start), the rows for this BLOCK_M starting at
@@ -226,6 +230,7 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     row_ok = offs_m < seg_end
 
     q_ptrs = Q + batch * stride_qb + head64 * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qt \
@@ -246,7 +251,7 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     d_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     near = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
 
     on_end = tl.minimum(m0 + BLOCK_M, seg_end)             # keys past the block's last row are never visited
     # keys every row of the block sees start at the last row's first visible key (plain causal: seg_start)
@@ -260,7 +265,8 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
     off_end = lo_all + (tl.maximum(m0 - window + 1 - lo_all, 0) // BLOCK_N) * BLOCK_N
     acc, m_i, l_i, d_acc = _stats_offband(acc, m_i, l_i, d_acc, q, k_base, v_base, stride_kt, stride_kd,
                                           stride_vt, stride_vd, lo_all, off_end, m0, scale2, cap2, neg_two_over_cap,
-                                          offs_n, offs_d, HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, DOT_PREC,
+                                          offs_n, offs_d, offs_dv, HEAD_DIM, D_PAD, V_DIM, DV_PAD, HAS_V, UPCAST,
+                                          PRESCALE, SOFTCAP, DOT_PREC,
                                           BLOCK_N)
     # sum p * (m0 - s) + (t - m0) * sum p = sum p * (t - s); both terms >= 0
     d_acc += (offs_m - m0).to(tl.float32) * l_i
@@ -270,13 +276,13 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
         lo_first = _first_visible(m0, seg_start, sliding, chunk, HAS_SLIDING, HAS_CHUNK)
         acc, m_i, l_i, d_acc, near, far = _stats_masked(
             acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-            lo_first, lo_all, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
-            HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
+            lo_first, lo_all, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d, offs_dv,
+            HEAD_DIM, D_PAD, V_DIM, DV_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
     # on-band: the rest up to the diagonal
     acc, m_i, l_i, d_acc, near, far = _stats_masked(
         acc, m_i, l_i, d_acc, near, far, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        off_end, on_end, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d,
-        HEAD_DIM, D_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
+        off_end, on_end, window, scale2, cap2, neg_two_over_cap, offs_m, lo_row, offs_n, offs_d, offs_dv,
+        HEAD_DIM, D_PAD, V_DIM, DV_PAD, HAS_V, UPCAST, PRESCALE, SOFTCAP, VISIBLE, DOT_PREC, BLOCK_N)
 
     if HAS_SINKS:
         l_i = l_i + tl.exp2(sink2 - m_i)                    # the normaliser counts the sink, the metrics do not
@@ -297,11 +303,11 @@ def _stats_kernel(Q, K, V, Out, Lse, Dist, Waad, Norm, Sinks, Table, table_off_s
     if HAS_V:
         o = acc * inv_l[:, None]
         o_ptrs = Out + batch * stride_ob + head64 * stride_oh + offs_m.to(tl.int64)[:, None] * stride_ot \
-            + offs_d[None, :] * stride_od
-        if HEAD_DIM == D_PAD:
+            + offs_dv[None, :] * stride_od
+        if V_DIM == DV_PAD:
             tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
         else:
-            tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+            tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < V_DIM))
 
 
 _stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HEAD_DIM", "HAS_V"])(_stats_kernel)
@@ -311,7 +317,7 @@ _stats_kernel_tuned = triton.autotune(configs=STATS_CONFIGS, key=["len_key", "HE
 # Launcher
 # ----------------------------------------------------------------------------------------------------------
 class StatsResult(NamedTuple):
-    """What the stats pass returns. lse, distance, waad: float32 [B, Hq, T] (0 on padding). out: [B, T, Hq, D]
+    """What the stats pass returns. lse, distance, waad: float32 [B, Hq, T] (0 on padding). out: [B, T, Hq, Dv]
     in q.dtype (0 on padding rows), None without v. norm: float32 [2, B, Hq, T], the row's softmax normaliser
     in two parts for the influence pass: norm[0] = m, the base-2 running max (one of the row's own S2 values),
     norm[1] = log2 l, l = sum_s 2^(S2 - m) >= 1. lse = ln 2 * (m + log2 l) rounds the sum to fp32; at logits of
@@ -329,7 +335,8 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
                table_sizes: tuple | None = None) -> StatsResult:
     """Run the stats pass.
 
-    q [B, Hq, T, D], k/v [B, Hkv, T, D] (same dtype, any strides), segments: ``Segments``; window >= 1 (any
+    q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Dv may differ from D; same dtype, any strides),
+    segments: ``Segments``; window >= 1 (any
     size: a W at least the longest segment is plain distance); layer: a ``LayerAttention`` (sliding window,
     chunks, softcap, sinks [Hq]) or None for plain causal attention. With a window w a query block visits
     about w + BLOCK_M keys (not its whole causal prefix). Returns a ``StatsResult``; with v None the PV
@@ -345,10 +352,11 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
                                                                                   device=q.device)
     norm = alloc(2, batch, q_heads, length, dtype=torch.float32, device=q.device)
     has_v = v is not None
-    out = alloc(batch, length, q_heads, dim, dtype=q.dtype, device=q.device) if has_v else None
+    v_dim = v.shape[-1] if has_v else dim                      # without v: V_DIM is unused, any value
+    out = alloc(batch, length, q_heads, v_dim, dtype=q.dtype, device=q.device) if has_v else None
     v_arg, out_arg = (v, out) if has_v else (k, lse)           # dummies, never touched when HAS_V is False
     v_strides = v.stride() if has_v else (0, 0, 0, 0)
-    # out is [B, T, Hq, D]: strides in the kernel's (b, h, t, d) order
+    # out is [B, T, Hq, Dv]: strides in the kernel's (b, h, t, d) order
     o_strides = (out.stride(0), out.stride(2), out.stride(1), out.stride(3)) if has_v else (0, 0, 0, 0)
     # min(t - s, W) only sees lags < the longest segment: a larger W is the same W, and fits int32
     window = max(1, min(int(window), segments.max_len))
@@ -356,7 +364,7 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
 
     host = segments.host
     plan = launch_plan(STATS_PASS, _stats_kernel, _stats_kernel_tuned, q, lambda bm: _stats_table_rows(host, bm),
-                       (host,), config, table_sizes)
+                       (host,), config, table_sizes, v_dim=v_dim)
     plan.kernel[plan.grid(lambda META: q_heads)](
         q, k, v_arg, out_arg, lse, dist, waad, norm, lse if layer_.sinks2 is None else layer_.sinks2, plan.table,
         plan.off_small, plan.off_large,

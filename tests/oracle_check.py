@@ -21,12 +21,13 @@ METRICS = ("lse", "distance", "waad", "fai")
 
 
 def random_qkv(batch, q_heads, kv_heads, length, dim, *, dtype=torch.float32, device="cpu", seed=0,
-               with_v=False, spread=1.5):
-    """q, k (and v) with scores of standard deviation about spread**2: peaked, non-uniform attention."""
+               with_v=False, spread=1.5, v_dim=None):
+    """q, k (and v) with scores of standard deviation about spread**2: peaked, non-uniform attention.
+    v_dim: v's head dim (default dim; MLA: 128 beside q/k's 192)."""
     gen = torch.Generator().manual_seed(seed)
     make = lambda heads: (torch.randn(batch, heads, length, dim, generator=gen) * spread)  # noqa: E731
     q, k = make(q_heads), make(kv_heads)
-    v = torch.randn(batch, kv_heads, length, dim, generator=gen) if with_v else None
+    v = torch.randn(batch, kv_heads, length, v_dim or dim, generator=gen) if with_v else None
     cast = lambda x: None if x is None else x.to(dtype=dtype, device=device)  # noqa: E731
     return cast(q), cast(k), cast(v)
 

@@ -274,11 +274,13 @@ def test_gpu_code_path_compiles_for_sm90(tmp_path):
                            "--out", str(tmp_path / "compile.json")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "4/4 variants compiled" in done.stdout
+    assert "5/5 variants compiled" in done.stdout
     report = json.loads((tmp_path / "compile.json").read_text())["variants"]
-    stats_bf16 = next(r for r in report if r["variant"].startswith("stats bf16"))
+    stats_bf16 = next(r for r in report if r["variant"].startswith("stats bf16 D=128"))
     assert {"Q", "K", "stride_qt"} <= set(stats_bf16["divisible_by_16"]), stats_bf16
     assert "stride_qd" in stats_bf16["specialised"] and stats_bf16["mma"] == "wgmma", stats_bf16
+    mla = next(r for r in report if "D=192/Dv=128" in r["variant"])         # DeepSeek MLA: v keeps 128
+    assert mla["ok"] and mla["mma"] == "wgmma", mla
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -41,10 +41,17 @@ def test_mismatched_batch_length_dim(qkv, shape):
         _call(q, torch.randn(*shape))
 
 
-def test_v_shape(qkv):
+@pytest.mark.parametrize("shape", [(2, 1, 16, 8), (2, 2, 15, 8), (1, 2, 16, 8), (2, 2, 16, 0)])
+def test_v_shape(qkv, shape):
     q, k, _ = qkv
-    with pytest.raises(ValueError, match=r"v must have the shape of k"):
-        _call(q, k, torch.randn(2, 2, 16, 4))
+    with pytest.raises(ValueError, match=r"v must have"):
+        _call(q, k, torch.randn(*shape))
+
+
+def test_v_head_dim_may_differ(qkv):
+    """MLA: v's head dim Dv differs from q/k's D; out is [B, T, Hq, Dv] (values: tests/test_head_dims.py)."""
+    q, k, _ = qkv
+    assert _call(q, k, torch.randn(2, 2, 16, 4)).out.shape == (2, 16, 4, 4)
 
 
 def test_dtypes(qkv):

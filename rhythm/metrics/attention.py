@@ -18,7 +18,7 @@ class AttentionMetrics:
     """Per query head metrics of one attention layer.
 
     lse, distance, waad, fai: float32 [B, Hq, T] (0 on padding). fai_valid: bool [B, Hq, T] (False on
-    padding and where the horizon holds no response row). out: [B, T, Hq, D] in the input dtype, only when v
+    padding and where the horizon holds no response row). out: [B, T, Hq, Dv] in the input dtype, only when v
     was given (the attention output, in the layout transformers' attention functions return). Every field is
     detached: the metrics are forward only.
     """
@@ -58,7 +58,8 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
     """Exact per-head lse, distance, WAAD and FAI of causal softmax attention (docs/definitions.md sections 2 and 8).
 
     Args:
-        q: [B, Hq, T, D] post-RoPE queries. k, v: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated). v is
+        q: [B, Hq, T, D] post-RoPE queries. k: [B, Hkv, T, D] (Hq % Hkv == 0, not repeated); v: [B, Hkv, T, Dv]
+            (Dv may differ from D: MLA's 192 / 128, v not padded). v is
             optional: with it the attention output is returned too. Forward only, in every backend: inputs
             that require grad are read detached, and nothing returned (``out`` included) tracks gradients,
             so ``out`` cannot stand in for a differentiable attention during training.

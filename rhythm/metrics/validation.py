@@ -14,7 +14,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_qkv(q, k, v) -> None:
-    """q [B, Hq, T, D], k/v [B, Hkv, T, D], Hq % Hkv == 0, one dtype and device."""
+    """q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Dv may differ from D: MLA), Hq % Hkv == 0, one
+    dtype and device."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x is None and name == "v":
             continue
@@ -38,10 +39,13 @@ def check_qkv(q, k, v) -> None:
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"the query heads of q ({q_heads}) must be a multiple of the key heads of k ({kv_heads}) "
                          "(GQA: pass k unrepeated)")
-    if v is not None and tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if v is not None and tuple(v.shape[:3]) != tuple(k.shape[:3]):
+        raise ValueError(f"v must have shape [B, Hkv, T, Dv] = [{batch}, {kv_heads}, {length}, Dv] to match k (its "
+                         f"head dim Dv may differ from D), got {tuple(v.shape)}")
     if length == 0 or dim == 0 or batch == 0 or q_heads == 0:
         raise ValueError(f"q must be non-empty in every dimension, got shape {tuple(q.shape)}")
+    if v is not None and v.shape[3] == 0:
+        raise ValueError(f"v must have a head dim Dv >= 1, got shape {tuple(v.shape)}")
 
 
 def check_finite_on(real: torch.Tensor, **tensors) -> None:
