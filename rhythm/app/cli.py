@@ -132,12 +132,58 @@ def score_settings(args):
                          chat_template=args.chat_template, scorer=ScorerConfig(**scorer_knobs(args)))
 
 
+RAY_FLAGS = ("workers", "gpus_per_worker", "cpus_per_worker", "block_rows")
+
+
+def _ray_options(args):
+    """The :class:`rhythm.app.distributed.RayOptions` of ``--ray [ADDRESS] --workers ...`` (Ray checked to be
+    installed, the paths checked cheaply)."""
+    from rhythm.app import distributed
+
+    for flag in ("input", "output"):
+        if getattr(args, flag) == "-":
+            raise UsageError(f"--{flag} - (a pipe) cannot be used with --ray: give a path every worker can read")
+    if args.device is not None:
+        raise UsageError("--device cannot be used with --ray: workers run on cuda with --gpus-per-worker, else on "
+                         "the CPU")
+    out = Path(args.output)
+    if out.is_file():
+        raise UsageError(f"--output {out} is a file; with --ray the output is a folder of Parquet files")
+    if "://" not in args.input and Path(args.input).exists() and out.resolve() == Path(args.input).resolve():
+        raise UsageError(f"--output {out} is the input; write the scores to another folder")
+    check_writable_dir(out.parent if str(out.parent) else Path("."), "--output", create=True)
+    try:
+        distributed.require_ray()
+    except distributed.RayMissing as e:
+        raise UsageError(str(e)) from None
+    given = {name: getattr(args, name) for name in RAY_FLAGS if getattr(args, name) is not None}
+    return distributed.RayOptions(address=None if args.ray == "local" else args.ray, **given)
+
+
 def cmd_score(args) -> int:
     from rhythm.app import score
 
     check_common(args)
-    _check_score_paths(args)
-    return score.run(score_settings(args), args.input, args.output, Console(args.quiet))
+    if args.ray is None:
+        given = [name for name in RAY_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --ray (it sets the Ray workers)")
+        _check_score_paths(args)
+        return score.run(score_settings(args), args.input, args.output, Console(args.quiet))
+    from rhythm.app import distributed
+
+    options = _ray_options(args)
+    return distributed.run(score_settings(args), args.input, args.output, options, Console(args.quiet))
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 # ---- entry point ----------------------------------------------------------------------------------------------------
@@ -185,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of gamma strategies from {', '.join(knobs.STRATEGIES)} "
                         "(default: coupled,local,global)")
     _add_chat_template(s)
+    r = s.add_argument_group("distributed scoring on Ray Data (needs the [ray] extra; docs/distributed.md)")
+    r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="score on a Ray cluster: ADDRESS (auto, ray://host:10001, host:6379) or, without it, a "
+                        "local Ray instance; --input: JSONL or Parquet (a file, a folder, a URI pyarrow reads); "
+                        "--output: a folder of Parquet files, one per block")
+    r.add_argument("--workers", type=_positive_int, default=None, help="Ray actors, each holding one model "
+                   "(default: 1)")
+    r.add_argument("--gpus-per-worker", type=_nonnegative_float, default=None,
+                   help="GPUs per worker (default: 0 = CPU); with GPUs the model runs on cuda")
+    r.add_argument("--cpus-per-worker", type=_nonnegative_float, default=None,
+                   help="CPUs per worker, also its torch threads (default: 1)")
+    r.add_argument("--block-rows", type=_positive_int, default=None,
+                   help="rows per block: one output file, and what is redone when a worker dies (default: 64)")
     s.set_defaults(func=cmd_score)
     return parser
 

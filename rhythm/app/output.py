@@ -55,7 +55,7 @@ class Sink:
 
     def _check_settings(self) -> None:
         check_stored_settings(self.output, self.settings, has_rows=self._has_rows(),
-                              parquet_settings=lambda: _read_parquet_settings(self.output)
+                              parquet_settings=lambda: read_parquet_settings(self.output)
                               if self.parquet and self.output.exists() else None)
 
     # -- rows ----------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def _read_parquet_ids(path: Path) -> list:
     return pq.read_table(path, columns=["id"]).column("id").to_pylist()
 
 
-def _read_parquet_settings(path: Path):
+def read_parquet_settings(path: Path):
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(path).metadata or {}

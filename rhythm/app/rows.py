@@ -103,6 +103,11 @@ class RowChecker:
         self.count += 1
         return row
 
+    @property
+    def line_ids(self) -> bool:
+        """Rows without an 'id' were seen (their ids are their line numbers)."""
+        return self._without_id is not None
+
     def finish(self, name: str) -> str:
         if not self.count:
             raise RowError(f"{name}: no rows (expected one JSON object per line)")

@@ -1,0 +1,221 @@
+"""``rhythm score --ray``: the score job on a Ray cluster (Ray Data), every id written exactly once.
+
+    from rhythm.app.distributed import RayOptions, score_dataset
+    from rhythm.app.score import ScoreSettings
+
+    report = score_dataset(ScoreSettings(model="path/to/model"), "rollouts/", "scored/",
+                           RayOptions(address=None, workers=4, gpus_per_worker=1))
+
+1. The driver checks every input row (:mod:`rhythm.app.dataset_input`: ids, token ids, duplicates, lengths
+   against the model's config, with the tokenizer only) before any worker starts, then takes the output's lock,
+   checks its stored settings and reads the ids already written (:mod:`rhythm.app.dataset_output`).
+2. The rows still to do are cut into blocks (``block_rows`` consecutive rows of one file);
+   ``ray.data.from_items(blocks).map_batches(ScoreWorker, compute=ActorPoolStrategy(size=workers))``: each
+   worker is an actor that loads the model once (:class:`rhythm.app.score.ScoreJob`, the single-process
+   settings object and code), reads its block's rows back from the input, scores them in micro-batches and
+   writes the block as one Parquet file (atomic rename, a name fixed by the block's rows).
+3. Faults: a worker process that dies (SIGKILL, OOM, a lost node) is restarted by Ray and its block is
+   retried on it (Ray Data's actor defaults ``max_restarts=-1``, ``max_task_retries=-1``); the retry writes the
+   same file name, so no row is doubled. An exception raised by the scoring code is not retried: the job stops with it, blocks already
+   written stay. When the job ends the driver checks every input id is in exactly one part file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+
+from rhythm.app.dataset_input import Block, InputFiles, open_input, plan_blocks, read_block, scan
+from rhythm.app.dataset_output import DatasetSink, part_name, write_part
+from rhythm.app.output import OutputError
+from rhythm.app.rows import RowError
+from rhythm.config import ConfigError
+
+RAY_INSTALL = "pip install 'attention-rhythm[ray]' (Ray Data: ray[data], pyarrow, pandas)"
+
+
+class RayMissing(ImportError):
+    """Ray Data is not installed (the message says what to install)."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a distributed job runs.
+
+    address: a Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local instance (or
+    uses the one this process already joined). workers: actors, each holding one model.
+    gpus_per_worker / cpus_per_worker: Ray resources per actor (with GPUs the model runs on ``cuda``; torch
+    uses ``cpus_per_worker`` threads). block_rows: rows per block (one part file, one retry unit)."""
+
+    address: str | None = None
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    block_rows: int = 64
+
+    def __post_init__(self):
+        for name, low in (("workers", 1), ("block_rows", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"RayOptions.{name} must be an int >= {low}, got {value!r}")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"RayOptions.{name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass
+class JobReport:
+    """What a job did: input rows, rows already in the output, rows written now, part files written now,
+    the worker processes (pids) that wrote them, and repairs made at the end."""
+
+    rows: int
+    skipped: int
+    written: int = 0
+    parts: int = 0
+    workers: set = field(default_factory=set)
+    notes: list = field(default_factory=list)
+
+
+def require_ray():
+    """The ``ray`` module with Ray Data, or RayMissing saying what to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise RayMissing(f"--ray needs Ray Data ({e}): {RAY_INSTALL}") from None
+    return ray
+
+
+def score_dataset(settings, input: str, output: str, options: RayOptions = RayOptions(), console=None) -> JobReport:
+    """Score every row of ``input`` (JSONL or Parquet: a file, a folder, or a URI pyarrow reads) into the
+    Parquet dataset folder ``output`` on Ray, skipping the ids already there.
+
+    settings: a :class:`rhythm.app.score.ScoreSettings` (its ``device`` must be None: workers use ``cuda``
+    when ``options.gpus_per_worker > 0``, else the CPU). Raises RowError / InputError / OutputError (bad input,
+    an output scored with other settings or locked by another job) before any worker starts."""
+    from rhythm.app.common import Console, ModelSource
+    from rhythm.app.score import ScoreJob
+
+    console = console or Console(quiet=True)
+    ray = require_ray()
+    if settings.device is not None:
+        raise ConfigError(f"settings.device must be None with Ray (got {settings.device!r}): workers use cuda when "
+                         "gpus_per_worker > 0, else the CPU")
+    if settings.scorer.grouping == "fixed":
+        raise ConfigError("--grouping fixed takes the head groups from a process's first micro-batch, so each Ray "
+                          "worker would choose its own: use --grouping per_sequence (the default) with --ray")
+    files = open_input(input)
+    source = ModelSource(settings.model)
+    index = scan(files, ScoreJob(settings, source=source).tokenize)   # tokenizer only: no weights yet
+    if index.id_kind == "int":
+        _check_int64_ids(index, files)
+    record = settings.record(index.id_kind, source.model_id())
+    sink = DatasetSink(output, record)
+    with sink.lock():
+        sink.open()
+        blocks = plan_blocks(index, sink.done, options.block_rows)
+        report = JobReport(rows=len(index.id), skipped=len(index.id) - sum(len(b.lines) for b in blocks))
+        if blocks:
+            _run(ray, settings, files, str(sink.folder.resolve()), record, blocks, options, console, report)
+        report.notes = sink.finish(set(index.id))
+    return report
+
+
+def _check_int64_ids(index, files: InputFiles) -> None:
+    """Parquet stores integer ids as int64: refuse any outside it before scoring (not after, at the write)."""
+    for i, row_id in enumerate(index.id):
+        if not -(1 << 63) <= row_id < (1 << 63):
+            raise RowError(f"{files.names[index.file[i]]}:{index.line[i]}: id {row_id} does not fit Parquet's int64 "
+                           "ids; use string ids")
+
+
+def _run(ray, settings, files, folder, record, blocks, options, console, report) -> None:
+    import logging
+
+    import numpy as np
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=not console.quiet)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False          # our own bar (rows), on a terminal only
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        worker = _worker_class(replace(settings, device="cuda" if options.gpus_per_worker else None), files,
+                               folder, record)
+        items = [{"block": b.to_json()} for b in blocks]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            worker, batch_size=1, num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
+            # one block in flight per actor: a free worker takes the next block (none queue behind a busy one).
+            # Ray Data's actor defaults apply: max_restarts=-1 (a dead actor is replaced) and
+            # max_task_retries=-1 (its block is retried on the new one).
+            compute=ray.data.ActorPoolStrategy(size=options.workers, max_tasks_in_flight_per_actor=1))
+        with console.progress(total=report.rows, initial=report.skipped, desc="scoring", unit="row") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n = int(np.sum(batch["rows"]))
+                report.written += n
+                report.parts += len(batch["rows"])
+                report.workers.update(int(p) for p in batch["pid"])
+                bar.update(n)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _worker_class(settings, files: InputFiles, folder: str, record: dict):
+    """The actor class of a job (its settings captured here, so Ray ships them with the class)."""
+
+    class ScoreWorker:
+        """One Ray actor: the model loaded once; each call scores the blocks of its batch into part files."""
+
+        def __init__(self):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from rhythm.app.score import ScoreJob
+
+            self.job = ScoreJob(settings)
+            self.job.load()
+
+        def __call__(self, batch):
+            import numpy as np
+
+            parts, counts = [], []
+            for text in batch["block"]:
+                block = Block.from_json(str(text))
+                rows = read_block(files, block)
+                scored = self.job.score_rows(rows, files.names[block.file])
+                name = part_name(block.file, block.lines[0], [row.id for row in rows])
+                write_part(folder, name, scored, record)
+                parts.append(name)
+                counts.append(len(rows))
+            return {"part": np.array(parts), "rows": np.array(counts), "pid": np.array([os.getpid()] * len(parts))}
+
+    return ScoreWorker
+
+
+
+def run(settings, input: str, output: str, options: RayOptions, console) -> int:
+    """``rhythm score --ray``: :func:`score_dataset` with its messages; UsageError for bad input (one line)."""
+    from rhythm.app.common import UsageError
+    from rhythm.app.dataset_input import InputError
+
+    try:
+        report = score_dataset(settings, input, output, options, console)
+    except (RowError, InputError, OutputError, ConfigError, RayMissing) as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        console.info(f"interrupted: the blocks written so far are in {output}; run the same command to resume")
+        return 130
+    for note in report.notes:
+        console.info(f"repaired {note}")
+    if not report.written:
+        console.info(f"nothing to do: all {report.rows} rows of {input} are in {output}")
+    else:
+        console.info(f"wrote {report.written} rows in {report.parts} files to {output} with "
+                     f"{len(report.workers)} worker process(es)"
+                     + (f" ({report.skipped} already there)" if report.skipped else ""))
+    return 0
+
+
+__all__ = ["JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "require_ray", "run", "score_dataset",
+           "OutputError", "RowError"]

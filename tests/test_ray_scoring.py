@@ -1,0 +1,218 @@
+"""``rhythm score --ray``: on a local Ray instance (2 CPUs, 2 workers, the tiny model of test_score_cli) the
+rows equal ``rhythm score``'s bitwise at micro-batch 1; a worker killed with SIGKILL mid-run is replaced and
+the job ends with every id exactly once; a job stopped (SIGINT) and started again skips what it wrote. The
+checks that need no Ray (bad rows, settings, lock, Ray missing) run without starting it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("pyarrow")
+
+from rhythm import models  # noqa: E402
+from rhythm.app import cli  # noqa: E402
+from tests.test_cli import tiny_model_dir  # noqa: E402,F401
+from tests.test_score_cli import _error, _token_rows, tok  # noqa: E402,F401
+
+REPO = Path(__file__).resolve().parents[1]
+STRATEGIES = "coupled,local,global,random"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (start-up takes seconds), shut down after it."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+def _write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _rows(tok, n):  # noqa: F811
+    return [dict(r, reward=float(i % 3)) for i, r in enumerate(_token_rows(tok, n))]
+
+
+def _score_args(model, src, dst, *extra, quiet=True):
+    return ["score", "--model", str(model), "--input", str(src), "--output", str(dst), *(["--quiet"] * quiet),
+            "--micro-batch-size", "1", "--strategies", STRATEGIES, *extra]
+
+
+def _reference(model, src, tmp_path):
+    """``rhythm score`` (one process) on the same input and settings: {id: row}."""
+    ref = tmp_path / "ref.jsonl"
+    assert cli.main(_score_args(model, src, ref)) == 0
+    return {r["id"]: r for r in map(json.loads, ref.read_text().splitlines())}
+
+
+def _dataset_rows(folder):
+    """The rows of an output folder as pyarrow.dataset reads it (every id must be there once)."""
+    import pyarrow.dataset as pds
+
+    rows = pds.dataset(str(folder), format="parquet").to_table().to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    return {r["id"]: r for r in rows}
+
+
+# ---- without Ray: checks before anything starts -------------------------------------------------------------
+
+def test_bad_row_in_a_folder_fails_in_one_line_before_scoring(tiny_model_dir, tok, tmp_path, capsys,  # noqa: F811
+                                                              monkeypatch):
+    pytest.importorskip("ray.data")
+    import ray
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write_rows(folder / "a.jsonl", _rows(tok, 3))
+    (folder / "b.jsonl").write_text('{"id": "r9", "prompt_ids": [1], "response_ids": [2]}\n'
+                                    '{"id": "r1", "prompt_ids": [1], "response_ids": [2]}\n')
+    out = tmp_path / "out"
+    assert cli.main(_score_args(tiny_model_dir, folder, out, "--ray")) == 2
+    assert _error(capsys) == (f"rhythm: error: {folder}/b.jsonl:2: duplicate id 'r1' (also on {folder}/a.jsonl:2); "
+                              "ids must be unique")
+    (folder / "b.jsonl").write_text('{"id": "r9", "prompt_ids": [1], "response_ids": [99999]}\n')
+    assert cli.main(_score_args(tiny_model_dir, folder, out, "--ray")) == 2
+    assert "b.jsonl:1: response_ids[0] = 99999 is outside the model's vocabulary" in _error(capsys)
+    (folder / "b.jsonl").write_text('{"prompt_ids": [1], "response_ids": [2]}\n')
+    assert cli.main(_score_args(tiny_model_dir, folder, out, "--ray")) == 2
+    assert "some rows have an 'id'" in _error(capsys)
+    for extra, words in ((["--workers", "2"], "--workers needs --ray"),
+                         (["--ray", "--grouping", "fixed"], "--grouping fixed takes the head groups"),
+                         (["--ray", "--device", "cpu"], "--device cannot be used with --ray")):
+        assert cli.main(_score_args(tiny_model_dir, folder, out, *extra)) == 2
+        assert words in _error(capsys)
+    assert not list(out.glob("part-*"))
+
+
+def test_ray_missing_says_what_to_install(tiny_model_dir, tok, tmp_path, capsys, monkeypatch):  # noqa: F811
+    src = tmp_path / "in.jsonl"
+    _write_rows(src, _rows(tok, 1))
+    monkeypatch.setitem(sys.modules, "ray", None)           # import ray -> ImportError
+    assert cli.main(_score_args(tiny_model_dir, src, tmp_path / "out", "--ray")) == 2
+    assert "pip install 'attention-rhythm[ray]'" in _error(capsys)
+
+
+def test_locked_output_and_other_settings_refused(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    pytest.importorskip("ray.data")
+    from rhythm.app.dataset_output import DatasetSink
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    _write_rows(src, _rows(tok, 2))
+    with DatasetSink(out, {}).lock():
+        assert cli.main(_score_args(tiny_model_dir, src, out, "--ray")) == 2
+        assert "is being written by another job" in _error(capsys)
+    out.mkdir()
+    (tmp_path / "out.settings.json").write_text(json.dumps({"format": 1, "settings": {"window": 3}}))
+    (out / "part-00000-000000001-00000000.parquet").write_bytes(b"")    # a folder that holds rows
+    assert cli.main(_score_args(tiny_model_dir, src, out, "--ray")) == 2
+    assert "was scored with other settings (" in _error(capsys)
+
+
+# ---- on a local Ray instance --------------------------------------------------------------------------------
+
+def test_rows_equal_the_single_process_output(local_ray, tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    _write_rows(src, _rows(tok, 9))
+    want = _reference(tiny_model_dir, src, tmp_path)
+    assert cli.main(_score_args(tiny_model_dir, src, out, "--ray", "--workers", "2", "--block-rows", "2")) == 0
+    got = _dataset_rows(out)
+    assert got == want                                       # bitwise, gamma_random included
+    assert len(list(out.glob("part-*.parquet"))) == 5        # ceil(9 / 2) blocks, one file each
+    datasets = pytest.importorskip("datasets")
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), split="train")
+    assert sorted(loaded["id"]) == sorted(want)
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert cli.main(_score_args(tiny_model_dir, src, out, "--ray", "--workers", "2", quiet=False)) == 0  # again
+    assert "nothing to do: all 9 rows" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
+
+
+def _worker_pids():
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if any("ScoreWorker" in part for part in proc.info["cmdline"] or ()):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_killed_worker_is_replaced_and_every_id_written_once(local_ray, tiny_model_dir, tok, tmp_path):  # noqa: F811
+    pytest.importorskip("psutil")
+    from rhythm.app.cli import score_settings
+    from rhythm.app.distributed import RayOptions, score_dataset
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    rows = _rows(tok, 48)
+    _write_rows(src, rows)
+    want = _reference(tiny_model_dir, src, tmp_path)
+    settings = score_settings(cli.build_parser().parse_args(_score_args(tiny_model_dir, src, out)))
+    result = {}
+
+    def job():
+        result["report"] = score_dataset(settings, str(src), str(out), RayOptions(workers=2, block_rows=2))
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    killed = None
+    deadline = time.time() + 180
+    while time.time() < deadline and thread.is_alive():
+        if list(out.glob("part-*.parquet")) and _worker_pids():
+            killed = _worker_pids()[0]
+            written = len(list(out.glob("part-*.parquet")))
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    thread.join(300)
+    assert killed is not None, "the job ended before a worker could be killed"
+    assert written < 24, "the kill came after the last block"
+    report = result["report"]
+    assert report.written == 48 and report.parts == 24
+    assert _dataset_rows(out) == want
+    assert len(list(out.glob("part-*.parquet"))) == 24 and not list(out.glob(".part-*"))
+
+
+def test_stopped_job_resumes_where_it_stopped(local_ray, tiny_model_dir, tok, tmp_path):  # noqa: F811
+    from rhythm.app.cli import score_settings
+    from rhythm.app.distributed import RayOptions, score_dataset
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    _write_rows(src, _rows(tok, 40))
+    want = _reference(tiny_model_dir, src, tmp_path)
+    address = local_ray.get_runtime_context().gcs_address
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + sys.path), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "rhythm.app.cli",
+                             *_score_args(tiny_model_dir, src, out, "--ray", address, "--workers", "2",
+                                          "--block-rows", "2", quiet=False)], env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("part-*.parquet")):
+        time.sleep(0.01)
+    assert proc.poll() is None, f"finished before it could be stopped: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command to resume" in err
+    before = _dataset_rows(out)
+    assert 1 <= len(before) < 40
+    (out / ".part-00000-000000001-deadbeef.parquet.1.tmp").write_bytes(b"torn")   # a write cut by the stop
+    settings = score_settings(cli.build_parser().parse_args(_score_args(tiny_model_dir, src, out)))
+    report = score_dataset(settings, str(src), str(out), RayOptions(workers=2, block_rows=2))
+    assert report.skipped == len(before) and report.written == 40 - len(before)
+    assert _dataset_rows(out) == want and not list(out.glob(".part-*"))
