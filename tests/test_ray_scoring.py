@@ -216,3 +216,58 @@ def test_stopped_job_resumes_where_it_stopped(local_ray, tiny_model_dir, tok, tm
     report = score_dataset(settings, str(src), str(out), RayOptions(workers=2, block_rows=2))
     assert report.skipped == len(before) and report.written == 40 - len(before)
     assert _dataset_rows(out) == want and not list(out.glob(".part-*"))
+
+
+def test_parquet_and_jsonl_inputs_give_the_same_blocks(tok, tmp_path):  # noqa: F811
+    """The workers' read-back (read_block) returns the rows the check pass saw, for JSONL byte ranges (blank
+    lines and a last line without newline included) and Parquet row ranges across row groups and files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rhythm.app.dataset_input import open_input, plan_blocks, read_block, scan
+
+    rows = _rows(tok, 7)
+    (tmp_path / "j").mkdir()
+    text = "".join(json.dumps(r) + "\n" + ("\n" if i == 2 else "") for i, r in enumerate(rows))
+    (tmp_path / "j" / "in.jsonl").write_text(text.rstrip("\n"))
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:5]), tmp_path / "p" / "a.parquet", row_group_size=2)
+    pq.write_table(pa.Table.from_pylist(rows[5:]), tmp_path / "p" / "b.parquet")
+    (tmp_path / "p" / "_SUCCESS").write_text("")                 # skipped, as dataset readers do
+    for folder, lines in (("j", [1, 2, 3, 5, 6, 7, 8]), ("p", [1, 2, 3, 4, 5, 1, 2])):
+        files = open_input(str(tmp_path / folder))
+        index = scan(files, lambda batch, name: None)
+        assert list(index.id) == [r["id"] for r in rows] and list(index.line) == lines and index.id_kind == "str"
+        blocks = plan_blocks(index, done={"r1"}, block_rows=3)
+        got = [row for block in blocks for row in read_block(files, block)]
+        assert [(r.id, r.prompt_ids, r.response_ids, r.extra) for r in got] == \
+            [(r["id"], r["prompt_ids"], r["response_ids"], {"reward": r["reward"]}) for r in rows if r["id"] != "r1"]
+        assert all(len(b.lines) <= 3 for b in blocks) and len({b.file for b in blocks}) == len(files.paths)
+
+
+def test_output_folder_repairs_a_doubled_id_and_refuses_a_damaged_block(tmp_path):
+    """finish(): an id found in two part files (files copied in by hand) is dropped from the later file, saying
+    so; a missing id is an error; a part file that is not Parquet is refused by name on the next start."""
+    from rhythm.app.dataset_output import DatasetSink, write_part
+    from rhythm.app.output import OutputError
+
+    settings = {"ids": "str", "strategies": ["coupled"]}
+
+    def row(i):
+        return {"id": f"r{i}", "prompt_length": 1, "response_ids": [i], "waad": [0.5], "fai": [0.25],
+                "fai_valid": [True], "gamma_coupled": [1.5]}
+
+    out = tmp_path / "out"
+    sink = DatasetSink(out, settings)
+    with sink.lock():
+        sink.open()
+        write_part(out, "part-a.parquet", [row(0), row(1)], settings)
+        write_part(out, "part-b.parquet", [row(1), row(2)], settings)
+        notes = sink.finish({"r0", "r1", "r2"})
+    assert notes == ["part-b.parquet: 1 id(s) also in part-a.parquet dropped (e.g. 'r1')"]
+    assert _dataset_rows(out) == {f"r{i}": row(i) for i in range(3)}
+    with pytest.raises(OutputError, match="1 id\\(s\\) were not written \\(e.g. 'r3'\\)"):
+        sink.finish({"r0", "r1", "r2", "r3"})
+    (out / "part-c.parquet").write_bytes(b"not parquet")
+    with pytest.raises(OutputError, match="part-c.parquet is not a readable Parquet block"):
+        DatasetSink(out, settings).open()

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 
 from rhythm.app.dataset_input import Block, InputFiles, open_input, plan_blocks, read_block, scan
@@ -35,6 +36,10 @@ RAY_INSTALL = "pip install 'attention-rhythm[ray]' (Ray Data: ray[data], pyarrow
 
 class RayMissing(ImportError):
     """Ray Data is not installed (the message says what to install)."""
+
+
+class WorkerFailed(RuntimeError):
+    """The scoring code raised in a worker (not retried); the blocks written before stay."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,11 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
     Parquet dataset folder ``output`` on Ray, skipping the ids already there.
 
     settings: a :class:`rhythm.app.score.ScoreSettings` (its ``device`` must be None: workers use ``cuda``
-    when ``options.gpus_per_worker > 0``, else the CPU). Raises RowError / InputError / OutputError (bad input,
-    an output scored with other settings or locked by another job) before any worker starts."""
+    when ``options.gpus_per_worker > 0``, else the CPU). Raises before any worker starts: RowError / InputError
+    (bad input; UsageError for an int id beyond int64), OutputError (an output scored with other settings, or
+    locked by another job), ConfigError (grouping "fixed"). WorkerFailed: the scoring code raised in a worker."""
     from rhythm.app.common import Console, ModelSource
-    from rhythm.app.score import ScoreJob
+    from rhythm.app.score import ScoreJob, check_parquet_ids
 
     console = console or Console(quiet=True)
     ray = require_ray()
@@ -106,9 +112,13 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
                           "worker would choose its own: use --grouping per_sequence (the default) with --ray")
     files = open_input(input)
     source = ModelSource(settings.model)
-    index = scan(files, ScoreJob(settings, source=source).tokenize)   # tokenizer only: no weights yet
-    if index.id_kind == "int":
-        _check_int64_ids(index, files)
+    job = ScoreJob(settings, source=source)          # the tokenizer and the model's config only: no weights
+
+    def check(rows, name):
+        job.tokenize(rows, name)
+        check_parquet_ids(rows, name)
+
+    index = scan(files, check)
     record = settings.record(index.id_kind, source.model_id())
     sink = DatasetSink(output, record)
     with sink.lock():
@@ -119,14 +129,6 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
             _run(ray, settings, files, str(sink.folder.resolve()), record, blocks, options, console, report)
         report.notes = sink.finish(set(index.id))
     return report
-
-
-def _check_int64_ids(index, files: InputFiles) -> None:
-    """Parquet stores integer ids as int64: refuse any outside it before scoring (not after, at the write)."""
-    for i, row_id in enumerate(index.id):
-        if not -(1 << 63) <= row_id < (1 << 63):
-            raise RowError(f"{files.names[index.file[i]]}:{index.line[i]}: id {row_id} does not fit Parquet's int64 "
-                           "ids; use string ids")
 
 
 def _run(ray, settings, files, folder, record, blocks, options, console, report) -> None:
@@ -152,12 +154,17 @@ def _run(ray, settings, files, folder, record, blocks, options, console, report)
             # max_task_retries=-1 (its block is retried on the new one).
             compute=ray.data.ActorPoolStrategy(size=options.workers, max_tasks_in_flight_per_actor=1))
         with console.progress(total=report.rows, initial=report.skipped, desc="scoring", unit="row") as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n = int(np.sum(batch["rows"]))
-                report.written += n
-                report.parts += len(batch["rows"])
-                report.workers.update(int(p) for p in batch["pid"])
-                bar.update(n)
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    n = int(np.sum(batch["rows"]))
+                    report.written += n
+                    report.parts += len(batch["rows"])
+                    report.workers.update(int(p) for p in batch["pid"])
+                    bar.update(n)
+            except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
+                last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
+                raise WorkerFailed(f"a worker failed ({last[0].strip()}); the {report.written} rows written are "
+                                   f"in {folder}: run the same command to resume") from e
     finally:
         if started:
             ray.shutdown()
@@ -206,6 +213,9 @@ def run(settings, input: str, output: str, options: RayOptions, console) -> int:
     except KeyboardInterrupt:
         console.info(f"interrupted: the blocks written so far are in {output}; run the same command to resume")
         return 130
+    except WorkerFailed as e:
+        print(f"rhythm: error: {e}", file=sys.stderr)
+        return 1
     for note in report.notes:
         console.info(f"repaired {note}")
     if not report.written:
@@ -217,5 +227,5 @@ def run(settings, input: str, output: str, options: RayOptions, console) -> int:
     return 0
 
 
-__all__ = ["JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "require_ray", "run", "score_dataset",
-           "OutputError", "RowError"]
+__all__ = ["JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "WorkerFailed", "require_ray", "run",
+           "score_dataset", "OutputError", "RowError"]

@@ -233,7 +233,7 @@ def run(settings: ScoreSettings, input: str, output: str, console: Console) -> i
     try:
         rows, id_kind = read_rows(data, name)
         if output.endswith(".parquet"):
-            _check_parquet_ids(rows, name)
+            check_parquet_ids(rows, name)
         sink = Sink(output, settings.record(id_kind, source.model_id()))
     except (RowError, OutputError) as e:
         raise UsageError(str(e)) from None
@@ -264,7 +264,7 @@ def run(settings: ScoreSettings, input: str, output: str, console: Console) -> i
     return 0
 
 
-def _check_parquet_ids(rows, name: str) -> None:
+def check_parquet_ids(rows, name: str) -> None:
     """Parquet stores integer ids as int64: refuse any outside it before scoring (not after, at the write)."""
     from rhythm.app.common import UsageError
 
