@@ -56,7 +56,8 @@ def naive_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | 
     softcap = None if layer is None else layer.softcap
     sinks = None if layer is None or layer.sinks is None else layer.sinks.detach().to(compute_dtype)
 
-    for b, start, end, resp in segments.host:
+    for span in segments.spans:
+        b, start, end, resp = span.row, span.start, span.end, span.response_start
         n = end - start
         qs = q[b, :, start:end].detach().to(compute_dtype)
         ks = k[b, :, start:end].detach().to(compute_dtype).repeat_interleave(group, dim=0)

@@ -293,7 +293,8 @@ def blocked_attention_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor 
         layer = None
     sinks = None if layer is None or layer.sinks is None else layer.sinks.detach().to(torch.float32)
     upcast = lambda x: x.detach().to(torch.float32)  # noqa: E731  (a no-op for fp32 inputs)
-    for b, start, end, response_start in segments.host:
+    for seg in segments.spans:
+        b, start, end, response_start = seg.row, seg.start, seg.end, seg.response_start
         span = slice(start, end)
         size = block or query_block_size(q_heads, end - start, span=key_span(layer))
         lse, distance, waad, fai_sum, out = _segment_metrics(

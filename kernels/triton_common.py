@@ -134,7 +134,7 @@ def launch_plan(spec: PassSpec, fixed, tuned, q: torch.Tensor, table_rows: Calla
     fixed / tuned: the pass's kernel and its autotuner (looked up by the caller at call time).
     table_rows(block) -> [(work, *row)]: the pass's block-table entries for one block size (work: what the
     program visits, for the order). table_key: what the entries depend on besides the block sizes (the
-    segments' host tuple, the horizon), for the cache. config / table_sizes (tests, pinned configs): a fixed
+    segments' spans, the horizon), for the cache. config / table_sizes (tests, pinned configs): a fixed
     config and the block sizes to build the table for (default: just the config's) instead of autotuning.
     """
     dim = q.shape[-1]

@@ -75,12 +75,13 @@ INFLUENCE_PASS = PassSpec("influence", "BLOCK_N", GPU_BLOCK_NS, default_influenc
 # ----------------------------------------------------------------------------------------------------------
 # Block table: (batch, seg_start, seg_end, response_start, key block start), sorted by rows to visit.
 # ----------------------------------------------------------------------------------------------------------
-def _influence_table_rows(host: tuple, block_n: int, horizon: tuple) -> list:
+def _influence_table_rows(spans: tuple, block_n: int, horizon: tuple) -> list:
     """[(work, batch, seg_start, seg_end, response_start, n0)] for every key block of BLOCK_N keys that some
     row can attend; work = rows the block visits. An empty block keeps fai = 0 (zero-initialised)."""
     h_lo, h_hi = horizon
     entries = []
-    for b, start, end, resp in host:
+    for span in spans:
+        b, start, end, resp = span.row, span.start, span.end, span.response_start
         for n0 in range(start, end, block_n):
             t_lo = max(n0 + h_lo, resp)
             t_end = end if h_hi is None else min(end, n0 + block_n + h_hi)
@@ -264,9 +265,9 @@ def influence_pass(q: torch.Tensor, k: torch.Tensor, norm: torch.Tensor, segment
     if counts.stride(1) != 1:
         counts = counts.contiguous()
 
-    host = segments.host
+    spans = segments.spans
     plan = launch_plan(INFLUENCE_PASS, _influence_kernel, _influence_kernel_tuned, q,
-                       lambda bn: _influence_table_rows(host, bn, (h_lo, h_hi)), (host, h_lo, h_hi), config,
+                       lambda bn: _influence_table_rows(spans, bn, (h_lo, h_hi)), (spans, h_lo, h_hi), config,
                        table_sizes)
     if plan.programs == 0:
         return fai                                      # every T(s) is empty (e.g. empty responses)

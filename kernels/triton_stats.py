@@ -94,11 +94,11 @@ STATS_PASS = PassSpec("stats", "BLOCK_M", GPU_BLOCK_MS, default_stats_config, 4)
 # ----------------------------------------------------------------------------------------------------------
 # Block table: (batch, segment start, segment end, query block start) per program, sorted by work.
 # ----------------------------------------------------------------------------------------------------------
-def _stats_table_rows(host: tuple, block_m: int) -> list:
+def _stats_table_rows(spans: tuple, block_m: int) -> list:
     """[(work, batch, seg_start, seg_end, m0)] for every query block of BLOCK_M rows; work = keys visited by
     the block's last row."""
-    return [(min(m0 + block_m, end) - start, b, start, end, m0)
-            for b, start, end, _ in host for m0 in range(start, end, block_m)]
+    return [(min(m0 + block_m, span.end) - span.start, span.row, span.start, span.end, m0)
+            for span in spans for m0 in range(span.start, span.end, block_m)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     sizes to build the block table for (default: just config's), instead of the default / autotuned setup.
     """
     batch, q_heads, length, dim = q.shape
-    covered = sum(e - s for _, s, e, _ in segments.host) == batch * length
+    covered = sum(span.length for span in segments.spans) == batch * length
     alloc = torch.empty if covered else torch.zeros
     lse = alloc(batch, q_heads, length, dtype=torch.float32, device=q.device)
     dist, waad = alloc(lse.shape, dtype=torch.float32, device=q.device), alloc(lse.shape, dtype=torch.float32,
@@ -362,9 +362,9 @@ def stats_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, segment
     window = max(1, min(int(window), segments.max_len))
     layer_ = layer_args(layer, segments.max_len, q.device)
 
-    host = segments.host
-    plan = launch_plan(STATS_PASS, _stats_kernel, _stats_kernel_tuned, q, lambda bm: _stats_table_rows(host, bm),
-                       (host,), config, table_sizes, v_dim=v_dim)
+    spans = segments.spans
+    plan = launch_plan(STATS_PASS, _stats_kernel, _stats_kernel_tuned, q, lambda bm: _stats_table_rows(spans, bm),
+                       (spans,), config, table_sizes, v_dim=v_dim)
     plan.kernel[plan.grid(lambda META: q_heads)](
         q, k, v_arg, out_arg, lse, dist, waad, norm, lse if layer_.sinks2 is None else layer_.sinks2, plan.table,
         plan.off_small, plan.off_large,

@@ -12,6 +12,8 @@ __all__ += ["HeadGroups", "fixed_head_groups", "head_to_layer", "mean_response_d
             "select_head_groups", "token_signals"]
 __all__ += ["RhythmSelection", "entropy_selection", "random_selection", "rhythm_selection", "top_q_mask"]
 __all__ += ["credit_multipliers", "shape_advantages"]
-from rhythm.scoring.scorer import RhythmScorer, RhythmScores, ScorerConfig, to_response_tensor, trainer_response_mask
+from rhythm.scoring.scorer import RhythmScorer, RhythmScores, ScorerConfig, TokenSignals
+from rhythm_kernels.segments import Span, to_response_tensor, trainer_response_mask
 
-__all__ += ["RhythmScorer", "RhythmScores", "ScorerConfig", "to_response_tensor", "trainer_response_mask"]
+__all__ += ["RhythmScorer", "RhythmScores", "ScorerConfig", "TokenSignals", "Span", "to_response_tensor",
+            "trainer_response_mask"]

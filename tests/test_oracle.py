@@ -102,4 +102,4 @@ def test_packed_segments_are_independent():
         for name in ("lse", "distance", "waad", "fai"):
             assert torch.allclose(packed[name][..., a:e], alone[name]), name
     segs = segments_from_cu_seqlens(cu, 1, 30, None, torch.device("cpu"))
-    assert segs.host == ((0, 0, 12, 0), (0, 12, 30, 12))
+    assert segs.spans == ((0, 0, 12, 0), (0, 12, 30, 12))

@@ -90,7 +90,8 @@ def test_kill_mid_run_then_resume(tiny_model_dir, tok, tmp_path):  # noqa: F811
     uninterrupted run: every id once, same values."""
     src, dst, ref = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
     _write(src, _token_rows(tok, 12))
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "rhythm.app.cli", *_args(tiny_model_dir, src, dst),
                              "--micro-batch-size", "1"], env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120

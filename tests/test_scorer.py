@@ -132,7 +132,7 @@ def test_scorer_packed_matches_oracle_and_padded(kind, source):
         packed = scorer.score(ids, None, response, cu_seqlens=cu)
     else:
         packed = scorer.score(ids, None, response, position_ids=position_ids)
-    assert packed.packed and len(packed.segments) == 3
+    assert packed.packed and packed.segments.count == 3
     starts = torch.tensor([a + n - r for a, n, r in zip(cu[:-1].tolist(), lengths, resp)])
     segments = brute_force_layout(1, 74, None, starts, cu)
     check_against_oracle(packed, model, ids, segments, position_ids=position_ids)
@@ -221,7 +221,7 @@ def test_entropy_is_that_of_the_distribution_sampling_each_token(temperature):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.double() / temperature
     logp = torch.log_softmax(logits, -1)
     want = -(logp.exp() * logp).sum(-1)                  # entropy of the distribution *at* position t
-    for b, (_, s, e, _) in enumerate(scores.segments):
+    for b, (_, s, e, _) in enumerate(scores.segments.spans):
         torch.testing.assert_close(scores.entropy[b, s + 1:e].double(), want[b, s:e - 1], atol=1e-4, rtol=1e-4)
         assert scores.entropy[b, s] == 0
     gamma = scores.gamma("entropy")
@@ -332,3 +332,78 @@ def test_smollm2_matches_eager_oracle():
     segments = brute_force_layout(*ids.shape, None, torch.tensor([prompt_ids.shape[1]]))
     worst = check_against_oracle(scores, model, ids, segments)
     print(f"SmolLM2 T={ids.shape[1]}: worst per-token errors {worst}")
+
+
+# ---- per-sequence rows: one currency for every layout -------------------------------------------------------
+
+def test_segments_rows_round_trip_and_response():
+    """Segments.to_rows / from_rows invert each other on a padded and a packed layout, with_response reads the
+    response start off a mask, and both refuse what is not a suffix (checked by hand, not through the code)."""
+    from rhythm_kernels.segments import Span, segments_from_cu_seqlens, segments_from_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    response = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    padded = segments_from_mask(mask, 2, 5, None, CPU).with_response(response)
+    assert padded.spans == (Span(0, 2, 5, 3), Span(1, 0, 4, 3)) and padded.shape == (2, 5) and not padded.packed
+    assert padded.spans[0].length == 3 and padded.spans[0].response_length == 2 and padded.spans[1].prompt_length == 3
+    x = torch.arange(10.0).reshape(2, 5)
+    rows = padded.to_rows(x)
+    assert rows.tolist() == [[2.0, 3.0, 4.0, 0.0], [5.0, 6.0, 7.0, 8.0]]
+    assert padded.from_rows(rows).tolist() == [[0.0, 0.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 0.0]]
+    assert padded.response_rows().tolist() == [[False, True, True, False], [False, False, False, True]]
+    packed = segments_from_cu_seqlens(torch.tensor([0, 2, 5]), 1, 5, torch.tensor([1, 5]), CPU)
+    assert packed.packed and packed.spans == (Span(0, 0, 2, 1), Span(0, 2, 5, 5))
+    rows = packed.to_rows(x[:1], fill=-1.0)
+    assert rows.tolist() == [[0.0, 1.0, -1.0], [2.0, 3.0, 4.0]]
+    assert packed.from_rows(rows).tolist() == x[:1].tolist()
+    with pytest.raises(ValueError, match="not a suffix"):
+        padded.with_response(torch.tensor([[0, 0, 1, 0, 1], [0, 0, 0, 0, 0]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="marks padding"):
+        padded.with_response(torch.tensor([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool))
+
+
+def test_scores_are_stored_per_sequence_in_every_layout():
+    """RhythmScores holds one left-aligned row per sequence (TokenSignals); the [B, T] views are those rows
+    placed by the layout's spans; selection() is per sequence for padded and packed input alike, and a packed
+    batch of the same sequences gives rows of the same shape."""
+    from rhythm.scoring.scorer import TokenSignals
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch("left", length=40)
+    response = response_suffix(mask, [15, 0, 9])
+    scorer = RhythmScorer(model)
+    scores = scorer.score(ids, mask, response, with_entropy=True)
+    rows = scores.signals
+    assert isinstance(rows, TokenSignals)
+    lengths = [int(n) for n in mask.sum(-1)]
+    assert rows.waad.shape == (3, max(lengths)) and rows.head_distance.shape[0] == 3
+    for i, span in enumerate(scores.segments.spans):
+        n = span.length
+        assert n == lengths[i] and span.start == 40 - n and span.response_length == [15, 0, 9][i]
+        assert torch.equal(scores.waad[span.row, span.start:span.end], rows.waad[i, :n])
+        assert torch.equal(scores.fai[span.row, span.start:span.end], rows.fai[i, :n])
+        assert torch.equal(scores.entropy[span.row, span.start:span.end], rows.entropy[i, :n])
+        assert torch.equal(scores.response_mask[span.row], response[span.row])
+        assert not rows.response[i, n:].any() and (rows.waad[i, n:] == 0).all()
+    assert torch.equal(scores.attention_mask, mask.bool())
+    sel = scores.selection()
+    assert sel.anchor.shape == rows.waad.shape
+    assert not (sel.anchor & ~rows.response).any()
+    with pytest.raises(TypeError, match=r"unknown override\(s\) \['qq'\]"):
+        scores.selection(qq=0.3)
+    # the same three sequences packed into one row: per-sequence rows of the same shape
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    flat_ids = ids[mask.bool()][None]
+    flat_response = response[mask.bool()][None]
+    packed = scorer.score(flat_ids, None, flat_response, cu_seqlens=cu)
+    assert packed.packed and packed.signals.waad.shape == rows.waad.shape
+    assert packed.selection().anchor.shape == sel.anchor.shape
+    assert torch.equal(packed.signals.response, rows.response)
+
+
+def test_trainer_response_mask_checks_its_length():
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    for bad in (True, 2.5, -1, 7):
+        with pytest.raises(ValueError, match="response_length must be an int in"):
+            trainer_response_mask(mask, bad)
+    assert trainer_response_mask(mask, 0).sum() == 0

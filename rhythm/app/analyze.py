@@ -139,8 +139,8 @@ def run(request: AnalyzeRequest, group_rows, index, console: Console) -> int:
     scorer = RhythmScorer(model, **request.scorer)
     with console.progress(total=len(pairs), desc="scoring", unit="seq", leave=False) as bar:
         scores = scorer.score(ids, mask, response, with_entropy=True, progress=bar.update)
-    _, start, end, _ = scores.segments[index]
-    tokens = _token_strings(tokenizer, ids[index, start:end].tolist())
+    span = scores.segments.spans[index]
+    tokens = _token_strings(tokenizer, ids[index, span.start:span.end].tolist())
     prompt_ids, response_ids = pairs[index]
     meta = {"title": "Preplan-and-anchor rhythm", "model": request.source.path or "SmolLM2-135M-Instruct (bundled GGUF)",
             **source, "tokens": f"{len(prompt_ids)} prompt + {len(response_ids)} response",

@@ -238,8 +238,8 @@ def mask_disagreement(mask, description: LayerAttention, segments: Segments, len
     visible(t, s) = same segment, s <= t, t - s < window, (t - start) // chunk == (s - start) // chunk.
     """
     if mask is None:
-        whole_rows = all(start == 0 and end == length for _, start, end, _ in segments.host)
-        rows = {b for b, _, _, _ in segments.host}
+        whole_rows = all(span.start == 0 and span.end == length for span in segments.spans)
+        rows = {span.row for span in segments.spans}
         if not whole_rows or len(rows) != segments.count or _cuts(description, segments):
             raise UnsupportedModelError(
                 "the model built no attention mask (plain causal attention over whole rows), but the batch "
@@ -252,7 +252,8 @@ def mask_disagreement(mask, description: LayerAttention, segments: Segments, len
     window, chunk = description.sliding_window, description.chunk_size
     bad = torch.zeros((), dtype=torch.bool, device=mask.device)
     keys = torch.arange(length, device=mask.device)
-    for b, start, end, _ in segments.host:
+    for span in segments.spans:
+        b, start, end = span.row, span.start, span.end
         for lo in range(start, end, block_rows):
             hi = min(end, lo + block_rows)
             t = torch.arange(lo, hi, device=mask.device)[:, None]

@@ -80,6 +80,8 @@ class CaptureContext:
     response_start: LongTensor [B] (or [n_segments] with cu_seqlens), absolute T index of each sequence's
         first response token; None = every position is a response position.
     cu_seqlens: LongTensor [n_segments + 1] for a packed batch (B = 1, attention_mask None), or None.
+    segments: the layout already built (``rhythm_kernels.segments.Segments`` of the forward's [B, T], or of the
+        n recorded rows with ``rows``), instead of attention_mask / response_start / cu_seqlens.
     window, horizon, backend, validate: passed to ``attention_metrics``.
     stop_after_last: raise StopForward after the last sampled layer (False to let the forward finish, e.g.
         when the LM head is needed for entropies).
@@ -96,6 +98,7 @@ class CaptureContext:
     attention_mask: torch.Tensor | None = None
     response_start: torch.Tensor | int | None = None
     cu_seqlens: torch.Tensor | None = None
+    segments: Segments | None = None
     window: int = 10
     horizon: tuple[int, int | None] = (10, 100)
     backend: str = "auto"
@@ -118,6 +121,10 @@ class CaptureContext:
         if self.rows is not None and not self.metrics_only:
             raise ValueError("CaptureContext.rows (a subset of the batch) needs metrics_only=True")
         self.layers = tuple(sorted(int(x) for x in self.layers))
+        if self.segments is not None and not (self.attention_mask is None and self.response_start is None
+                                              and self.cu_seqlens is None):
+            raise ValueError("CaptureContext: segments replaces attention_mask, response_start and cu_seqlens; "
+                             "pass one or the other")
 
     @property
     def last_layer(self) -> int:
@@ -357,6 +364,8 @@ class Capture:
         """Segments of this pass: the context's padding mask or packed boundaries, else (B = 1, no mask) the
         packed layout the model's own kwargs describe."""
         batch, _, length, _ = query.shape
+        if context.segments is not None:
+            return context.segments.to(query.device)
         mask, cu_seqlens = context.attention_mask, context.cu_seqlens
         if cu_seqlens is None and mask is None and batch == 1:
             cu_seqlens = self._packed_boundaries(kwargs)

@@ -107,7 +107,11 @@ def check_segments(segments, batch: int, length: int, device: torch.device) -> N
         raise TypeError(f"segments must be a rhythm_kernels.segments.Segments, got {type(segments).__name__}")
     if segments.start.device != device:
         raise ValueError(f"segments must be on the device of q ({device}), got {segments.start.device}")
-    for i, (row, start, end, resp) in enumerate(segments.host):
-        if not (0 <= row < batch and 0 <= start < end <= length and start <= resp <= end):
-            raise ValueError(f"segments[{i}] = (row {row}, start {start}, end {end}, response_start {resp}) does "
-                             f"not fit q with B = {batch}, T = {length}")
+    for i, span in enumerate(segments.spans):
+        if not (0 <= span.row < batch and 0 <= span.start < span.end <= length
+                and span.start <= span.response_start <= span.end):
+            raise ValueError(f"segments[{i}] = (row {span.row}, start {span.start}, end {span.end}, response_start "
+                             f"{span.response_start}) does not fit q with B = {batch}, T = {length}")
+    if tuple(segments.shape) != (batch, length):
+        raise ValueError(f"segments describe a layout of shape (B, T) = {tuple(segments.shape)}, but q has "
+                         f"B = {batch}, T = {length}")

@@ -58,10 +58,10 @@ def attach_group(report: SequenceReport, rows: list, index: int, scores, respons
     gamma = scores.gamma(strategy)
     members = []
     for i, row in enumerate(rows):
-        b, _, end, resp = scores.segments[i]
+        span = scores.segments.spans[i]
         members.append(GroupMember(id=str(row.id), tokens=response_tokens[i],
                                    reward=rewards[i] if rewards[i] is not None else float("nan"),
-                                   advantage=advantages[i], gamma=gamma[b, resp:end].tolist(), selected=i == index))
+                                   advantage=advantages[i], gamma=gamma[span.row, span.response_start:span.end].tolist(), selected=i == index))
     report.group, report.group_strategy = members, strategy
     return None
 

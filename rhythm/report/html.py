@@ -280,16 +280,13 @@ def scores_html(scores, max_sequences: int = 8) -> str:
     WAAD / FAI strip over the response."""
     from rhythm.credit.heads import head_to_layer
 
-    sel = scores.selection()
+    rows, sel = scores.signals, scores.selection()
     blocks = []
-    for i, (row, start, end, resp) in enumerate(scores.segments[:max_sequences]):
-        def take(x):
-            return x[i, : end - start] if scores.packed else x[row, start:end]
-
-        waad, fai = scores.waad[row, resp:end].tolist(), scores.fai[row, resp:end].tolist()
-        valid = scores.fai_valid[row, resp:end].tolist()
-        offset = resp - start
-        anchor, preplan, delta = take(sel.anchor)[offset:], take(sel.preplan)[offset:], take(sel.delta)[offset:]
+    for i, span in enumerate(scores.segments.spans[:max_sequences]):
+        row, start, end, resp = span.row, span.start, span.end, span.response_start
+        response = slice(span.prompt_length, span.length)   # the response in sequence i's row
+        waad, fai, valid = (x[i, response].tolist() for x in (rows.waad, rows.fai, rows.fai_valid))
+        anchor, preplan, delta = (x[i, response] for x in (sel.anchor, sel.preplan, sel.delta))
         anchors = sorted(((fai[j], j) for j in range(len(fai)) if anchor[j]), key=lambda x: (-x[0], x[1]))[:5]
         plans = sorted(((float(delta[j]), j) for j in range(len(fai)) if preplan[j]), key=lambda x: (-x[0], x[1]))[:5]
         heads = scores.heads_per_layer
@@ -310,9 +307,9 @@ def scores_html(scores, max_sequences: int = 8) -> str:
             f"<tr><td>top preplan (resp #: ΔWAAD)</td><td>{', '.join(f'#{j}: {v:.3f}' for v, j in plans)}</td></tr>"
             f"</table><div>WAAD (0 to {w_hi:.2f})</div><div class=strip>{strip(waad, BLUE, w_hi, '{:.3f}')}</div>"
             f"<div>FAI (0 to {f_hi:.4f})</div><div class=strip>{strip(fai, ORANGE, f_hi, '{:.4f}')}</div>")
-    more = len(scores.segments) - max_sequences
+    more = scores.segments.count - max_sequences
     tail = f"<p>... and {more} more sequences</p>" if more > 0 else ""
     return (f"<div><style>{_CSS.replace('body', '.rhythm-scores')}</style><div class=rhythm-scores>"
-            f"<b>RhythmScores</b>: {len(scores.segments)} sequences, layers {scores.layers}, "
+            f"<b>RhythmScores</b>: {scores.segments.count} sequences, layers {scores.layers}, "
             f"{scores.heads_per_layer} heads per layer, W = {scores.config.window}, horizon "
             f"{tuple(scores.config.horizon)}{''.join(blocks)}{tail}</div></div>")

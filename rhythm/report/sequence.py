@@ -77,22 +77,22 @@ class SequenceReport:
     @classmethod
     def from_scores(cls, scores, tokens: list[str], index: int = 0, meta: dict | None = None,
                     strategies=STRATEGIES) -> "SequenceReport":
-        """Build from ``RhythmScores`` (sequence ``index``; padded or packed layout)."""
+        """Build from ``RhythmScores`` (sequence ``index``; any input layout: its per-sequence rows)."""
         from rhythm.credit.heads import head_to_layer
 
-        row, start, end, resp = scores.segments[index]
-        sel = scores.selection()
+        span = scores.segments.spans[index]
+        rows, sel = scores.signals, scores.selection()
 
-        def take(x):  # selection masks are [n_seq, L] when packed, the input layout [B, T] otherwise
-            return x[index, : end - start].tolist() if scores.packed else x[row, start:end].tolist()
+        def take(x):  # row ``index`` of a per-sequence [n_seq, L] tensor, over the sequence's positions
+            return x[index, : span.length].tolist()
 
         gammas = {}
         for strategy in strategies:
-            if strategy == "entropy" and scores.entropy is None:
+            if strategy == "entropy" and rows.entropy is None:
                 continue
-            gammas[strategy] = scores.gamma(strategy)[row, start:end].tolist()
+            gammas[strategy] = scores.gamma(strategy)[span.row, span.start:span.end].tolist()
         delta = [d if ok else None for d, ok in zip(take(sel.delta), take(sel.delta_valid))]
-        intro_of = [p - (0 if scores.packed else start) if p >= 0 else -1 for p in take(sel.intro_of)]
+        intro_of = take(sel.intro_of)   # positions in the sequence (-1: none)
         n_layers, heads = len(scores.layers), scores.heads_per_layer
         distance = scores.head_distance[index].reshape(n_layers, heads).tolist()
 
@@ -101,12 +101,11 @@ class SequenceReport:
 
         config = scores.config
         return cls(
-            tokens=list(tokens), response_start=resp - start,
-            waad=scores.waad[row, start:end].tolist(), fai=scores.fai[row, start:end].tolist(),
-            fai_valid=scores.fai_valid[row, start:end].tolist(),
+            tokens=list(tokens), response_start=span.prompt_length,
+            waad=take(rows.waad), fai=take(rows.fai), fai_valid=take(rows.fai_valid),
             preplan=take(sel.preplan), anchor=take(sel.anchor), dominated=take(sel.dominated),
             intro=take(sel.intro), delta=delta, intro_of=intro_of, gammas=gammas,
-            entropy=None if scores.entropy is None else scores.entropy[row, start:end].tolist(),
+            entropy=None if rows.entropy is None else take(rows.entropy),
             window=config.window, horizon=tuple(config.horizon), layers=list(scores.layers), heads_per_layer=heads,
             head_distance=distance, local_heads=pairs(scores.groups.local[index]),
             global_heads=pairs(scores.groups.global_[index]), meta=dict(meta or {}))

@@ -4,24 +4,28 @@ Data flow: input_ids + masks -> :class:`rhythm.capture.recording.Capture` (per-h
 lse / distance / waad / fai of the sampled layers, the forward stopped after the last one) -> head groups
 (``rhythm.credit.heads``) -> per-token signals -> ``credit_multipliers`` on demand (``RhythmScores.gamma``).
 
-Two input layouts, one output layout ``[B, T]`` matching the input:
+Two input layouts:
 
 - padded: ``input_ids [B, T]``, ``attention_mask [B, T]`` (left and/or right padding, one contiguous real
   span per row), ``response_mask [B, T]`` (a suffix of each row's real span);
 - packed (verl's remove-padding path): ``B = 1`` and ``attention_mask=None`` with ``cu_seqlens
   [n_seq + 1]`` and/or ``position_ids [1, T]`` whose resets mark where each sequence starts.
 
-Inside, every sequence is a *segment* (row, start, end, response start on the T axis); head groups and
-credit are computed per segment, so a packed row holding several rollouts is scored like a padded batch.
+Inside, every sequence is a :class:`~rhythm_kernels.segments.Span` (row, start, end, response start on the T
+axis) of the layout's :class:`~rhythm_kernels.segments.Segments`; signals, head groups and credit are computed
+and stored per sequence (:class:`TokenSignals`, one left-aligned row each), so a packed row holding several
+rollouts is scored like a padded batch. ``Segments.from_rows`` / ``to_rows`` are the one conversion to and
+from the input layout, ``to_response_tensor`` the one to the trainer's response tensors [B, R_len].
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import torch
 
-from rhythm_kernels.segments import segments_from_cu_seqlens, segments_from_mask
+from rhythm_kernels.segments import Segments, Span, segments_from_cu_seqlens, segments_from_mask, to_response_tensor, \
+    trainer_response_mask
 
 from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
 from rhythm.capture.recording import Capture, CaptureContext, cu_seqlens_from_position_ids
@@ -55,43 +59,101 @@ class ScorerConfig:
                               f"{type(self.fixed_groups).__name__}")
 
 
-@dataclass
-class RhythmScores:
-    """Per-token signals of one scored batch, in the layout of the input ([B, T]; B = 1 when packed).
+@dataclass(frozen=True)
+class TokenSignals:
+    """Per-token signals of scored sequences, one row per sequence (left-aligned, ``[n_seq, L]``): what
+    :meth:`RhythmScorer.signals` returns and what :class:`RhythmScores` stores.
 
-    waad, fai: float32 [B, T] per token after head grouping, on every real position (prompt included),
-        0 on padding and on every position of a sequence whose response is empty.
-    fai_valid: bool [B, T], False on padding and where FAI's horizon holds no response row.
-    response_mask, attention_mask: bool [B, T] (attention_mask: the real positions).
-    entropy: float32 [B, T] or None; entropy[t] of the distribution that sampled token t (0 on each
-        sequence's first token and on padding).
-    layers: the sampled layer indices. heads_per_layer: query heads per layer.
-    groups: HeadGroups, local/global_ long [n_seq, n_sel] indices into the flattened (layer, head) axis
-        (``rhythm.credit.heads.head_to_layer`` maps them back); -1 on sequences with an empty response.
+    waad, fai: float32 [n_seq, L] per token after head grouping, on every position of the sequence (prompt
+        included); 0 after its end and on every position of a sequence whose response is empty.
+    fai_valid: bool [n_seq, L], False after the end and where FAI's horizon holds no response row.
+    response: bool [n_seq, L], True on the response positions.
     head_distance: float32 [n_seq, n_heads], d(l, h) = mean response distance per head.
-    segments: one (row, start, end, response_start) per sequence (n_seq = B when padded).
-    config: the scorer's ScorerConfig (defaults of gamma()).
+    groups: HeadGroups, local / global_ long [n_seq, n_sel] indices into the flattened (layer, head) axis
+        (``rhythm.credit.heads.head_to_layer`` maps them back); -1 on sequences with an empty response.
+    entropy: float32 [n_seq, L] or None; entropy[t] of the distribution that sampled token t (0 on each
+        sequence's first token and after its end).
     """
 
     waad: torch.Tensor
     fai: torch.Tensor
     fai_valid: torch.Tensor
-    response_mask: torch.Tensor
-    attention_mask: torch.Tensor
+    response: torch.Tensor
+    head_distance: torch.Tensor
+    groups: HeadGroups
+    entropy: torch.Tensor | None = None
+
+    def to(self, device) -> "TokenSignals":
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return TokenSignals(waad=move(self.waad), fai=move(self.fai), fai_valid=move(self.fai_valid),
+                            response=move(self.response), head_distance=move(self.head_distance),
+                            groups=HeadGroups(move(self.groups.local), move(self.groups.global_)),
+                            entropy=move(self.entropy))
+
+
+@dataclass
+class RhythmScores:
+    """Per-token signals of one scored batch, stored per sequence (``signals``: one left-aligned row per
+    sequence) with ``segments`` saying where each sequence sits in the input layout.
+
+    signals: :class:`TokenSignals` [n_seq, L_max] (n_seq = B when padded).
+    segments: ``rhythm_kernels.segments.Segments`` (on the CPU) of the input layout [B, T]: one
+        :class:`~rhythm_kernels.segments.Span` (row, start, end, response_start) per sequence; its
+        ``to_rows`` / ``from_rows`` are the one conversion between the rows and that layout.
+    layers: the sampled layer indices. heads_per_layer: query heads per layer.
+    config: the scorer's ScorerConfig (defaults of gamma()).
+
+    In the input layout ([B, T]; B = 1 when packed), each converted once on first use: waad, fai (0 on
+    padding), fai_valid, response_mask, attention_mask (the real positions), entropy (or None). Per sequence:
+    groups (HeadGroups [n_seq, n_sel]), head_distance [n_seq, n_heads].
+    """
+
+    signals: TokenSignals
+    segments: Segments
     layers: list[int]
     heads_per_layer: int
-    groups: HeadGroups
-    head_distance: torch.Tensor
-    segments: tuple[tuple[int, int, int, int], ...]
     config: ScorerConfig
-    entropy: torch.Tensor | None = None
 
     @property
     def packed(self) -> bool:
-        return len(self.segments) != self.waad.shape[0]
+        return self.segments.packed
+
+    @property
+    def groups(self) -> HeadGroups:
+        return self.signals.groups
+
+    @property
+    def head_distance(self) -> torch.Tensor:
+        return self.signals.head_distance
+
+    # -- the input layout [B, T] --------------------------------------------------------------------------
+    @cached_property
+    def waad(self) -> torch.Tensor:
+        return self.segments.from_rows(self.signals.waad)
+
+    @cached_property
+    def fai(self) -> torch.Tensor:
+        return self.segments.from_rows(self.signals.fai)
+
+    @cached_property
+    def fai_valid(self) -> torch.Tensor:
+        return self.segments.from_rows(self.signals.fai_valid, fill=False)
+
+    @cached_property
+    def response_mask(self) -> torch.Tensor:
+        return self.segments.from_rows(self.signals.response, fill=False)
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor:
+        return self.segments.from_rows(torch.ones_like(self.signals.response), fill=False)
+
+    @cached_property
+    def entropy(self) -> torch.Tensor | None:
+        return None if self.signals.entropy is None else self.segments.from_rows(self.signals.entropy)
 
     def gamma(self, strategy: str = "coupled", **overrides) -> torch.Tensor:
-        """Credit multipliers gamma float32 [B, T] (``rhythm.credit_multipliers`` per sequence).
+        """Credit multipliers gamma float32 [B, T] in the input layout (``rhythm.credit_multipliers`` on the
+        per-sequence rows; 1 off the responses).
 
         overrides: any of q, gamma_amp, alpha, k, seed (defaults from the scorer's config).
         """
@@ -99,19 +161,12 @@ class RhythmScores:
         if unknown:
             raise TypeError(f"gamma() got unknown override(s) {unknown}; allowed: {GAMMA_OVERRIDES}")
         options = {name: overrides.get(name, getattr(self.config, name)) for name in GAMMA_OVERRIDES}
-        if strategy == "entropy" and self.entropy is None:
+        if strategy == "entropy" and self.signals.entropy is None:
             raise ValueError("strategy='entropy' needs per-token entropies: score(..., with_entropy=True)")
-        rows = [self.waad, self.fai, self.response_mask, self.fai_valid]
-        if self.entropy is not None:
-            rows.append(self.entropy)
-        if self.packed:
-            rows = [to_rows(x, self.segments) for x in rows]
-        entropy = rows[4] if len(rows) > 4 else None
-        gamma = credit_multipliers(rows[0], rows[1], rows[2], strategy=strategy, fai_valid=rows[3],
-                                   entropy=entropy, **options)
-        if self.packed:
-            gamma = from_rows(gamma, self.segments, self.waad.shape, fill=1.0)
-        return gamma
+        rows = self.signals
+        gamma = credit_multipliers(rows.waad, rows.fai, rows.response, strategy=strategy, fai_valid=rows.fai_valid,
+                                   entropy=rows.entropy, **options)
+        return self.segments.from_rows(gamma, fill=1.0)
 
     def _repr_html_(self) -> str:
         """Notebook view: head groups, top anchors / preplan tokens with their values, WAAD / FAI strips."""
@@ -120,76 +175,25 @@ class RhythmScores:
         return scores_html(self)
 
     def selection(self, **overrides):
-        """The preplan / anchor / dominated / intro masks (``rhythm.credit.selection.rhythm_selection``) in the
-        padded layout [n_seq, L] (for a padded batch: [B, T], the input layout)."""
+        """The preplan / anchor / dominated / intro masks (``rhythm.credit.selection.rhythm_selection``) per
+        sequence: [n_seq, L_max], row i = sequence i left-aligned (``intro_of`` indexes that row).
+
+        overrides: q, k (defaults from the scorer's config)."""
         from rhythm.credit.selection import rhythm_selection
 
+        unknown = sorted(set(overrides) - {"q", "k"})
+        if unknown:
+            raise TypeError(f"selection() got unknown override(s) {unknown}; allowed: ['k', 'q']")
         q = overrides.get("q", self.config.q)
         k = overrides.get("k", self.config.k)
-        rows = [self.waad, self.fai, self.response_mask, self.fai_valid]
-        if self.packed:
-            rows = [to_rows(x, self.segments) for x in rows]
-        return rhythm_selection(rows[0], rows[1], rows[2], rows[3], q=q, k=k)
+        rows = self.signals
+        return rhythm_selection(rows.waad, rows.fai, rows.response, rows.fai_valid, q=q, k=k)
 
 
-# ---- layout helpers ---------------------------------------------------------------------------------------
-
-def to_rows(x: torch.Tensor, segments, *, fill=0) -> torch.Tensor:
-    """[B, ..., T] (padded or packed) -> [n_seq, ..., L_max]: each segment's positions, left-aligned."""
-    width = max(end - start for _, start, end, _ in segments)
-    out = torch.full((len(segments), *x.shape[1:-1], width), fill, dtype=x.dtype, device=x.device)
-    for i, (row, start, end, _) in enumerate(segments):
-        out[i, ..., : end - start] = x[row, ..., start:end]
-    return out
-
-
-def from_rows(rows: torch.Tensor, segments, shape, *, fill=0) -> torch.Tensor:
-    """Inverse of :func:`to_rows`: [n_seq, L_max] -> a tensor of ``shape`` [B, T], ``fill`` elsewhere."""
-    out = torch.full(tuple(shape), fill, dtype=rows.dtype, device=rows.device)
-    for i, (row, start, end, _) in enumerate(segments):
-        out[row, start:end] = rows[i, : end - start]
-    return out
-
-
-def trainer_response_mask(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
-    """response_mask [B, T] of a trainer batch ``input_ids = prompt (left-padded) + response (right-padded)``
-    whose response tensors have width ``response_length``: real positions in [T - R_len, T)."""
-    batch, length = attention_mask.shape
-    if not 0 <= response_length <= length:
-        raise ValueError(f"response_length must be in [0, T = {length}], got {response_length}")
-    cols = torch.arange(length, device=attention_mask.device)
-    return attention_mask.bool() & (cols >= length - response_length)[None, :]
-
-
-def to_response_tensor(x: torch.Tensor, response_length: int, response_mask: torch.Tensor | None = None,
-                       fill=None) -> torch.Tensor:
-    """Map a scorer tensor [B, T] to a trainer's response tensor [B, R_len] (docs/definitions.md section 6).
-
-    The trainer's response tensors cover positions [T - R_len, T) of ``prompt (left-padded) + response
-    (right-padded)``; entry i multiplies the advantage of response token i, the token *at* position
-    T - R_len + i (no shift: unlike log-probs, which are sliced [-R_len-1:-1] of the logits because logits
-    predict the next token, the metrics are defined on the token's own position).
-
-    response_mask [B, T] (optional): checked to lie inside the window, so nothing is silently dropped.
-    fill: value written where the trainer's response is padding (None = keep x's value there).
-    """
-    if x.dim() != 2:
-        raise ValueError(f"x must be [B, T], got shape {tuple(x.shape)}")
-    length = x.shape[1]
-    if isinstance(response_length, bool) or not isinstance(response_length, int) or not 0 <= response_length <= length:
-        raise ValueError(f"response_length must be an int in [0, T = {length}], got {response_length!r}")
-    out = x[:, length - response_length:]
-    if response_mask is not None:
-        if tuple(response_mask.shape) != tuple(x.shape):
-            raise ValueError(f"response_mask must have shape {tuple(x.shape)}, got {tuple(response_mask.shape)}")
-        if bool(response_mask[:, : length - response_length].any()):
-            raise ValueError(f"response_mask marks positions before T - response_length = {length - response_length}: "
-                             "the response tensors would miss them (is the prompt left-padded and the response "
-                             "right-padded?)")
-        if fill is not None:
-            out = torch.where(response_mask[:, length - response_length:].bool(), out,
-                              torch.as_tensor(fill, dtype=out.dtype, device=out.device))
-    return out
+# The trainer layout (prompt left-padded + response right-padded) and its response tensors [B, R_len] are
+# described in rhythm_kernels.segments, beside the padded and packed layouts; re-exported here.
+__all__ = ["RhythmScorer", "RhythmScores", "ScorerConfig", "TokenSignals", "Recording", "to_response_tensor",
+           "trainer_response_mask"]
 
 
 # ---- the scorer ---------------------------------------------------------------------------------------------
@@ -248,20 +252,9 @@ class RhythmScorer:
         cu_seqlens: long [n_seq + 1] packed boundaries (B = 1). with_entropy: also run the upper layers and
         the LM head for per-token entropies. progress: optional callable(n_done_sequences) per micro-batch.
         """
-        input_ids, mask, response, position_ids, segments, packed = self._prepare(
+        input_ids, mask, position_ids, segments = self._prepare(
             input_ids, attention_mask, response_mask, position_ids, cu_seqlens)
-        batch, length = input_ids.shape
-        out_device = input_ids.device
-        n_heads = len(self.layers) * self.heads_per_layer
-        n_sel = math.ceil(self.config.head_fraction * n_heads)
-        waad = torch.zeros(batch, length, dtype=torch.float32)
-        fai = torch.zeros(batch, length, dtype=torch.float32)
-        fai_valid = torch.zeros(batch, length, dtype=torch.bool)
-        entropy = torch.zeros(batch, length, dtype=torch.float32) if with_entropy else None
-        local = torch.full((len(segments), n_sel), -1, dtype=torch.long)
-        global_ = torch.full((len(segments), n_sel), -1, dtype=torch.long)
-        distance_d = torch.zeros(len(segments), n_heads, dtype=torch.float32)
-
+        parts = []
         model = self.model
         was_training = model.training
         model.eval()
@@ -270,30 +263,17 @@ class RhythmScorer:
             # wrappers that version them (FSDP2's unshard) work during and after the pass.
             with torch.no_grad(), Capture(model) as capture:
                 size = self.config.micro_batch_size
-                for first in range(0, len(segments), size):
-                    chunk = list(range(first, min(first + size, len(segments))))
-                    result = self._score_chunk(capture, [segments[i] for i in chunk], input_ids, mask,
-                                               position_ids, packed=packed, with_entropy=with_entropy)
-                    for j, i in enumerate(chunk):
-                        row, start, end, _ = segments[i]
-                        waad[row, start:end] = result["waad"][j, : end - start]
-                        fai[row, start:end] = result["fai"][j, : end - start]
-                        fai_valid[row, start:end] = result["fai_valid"][j, : end - start]
-                        local[i], global_[i] = result["local"][j], result["global_"][j]
-                        distance_d[i] = result["d"][j]
-                        if with_entropy:
-                            entropy[row, start:end] = result["entropy"][j, : end - start]
+                for first in range(0, segments.count, size):
+                    chunk = segments.spans[first:first + size]
+                    parts.append(self._score_chunk(capture, chunk, input_ids, position_ids, packed=segments.packed,
+                                                   with_entropy=with_entropy))
                     if progress is not None:
                         progress(len(chunk))
         finally:
             model.train(was_training)
-        to = lambda x: None if x is None else x.to(out_device)  # noqa: E731
-        return RhythmScores(
-            waad=to(waad), fai=to(fai), fai_valid=to(fai_valid), response_mask=to(response),
-            attention_mask=to(mask), layers=list(self.layers), heads_per_layer=self.heads_per_layer,
-            groups=HeadGroups(local=to(local), global_=to(global_)), head_distance=to(distance_d),
-            segments=tuple(segments), config=replace(self.config, fixed_groups=self.fixed_groups),
-            entropy=to(entropy))
+        return RhythmScores(signals=_concat_rows(parts, segments.max_len).to(input_ids.device), segments=segments,
+                            layers=list(self.layers), heads_per_layer=self.heads_per_layer,
+                            config=replace(self.config, fixed_groups=self.fixed_groups))
 
     # -- fused: record inside a forward the caller runs ----------------------------------------------------------
     def recording(self, attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
@@ -319,14 +299,13 @@ class RhythmScorer:
         if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= batch:
             raise ValueError(f"rows must be a non-empty list of row indices in [0, {batch}), got {rows.tolist()}")
         mask, response = mask[rows], response[rows]
-        segments = _padded_segments(mask, response)
+        segments = segments_from_mask(mask, *mask.shape, None, "cpu").with_response(response)
         device = self.device
         context = CaptureContext(
-            layers=tuple(self.layers), attention_mask=mask.to(device),
-            response_start=torch.tensor([r for _, _, _, r in segments], dtype=torch.long, device=device),
+            layers=tuple(self.layers), segments=segments.to(device),
             window=self.config.window, horizon=self.config.horizon, backend=self.config.backend,
             validate=self.config.validate, stop_after_last=False, metrics_only=True, rows=rows.to(device))
-        return Recording(context=context, segments=segments, rows=rows, attention_mask=mask, response_mask=response)
+        return Recording(context=context, segments=segments, rows=rows)
 
     def scores_from(self, recording: "Recording") -> RhythmScores:
         """RhythmScores [n, T] of the recorded rows, from the records a forward left in ``recording.context``."""
@@ -334,20 +313,10 @@ class RhythmScorer:
         if missing:
             raise RuntimeError(f"no metrics recorded for sampled layer(s) {missing}: run a forward with "
                                "recording.context inside Capture.run first")
-        result = self.signals(recording.context.records, recording.segments)
-        n, length = recording.attention_mask.shape
-        waad = torch.zeros(n, length)
-        fai = torch.zeros(n, length)
-        fai_valid = torch.zeros(n, length, dtype=torch.bool)
-        for j, (_, start, end, _) in enumerate(recording.segments):
-            waad[j, start:end] = result["waad"][j, : end - start]
-            fai[j, start:end] = result["fai"][j, : end - start]
-            fai_valid[j, start:end] = result["fai_valid"][j, : end - start]
-        return RhythmScores(
-            waad=waad, fai=fai, fai_valid=fai_valid, response_mask=recording.response_mask,
-            attention_mask=recording.attention_mask, layers=list(self.layers), heads_per_layer=self.heads_per_layer,
-            groups=HeadGroups(local=result["local"], global_=result["global_"]), head_distance=result["d"],
-            segments=tuple(recording.segments), config=replace(self.config, fixed_groups=self.fixed_groups))
+        return RhythmScores(signals=self.signals(recording.context.records, recording.segments),
+                            segments=recording.segments, layers=list(self.layers),
+                            heads_per_layer=self.heads_per_layer,
+                            config=replace(self.config, fixed_groups=self.fixed_groups))
 
     # -- input checks -----------------------------------------------------------------------------------------
     def _prepare(self, input_ids, attention_mask, response_mask, position_ids, cu_seqlens):
@@ -385,23 +354,21 @@ class RhythmScorer:
             elif not isinstance(cu_seqlens, torch.Tensor):
                 raise TypeError(f"cu_seqlens must be an integer tensor, got {type(cu_seqlens).__name__}")
             cu_seqlens = cu_seqlens.to(cpu)
-            segs = segments_from_cu_seqlens(cu_seqlens, batch, length, None, cpu)  # checks B = 1 and the bounds
+            segments = segments_from_cu_seqlens(cu_seqlens, batch, length, None, cpu)  # checks B = 1, the bounds
             if position_ids is None:
-                position_ids = torch.cat([torch.arange(e - s) for _, s, e, _ in segs.host])[None]
+                position_ids = torch.cat([torch.arange(span.length) for span in segments.spans])[None]
             mask = torch.ones(batch, length, dtype=torch.bool)
-            spans = [(0, s, e) for _, s, e, _ in segs.host]
         else:
             if attention_mask is None:
                 mask = torch.ones(batch, length, dtype=torch.bool)
             else:
                 mask = _as_bool_mask("attention_mask", attention_mask, (batch, length))
-            segs = segments_from_mask(mask, batch, length, None, cpu)  # checks one contiguous span per row
-            spans = [(b, s, e) for b, s, e, _ in segs.host]
+            segments = segments_from_mask(mask, batch, length, None, cpu)  # checks one contiguous span per row
             if position_ids is None:
                 position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        segments = _response_segments(mask, response, spans, packed)
+        segments = segments.with_response(response)   # checks the response is a suffix of each sequence
         self._check_fits_model(input_ids, mask, position_ids)
-        return input_ids, mask, response, position_ids, segments, packed
+        return input_ids, mask, position_ids, segments
 
     def _check_fits_model(self, input_ids, mask, position_ids) -> None:
         """Token ids inside the embedding and positions below max_position_embeddings, on the real positions
@@ -422,68 +389,55 @@ class RhythmScorer:
                              "tokens; split or truncate longer ones)")
 
     # -- one micro-batch ----------------------------------------------------------------------------------------
-    def _score_chunk(self, capture, segments, input_ids, mask, position_ids, *, packed, with_entropy):
+    def _score_chunk(self, capture, spans, input_ids, position_ids, *, packed, with_entropy) -> TokenSignals:
+        """TokenSignals of the sequences ``spans`` (of the input layout), run as one forward over the part of the
+        input they cover: packed, the columns [lo, hi) of the one row; padded, their rows and the columns
+        [lo, hi) that hold any of their real tokens."""
         device = self.device
-        if packed:
-            lo, hi = segments[0][1], segments[-1][2]
-            ids = input_ids[:1, lo:hi]
-            pos = position_ids[:1, lo:hi]
-            cu = torch.tensor([s - lo for _, s, _, _ in segments] + [hi - lo], dtype=torch.long)
-            model_mask, ctx_mask = None, None
-            local_segments = [(0, s - lo, e - lo, r - lo) for _, s, e, r in segments]
-        else:
-            rows = [row for row, _, _, _ in segments]
-            lo, hi = min(s for _, s, _, _ in segments), max(e for _, _, e, _ in segments)
-            ids, pos = input_ids[rows, lo:hi], position_ids[rows, lo:hi]
-            ctx_mask = mask[rows, lo:hi]
-            model_mask = ctx_mask.long()
-            cu = None
-            local_segments = [(j, s - lo, e - lo, r - lo) for j, (_, s, e, r) in enumerate(segments)]
-        response_start = torch.tensor([r for _, _, _, r in local_segments], dtype=torch.long, device=device)
+        lo, hi = min(span.start for span in spans), max(span.end for span in spans)
+        rows = [0] if packed else [span.row for span in spans]
+        shift = lambda span, row: Span(row, span.start - lo, span.end - lo, span.response_start - lo)  # noqa: E731
+        local = Segments.from_spans([shift(span, 0 if packed else j) for j, span in enumerate(spans)],
+                                    (len(rows), hi - lo))
+        ids, pos = input_ids[rows, lo:hi], position_ids[rows, lo:hi]
+        model_mask = None if packed else local.from_rows(torch.ones(local.count, local.max_len, dtype=torch.long))
         context = CaptureContext(
-            layers=tuple(self.layers), attention_mask=None if ctx_mask is None else ctx_mask.to(device),
-            response_start=response_start, cu_seqlens=None if cu is None else cu.to(device),
-            window=self.config.window, horizon=self.config.horizon, backend=self.config.backend,
-            validate=self.config.validate, stop_after_last=not with_entropy)
+            layers=tuple(self.layers), segments=local.to(device), window=self.config.window,
+            horizon=self.config.horizon, backend=self.config.backend, validate=self.config.validate,
+            stop_after_last=not with_entropy)
         inputs = dict(input_ids=ids.to(device), attention_mask=None if model_mask is None else model_mask.to(device),
                       position_ids=pos.to(device))
         forward = self._decoder_forward if with_entropy else None
         records = capture.run(context, forward=forward, **inputs)
-        result = self.signals(records, local_segments)
+        signals = self.signals(records, local)
         if with_entropy:
-            entropy = self._entropy(context.output, ids.shape)
-            result["entropy"] = to_rows(entropy, local_segments)
-            result["entropy"][:, 0] = 0.0  # a sequence's first token was not sampled from this model
-        return result
+            entropy = local.to_rows(self._entropy(context.output, ids.shape))
+            entropy[:, 0] = 0.0  # a sequence's first token was not sampled from this model
+            signals = replace(signals, entropy=entropy)
+        return signals
 
-    def signals(self, records, segments) -> dict:
+    def signals(self, records, segments: Segments) -> TokenSignals:
         """Per-token signals of one recorded forward, one row per sequence.
 
         records: {layer: AttentionMetrics} of the sampled layers (``Capture.run``), in the forward's layout.
-        segments: one (row, start, end, response_start) per sequence on that layout's T axis.
-        Returns float32/bool CPU tensors [n_seq, L_max] (each sequence left-aligned): waad, fai, fai_valid,
-        response (the response positions), and d [n_seq, n_heads], local / global_ [n_seq, n_sel] (head
-        groups, -1 on sequences with an empty response, whose signals are 0)."""
+        segments: that layout's ``Segments`` (one Span per sequence on its T axis).
+        Returns :class:`TokenSignals` of CPU tensors [n_seq, L_max] (head groups -1 and signals 0 on sequences
+        with an empty response)."""
         # Per-head metrics of the sampled layers, flattened in (layer, head) order: [b, n_heads, t].
         stack = lambda name: torch.cat([getattr(records[l], name) for l in self.layers], dim=1).float().cpu()  # noqa
-        per_head = {name: to_rows(stack(name), segments) for name in ("distance", "waad", "fai")}
-        fai_valid = to_rows(records[self.layers[0]].fai_valid[:, 0].cpu(), segments, fill=False)
-        width = per_head["waad"].shape[-1]
-        lengths = torch.tensor([e - s for _, s, e, _ in segments])
-        resp_len = torch.tensor([e - r for _, _, e, r in segments])
-        cols = torch.arange(width)
-        response = (cols[None, :] >= (lengths - resp_len)[:, None]) & (cols[None, :] < lengths[:, None])
-        has_response = resp_len > 0
+        per_head = {name: segments.to_rows(stack(name)) for name in ("distance", "waad", "fai")}
+        fai_valid = segments.to_rows(records[self.layers[0]].fai_valid[:, 0].cpu(), fill=False)
+        response = segments.response_rows()
+        has_response = torch.tensor([span.response_length > 0 for span in segments.spans])
         d = mean_response_distance(per_head["distance"], response)
         groups = self._groups(d, has_response)
         waad_tok, fai_tok = token_signals(per_head["waad"], per_head["fai"], groups)
         groups = groups.broadcast(d.shape[0])
         keep = has_response[:, None]
-        return {
-            "waad": torch.where(keep, waad_tok, 0.0), "fai": torch.where(keep, fai_tok, 0.0),
-            "fai_valid": fai_valid & keep, "response": response, "d": d,
-            "local": torch.where(keep, groups.local, -1), "global_": torch.where(keep, groups.global_, -1),
-        }
+        return TokenSignals(
+            waad=torch.where(keep, waad_tok, 0.0), fai=torch.where(keep, fai_tok, 0.0), fai_valid=fai_valid & keep,
+            response=response, head_distance=d,
+            groups=HeadGroups(torch.where(keep, groups.local, -1), torch.where(keep, groups.global_, -1)))
 
     def _groups(self, d: torch.Tensor, has_response: torch.Tensor) -> HeadGroups:
         if self.config.grouping == "per_sequence":
@@ -524,39 +478,39 @@ class Recording:
     """A padded batch set up for recording inside the caller's own forward (:meth:`RhythmScorer.recording`).
 
     context: the CaptureContext to pass to ``Capture.run`` (metrics_only, rows = the recorded rows).
-    segments: (j, start, end, response_start) per recorded row j on the T axis.
+    segments: Segments [n, T] of the recorded rows (row j = the j-th recorded row).
     rows: LongTensor [n], the recorded rows of the forward's batch.
-    attention_mask, response_mask: bool [n, T] of the recorded rows.
     """
 
     context: CaptureContext
-    segments: list
+    segments: Segments
     rows: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """bool [n, T]: the response positions of the recorded rows."""
+        return self.segments.from_rows(self.segments.response_rows(), fill=False)
 
 
-def _response_segments(mask, response, spans, packed=False) -> list[tuple[int, int, int, int]]:
-    """(row, start, end, response_start) per real span; checks that the response is a suffix of each span."""
-    if bool((response & ~mask).any()):
-        raise ValueError("response_mask marks padding positions; it must be a suffix of each sequence's real span")
-    segments = []
-    for i, (row, start, end) in enumerate(spans):
-        n_resp = int(response[row, start:end].sum())
-        resp_start = end - n_resp
-        if n_resp and not bool(response[row, resp_start:end].all()):
-            what = f"row {row}" if not packed else f"packed sequence {i} (positions {start}..{end - 1})"
-            raise ValueError(f"response_mask of {what} is not a suffix of its real span [{start}, {end}): the "
-                             "response must be the last tokens of each sequence (prompt first, then response)")
-        segments.append((row, start, end, resp_start))
-    return segments
+def _concat_rows(parts: list[TokenSignals], width: int) -> TokenSignals:
+    """The micro-batches' TokenSignals (each as wide as its own longest sequence) as one [n_seq, width] set."""
+    def cat(name, fill):
+        xs = [getattr(part, name) for part in parts]
+        if xs[0] is None:
+            return None
+        out = torch.full((sum(x.shape[0] for x in xs), width), fill, dtype=xs[0].dtype)
+        first = 0
+        for x in xs:
+            out[first:first + x.shape[0], : x.shape[1]] = x
+            first += x.shape[0]
+        return out
 
-
-def _padded_segments(mask: torch.Tensor, response: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Segments of a padded batch (bool [B, T] masks on the CPU), one per row."""
-    batch, length = mask.shape
-    segs = segments_from_mask(mask, batch, length, None, torch.device("cpu"))  # one contiguous span per row
-    return _response_segments(mask, response, [(b, s, e) for b, s, e, _ in segs.host])
+    return TokenSignals(
+        waad=cat("waad", 0.0), fai=cat("fai", 0.0), fai_valid=cat("fai_valid", False), response=cat("response", False),
+        head_distance=torch.cat([part.head_distance for part in parts]),
+        groups=HeadGroups(torch.cat([part.groups.local for part in parts]),
+                          torch.cat([part.groups.global_ for part in parts])),
+        entropy=cat("entropy", 0.0))
 
 
 def _text_config(model):

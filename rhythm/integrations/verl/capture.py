@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
+
 from rhythm.capture.recording import Capture, CaptureContext
 from rhythm.credit.shaping import credit_multipliers
 from rhythm.integrations.verl.credit import GAMMA_KEY
@@ -58,12 +60,10 @@ def response_lengths(data) -> torch.Tensor:
     return attention_mask[:, -response_mask.shape[1]:].long().sum(-1).cpu()
 
 
-def micro_batch_segments(micro_batch, use_remove_padding: bool):
-    """The model-input layout of one verl micro-batch, as the capture needs it.
-
-    Returns (segments, context_layout): segments = one (row, start, end, response_start) per sequence on the
-    model input's T axis; context_layout = kwargs of :class:`CaptureContext` (``cu_seqlens`` [b + 1] packed,
-    or ``attention_mask`` bool [b, max_len] padded) plus ``response_start`` [b]."""
+def micro_batch_segments(micro_batch, use_remove_padding: bool) -> Segments:
+    """The model-input layout of one verl micro-batch: Segments (on the CPU) of ``[1, N]`` packed tokens
+    (``use_remove_padding``) or ``[b, max_len]`` right-padded rows, one Span per sequence, the response its
+    last ``response_lengths`` tokens."""
     input_ids = micro_batch["input_ids"]
     if not input_ids.is_nested:
         raise ValueError("rhythm credit expects verl's no-padding micro-batch (nested input_ids)")
@@ -75,19 +75,15 @@ def micro_batch_segments(micro_batch, use_remove_padding: bool):
     if responses.shape != lengths.shape or bool((responses > lengths).any()):
         raise ValueError(f"response lengths {responses.tolist()} do not fit the sequence lengths {lengths.tolist()}")
     if use_remove_padding:
-        segments = [(0, int(s), int(e), int(e - r)) for s, e, r in zip(offsets[:-1], offsets[1:], responses)]
-        layout = {"cu_seqlens": offsets}
-    else:
-        width = int(lengths.max())
-        segments = [(i, 0, int(n), int(n - r)) for i, (n, r) in enumerate(zip(lengths, responses))]
-        layout = {"attention_mask": torch.arange(width)[None, :] < lengths[:, None]}
-    layout["response_start"] = torch.tensor([r for _, _, _, r in segments], dtype=torch.long)
-    return segments, layout
+        return segments_from_cu_seqlens(offsets, 1, int(offsets[-1]), offsets[1:] - responses, "cpu")
+    width = int(lengths.max())
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    return segments_from_mask(mask, len(lengths), width, lengths - responses, "cpu")
 
 
-def _gamma_nested(gamma_rows: torch.Tensor, segments, device) -> torch.Tensor:
+def _gamma_nested(gamma_rows: torch.Tensor, segments: Segments, device) -> torch.Tensor:
     """[n_seq, L] rows -> jagged nested [n_seq, j] over each sequence's real tokens (prompt + response)."""
-    parts = [gamma_rows[i, : end - start] for i, (_, start, end, _) in enumerate(segments)]
+    parts = [gamma_rows[i, : span.length] for i, span in enumerate(segments.spans)]
     return torch.nested.as_nested_tensor(parts, layout=torch.jagged).to(device)
 
 
@@ -119,25 +115,24 @@ def recording_forward(engine, scorer, config, *, stats: dict | None = None):
 
     def forward_step(micro_batch, *args, **kwargs):
         use_remove_padding = bool(_non_tensor(micro_batch, "use_remove_padding", True))
-        segments, layout = micro_batch_segments(micro_batch, use_remove_padding)
+        segments = micro_batch_segments(micro_batch, use_remove_padding)
         device = next(module.parameters()).device
         context = CaptureContext(
-            layers=tuple(scorer.layers), window=scorer.config.window, horizon=scorer.config.horizon,
-            backend=scorer.config.backend, validate=False, stop_after_last=False,
-            **{name: value.to(device) for name, value in layout.items()})
+            layers=tuple(scorer.layers), segments=segments.to(device), window=scorer.config.window,
+            horizon=scorer.config.horizon, backend=scorer.config.backend, validate=False, stop_after_last=False)
         records = capture.run(context, forward=lambda: original(micro_batch, *args, **kwargs))
         loss, output = context.output
         start = time.perf_counter()
         rows = scorer.signals(records, segments)
-        gamma = credit_multipliers(rows["waad"], rows["fai"], rows["response"], strategy=config.strategy,
-                                   fai_valid=rows["fai_valid"], **options)
+        gamma = credit_multipliers(rows.waad, rows.fai, rows.response, strategy=config.strategy,
+                                   fai_valid=rows.fai_valid, **options)
         model_output = output["model_output"]
         reference = model_output.get("log_probs")
         model_output[GAMMA_KEY] = _gamma_nested(gamma.float(), segments,
                                                 reference.device if reference is not None else device)
         if stats is not None:
             stats["credit_time_s"] = stats.get("credit_time_s", 0.0) + time.perf_counter() - start
-            stats["sequences"] = stats.get("sequences", 0) + len(segments)
+            stats["sequences"] = stats.get("sequences", 0) + segments.count
             stats["micro_batches"] = stats.get("micro_batches", 0) + 1
         return loss, output
 

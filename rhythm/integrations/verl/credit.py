@@ -33,12 +33,14 @@ import time
 
 import torch
 
+from rhythm_kernels.segments import trainer_response_mask
+
 from rhythm.credit.shaping import credit_multipliers, shape_advantages
 from rhythm.scoring.scorer import RhythmScorer
 from rhythm.integrations.config import RhythmCreditConfig
 
 __all__ = ["RhythmCreditConfig", "GAMMA_KEY", "SHAPED_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed",
-           "pack_batch", "apply_rhythm_gamma", "response_window_mask", "padded_from_no_padding", "response_gamma",
+           "pack_batch", "apply_rhythm_gamma", "padded_from_no_padding", "response_gamma",
            "is_shaped", "clear_shaped"]
 
 GAMMA_KEY = "rhythm_gamma"
@@ -107,13 +109,6 @@ def response_gamma(gamma: torch.Tensor, response_lengths: torch.Tensor, width: i
     return out
 
 
-def response_window_mask(attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
-    """bool [B, T]: the real tokens of the response window [T - R_len, T) (verl's response = the right-padded
-    tail of ``input_ids``; its real tokens are ``attention_mask[:, -R_len:]``, one contiguous run)."""
-    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return attention_mask.bool() & (cols >= attention_mask.shape[1] - response_length)[None, :]
-
-
 def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
     """verl's remove-padding layout of a padded batch: (input_ids_rmpad [1, N], position_ids_rmpad [1, N],
     cu_seqlens [B + 1], indices [N]) with the real tokens in row-major order (as ``unpad_input``) and
@@ -176,17 +171,15 @@ def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, pos
                          "data.batch['entropys'] (verl's compute_log_prob with calculate_entropy=True)")
     options = cfg.credit_kwargs(seed)
     if cfg.strategy == "random":
-        from rhythm.scoring.scorer import from_rows, to_rows  # per sequence, like the padded layout
         from rhythm_kernels.segments import segments_from_cu_seqlens
 
         if cu_seqlens is None:
             from rhythm.capture.recording import cu_seqlens_from_position_ids
             cu_seqlens = cu_seqlens_from_position_ids(position_ids_rmpad)
-        segs = segments_from_cu_seqlens(cu_seqlens.cpu(), 1, input_ids_rmpad.shape[1], None, torch.device("cpu"))
-        segments = [(0, s, e, 0) for _, s, e, _ in segs.host]
-        rows = to_rows(response_mask_rmpad.bool().cpu(), segments, fill=False)
+        segments = segments_from_cu_seqlens(cu_seqlens.cpu(), 1, input_ids_rmpad.shape[1], None, "cpu")
+        rows = segments.to_rows(response_mask_rmpad.bool().cpu(), fill=False)   # per sequence, like padded
         gamma = credit_multipliers(None, None, rows, strategy="random", **options)
-        return from_rows(gamma, segments, input_ids_rmpad.shape, fill=1.0).to(input_ids_rmpad.device)
+        return segments.from_rows(gamma, fill=1.0).to(input_ids_rmpad.device)
     scores = scorer.score(input_ids_rmpad, None, response_mask_rmpad.bool(), position_ids=position_ids_rmpad,
                           cu_seqlens=cu_seqlens)
     return scores.gamma(cfg.strategy, **options)
@@ -227,12 +220,12 @@ def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCredit
                                                use_remove_padding=use_remove_padding, seed=seed).to(gamma.device)
         if not return_metrics:
             return gamma
-        return gamma, _gamma_metrics(gamma, response_window_mask(batch["attention_mask"], width)[:, -width:],
+        return gamma, _gamma_metrics(gamma, trainer_response_mask(batch["attention_mask"], width)[:, -width:],
                                      start, skipped=int((~live).sum()))
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     width = batch["responses"].shape[1]
     position_ids = batch["position_ids"] if "position_ids" in batch.keys() else None
-    response = response_window_mask(attention_mask, width)
+    response = trainer_response_mask(attention_mask, width)
     options = cfg.credit_kwargs(seed)
     if cfg.strategy == "entropy":
         if "entropys" not in batch.keys():
