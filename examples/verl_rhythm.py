@@ -7,7 +7,7 @@ forward (docs/integrations.md, "verl"; tests/test_verl_trainers.py runs that pat
 
 This script is the documented "manual pieces" recipe, for a trainer of your own: a tiny random 3-layer Llama
 stands in for the actor, gamma comes from rhythm.integrations.verl.credit.compute_rhythm_gamma (a separate no-grad
-pass, in verl's remove-padding layout), verl's own compute_advantage computes GRPO advantages and
+pass over the padded batch), verl's own compute_advantage computes GRPO advantages and
 apply_rhythm_gamma multiplies them by gamma - once (a second application is refused).
 
     .venv/bin/python examples/verl_rhythm.py
@@ -48,9 +48,8 @@ def main():
     scorer = RhythmScorer(actor, **config.scorer_kwargs())
     batch = rollout_batch([5, 8, 3, 6, 7, 4, 8, 2], [24, 11, 18, 20, 9, 24, 15, 13])
 
-    # (a) worker side, e.g. next to the actor's compute_log_prob; remove-padding layout as the actor runs it
-    gamma, metrics = compute_rhythm_gamma(scorer, batch, config, use_remove_padding=True, return_metrics=True)
-    assert torch.equal(gamma, compute_rhythm_gamma(scorer, batch, config))  # same as the padded layout
+    # (a) worker side, e.g. next to the actor's compute_log_prob
+    gamma, metrics = compute_rhythm_gamma(scorer, batch, config, return_metrics=True)
     batch.batch[GAMMA_KEY] = gamma
 
     # (b) driver side: verl's own compute_advantage (GRPO), then gamma applied once

@@ -4,7 +4,8 @@ from rhythm_kernels.layer_attention import LayerAttention
 from rhythm.metrics.attention import AttentionMetrics, attention_metrics
 from rhythm.credit.heads import (HeadGroups, fixed_head_groups, head_to_layer, mean_response_distance, sample_layers,
                     select_head_groups, token_signals)
-from rhythm.credit.selection import RhythmSelection, entropy_selection, random_selection, rhythm_selection, top_q_mask
+from rhythm.credit.selection import RhythmSelection, entropy_selection, rhythm_selection, top_q_mask
+from rhythm.credit.gamma import random_selection
 from rhythm.credit.shaping import credit_multipliers, shape_advantages
 
 __all__ = ["AttentionMetrics", "LayerAttention", "attention_metrics"]

@@ -27,9 +27,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from rhythm_kernels.segments import is_bool, is_integer
 
+# The strategies' names; what each reads is rhythm.credit.gamma.STRATEGY_TABLE (checked to agree).
 STRATEGIES = ("local", "global", "coupled", "random", "entropy")
-# Strategies that need the attention pass (the scorer); random and entropy read neither WAAD nor FAI.
-ATTENTION_STRATEGIES = ("local", "global", "coupled")
 SIGNS = ("both", "positive", "negative")
 GROUPINGS = ("per_sequence", "fixed")
 BACKENDS = ("auto", "triton", "torch", "reference")

@@ -208,3 +208,22 @@ def large_window_case(length=512, seed=41):
     mask[0, :37] = False
     mask[1, length - 50:] = False
     return q, k, mask
+
+
+def random_baseline(seed, row_id, prompt_length, response_length, q=0.4, gamma_amp=1.5) -> list[float]:
+    """gamma of one response under the random baseline of docs/definitions.md section 4, written out: the
+    row's seed is the first 8 bytes of sha256("{seed}\\0{type name of the id}\\0{id}"), little-endian, shifted
+    right by one; a CPU torch.Generator with that seed draws float32 keys, draw j for the sequence's j-th token
+    (prompt included); the ceil(q |R|) response tokens with the largest keys get gamma_amp (ties to the lower
+    position). Returns the response's gammas (length response_length)."""
+    import hashlib
+    import math
+
+    digest = hashlib.sha256(f"{seed}\0{type(row_id).__name__}\0{row_id}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    keys = torch.rand(prompt_length + response_length, generator=generator)[prompt_length:].tolist()
+    ranked = sorted(range(response_length), key=lambda i: (-keys[i], i))
+    gamma = [1.0] * response_length
+    for i in ranked[:math.ceil(q * response_length)]:
+        gamma[i] = float(gamma_amp)
+    return gamma

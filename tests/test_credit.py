@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from rhythm import credit_multipliers, rhythm_selection, shape_advantages
 
+from tests.oracle_check import random_baseline
+
 STRATEGIES = ["local", "global", "coupled", "random", "entropy"]
 
 
@@ -53,8 +55,6 @@ def reference_gamma(waad, fai, mask, strategy, fai_valid=None, entropy=None, q=0
     batch, length = mask.shape
     gamma = [[1.0] * length for _ in range(batch)]
     amp = gamma_amp - 1
-    if strategy == "random":   # the documented draw: top keys of a seeded torch.rand [B, T]
-        keys = torch.rand((batch, length), generator=torch.Generator().manual_seed(seed))
     for b, (t_loc, t_glob, dom, intro) in enumerate(reference_selection(waad, fai, mask, fai_valid, q, k)):
         R = [t for t in range(length) if mask[b, t]]
         if strategy == "local":
@@ -70,9 +70,11 @@ def reference_gamma(waad, fai, mask, strategy, fai_valid=None, entropy=None, q=0
                 gamma[b][t] += (1 - alpha) * amp
             for t in intro:
                 gamma[b][t] += alpha * amp
+        elif strategy == "random":   # the documented draw, row id b, the sequence starting at column 0
+            if R:
+                gamma[b][R[0]:R[-1] + 1] = random_baseline(seed, b, R[0], len(R), q, gamma_amp)
         else:
-            scores = keys[b] if strategy == "random" else entropy[b]
-            for t in sorted(R, key=lambda t: (-float(scores[t]), t))[:math.ceil(q * len(R))]:
+            for t in sorted(R, key=lambda t: (-float(entropy[b][t]), t))[:math.ceil(q * len(R))]:
                 gamma[b][t] += amp
     return torch.tensor(gamma, dtype=torch.float32)
 
@@ -138,9 +140,7 @@ def test_hand_random_and_entropy():
     mask = _batch([(1, 6)], 8)   # |R| = 5 -> ceil(0.4 * 5) = 2 tokens
     gamma = credit_multipliers(None, None, mask, strategy="random", seed=3)
     assert (gamma == 1.5).sum().item() == 2 and not (gamma[~mask] != 1).any()
-    keys = torch.rand((1, 8), generator=torch.Generator().manual_seed(3))[0, 1:6]
-    chosen = sorted((1 + keys.argsort(descending=True)[:2]).tolist())
-    assert (gamma[0] == 1.5).nonzero().flatten().tolist() == chosen
+    assert gamma[0, 1:6].tolist() == random_baseline(3, 0, 1, 5)
     # Entropy 5 4 3 2 1 on 1..5 (the 9s are prompt/padding): the two largest are positions 1, 2.
     entropy = torch.tensor([[9., 5., 4., 3., 2., 1., 9., 9.]])
     gamma = credit_multipliers(None, None, mask, strategy="entropy", entropy=entropy, gamma_amp=2.0)
@@ -436,7 +436,7 @@ def test_bad_advantages_shape():
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_cpu_row_chunking_is_invisible(strategy, monkeypatch):
-    import rhythm.credit.shaping as credit
+    import rhythm.credit.gamma as credit
 
     torch.manual_seed(6)
     mask = _batch([(0, 40), (5, 30), (39, 40), (7, 7), (2, 40)], 40)
@@ -446,3 +446,72 @@ def test_cpu_row_chunking_is_invisible(strategy, monkeypatch):
     whole = credit_multipliers(waad, fai, mask, **kwargs)
     monkeypatch.setattr(credit, "CPU_CHUNK_ELEMENTS", 80)   # two rows per chunk, the last chunk one row
     assert torch.equal(credit_multipliers(waad, fai, mask, **kwargs), whole)
+
+
+# ---- the one gamma path (rhythm/credit/gamma.py): the strategy table, the random rule, the logged statistics --
+
+def test_strategy_table_says_what_each_strategy_reads():
+    from rhythm.config import STRATEGIES as NAMES
+    from rhythm.credit.gamma import STRATEGY_TABLE
+    from rhythm.integrations.config import ATTENTION_STRATEGIES, RhythmCreditConfig
+
+    assert tuple(STRATEGY_TABLE) == NAMES
+    assert ATTENTION_STRATEGIES == ("local", "global", "coupled")
+    for name, info in STRATEGY_TABLE.items():
+        assert RhythmCreditConfig(strategy=name).needs_scorer == info.attention
+        for signal in ("waad", "fai", "entropy"):   # each required signal is refused when missing
+            if getattr(info, signal):
+                given = dict(waad=W, fai=F, entropy=torch.rand(2, 6))
+                given[signal] = None
+                with pytest.raises(ValueError, match=f"{signal}.* is required"):
+                    credit_multipliers(given["waad"], given["fai"], M, strategy=name, entropy=given["entropy"])
+
+
+def test_random_row_draw_is_independent_of_batch_padding_and_layout():
+    """A row's random gamma depends only on the seed, its id and its sequence: alone, inside a batch with other
+    rows, left-padded (sequence_start), or as a response-aligned tensor (negative sequence_start) - the same."""
+    from rhythm.credit.gamma import compute_gamma
+
+    prompt, response = 4, 9
+    alone_mask = torch.zeros(1, prompt + response, dtype=torch.bool)
+    alone_mask[0, prompt:] = True
+    alone = compute_gamma("random", alone_mask, row_ids=["x"], seed=3)
+    assert alone[0, prompt:].tolist() == random_baseline(3, "x", prompt, response)
+    # in a batch, left-padded by 5 and right-padded by 2, between two other rows
+    batch = torch.zeros(3, 5 + prompt + response + 2, dtype=torch.bool)
+    batch[0, 2:10] = True
+    batch[1, 5 + prompt:5 + prompt + response] = True
+    batch[2, 0:3] = True
+    padded = compute_gamma("random", batch, row_ids=["a", "x", "b"], sequence_start=torch.tensor([0, 5, 0]), seed=3)
+    assert torch.equal(padded[1, 5 + prompt:5 + prompt + response], alone[0, prompt:])
+    # response-aligned: the tensor starts `prompt` tokens into the sequence
+    aligned = compute_gamma("random", torch.ones(1, response, dtype=torch.bool), row_ids=["x"],
+                            sequence_start=[-prompt], seed=3)
+    assert torch.equal(aligned[0], alone[0, prompt:])
+    # another id or seed draws differently; int and str ids differ
+    assert not torch.equal(compute_gamma("random", alone_mask, row_ids=["y"], seed=3), alone)
+    assert not torch.equal(compute_gamma("random", alone_mask, row_ids=[5]),
+                           compute_gamma("random", alone_mask, row_ids=["5"]))
+
+
+def test_random_layout_arguments_are_checked():
+    from rhythm.credit.gamma import compute_gamma
+
+    with pytest.raises(ValueError, match="row_ids"):
+        compute_gamma("random", M, row_ids=["only one"])
+    with pytest.raises(ValueError, match="sequence_start"):
+        compute_gamma("random", M, sequence_start=[0, 1.5])
+    with pytest.raises(ValueError, match=r"sequence_start\[0\] = 5"):
+        compute_gamma("random", M, sequence_start=[5, 0])   # after the row's first response token
+
+
+def test_logged_statistics_by_hand():
+    from rhythm.credit.gamma import gamma_metrics, gamma_sums
+
+    gamma = torch.tensor([[1.0, 1.5, 1.5, 1.0], [2.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    sums = gamma_sums(gamma, mask)
+    assert sums.tolist() == [3.0, 7.0, 5.0]     # 1 + 1.5 + 1.5 + 2 + 1 over 5 tokens, 3 above 1
+    assert gamma_metrics(sums) == {"rhythm/frac_amplified": 0.6, "rhythm/gamma_mean": 1.4}
+    assert gamma_metrics(gamma_sums(gamma, torch.zeros_like(mask))) == {"rhythm/frac_amplified": 0.0,
+                                                                       "rhythm/gamma_mean": 0.0}

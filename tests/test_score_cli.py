@@ -313,7 +313,6 @@ def test_stdin_to_stdout_without_progress_frames(tiny_model_dir, tok, monkeypatc
 def _expected_columns(model, rows, strategies):
     """Each row scored alone with RhythmScorer (no padding, no batching, the response as a suffix)."""
     from rhythm import RhythmScorer
-    from rhythm.app.score import row_seed
 
     scorer = RhythmScorer(model)
     expected = {}
@@ -326,9 +325,8 @@ def _expected_columns(model, rows, strategies):
         cut = slice(len(p), len(p) + len(r))
         cols = {"waad": scores.waad[0, cut].tolist(), "fai": scores.fai[0, cut].tolist(),
                 "fai_valid": scores.fai_valid[0, cut].tolist()}
-        # random: each row drawn alone with seed row_seed(seed, id), so batching and resumes cannot change it
-        cols.update({f"gamma_{s}": scores.gamma(s, **({"seed": row_seed(0, row["id"])} if s == "random" else {}))[
-            0, cut].tolist() for s in strategies})
+        # random: each row drawn from sha256(seed, id), so batching and resumes cannot change it
+        cols.update({f"gamma_{s}": scores.gamma(s, row_ids=[row["id"]])[0, cut].tolist() for s in strategies})
         expected[row["id"]] = cols
     return expected
 
@@ -391,7 +389,6 @@ def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_p
     scored alone, from a generator seeded with sha256(seed, id): ceil(q n) of its n response tokens."""
     import math
 
-    from rhythm.app.score import row_seed
     from rhythm.credit.shaping import credit_multipliers
 
     src = tmp_path / "in.jsonl"
@@ -416,7 +413,7 @@ def test_random_gamma_depends_only_on_seed_and_row_id(tiny_model_dir, tok, tmp_p
         response = torch.zeros(1, p + n, dtype=torch.bool)
         response[0, p:] = True
         zeros = torch.zeros(1, p + n)
-        want = credit_multipliers(zeros, zeros, response, strategy="random", seed=row_seed(5, row["id"]))[0, p:]
+        want = credit_multipliers(zeros, zeros, response, strategy="random", seed=5, row_ids=[row["id"]])[0, p:]
         got = torch.tensor(out[2][row["id"]])
         assert torch.equal(got, want) and int((got > 1).sum()) == math.ceil(0.4 * n)
 

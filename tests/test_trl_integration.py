@@ -7,7 +7,7 @@ plain advantage; the check survives TRL's shuffling and buffering (steps_per_gen
 checkpointing; the fused path records in TRL's old-log-prob forward when TRL runs one, else in the training
 forward (no extra forward; log-probs, loss and gradients unchanged; each sampled layer measured once under
 gradient checkpointing); rows with advantage 0 are never measured (fused and scorer paths); sign modes, the
-random baseline's per-step seeds, the entropy baseline, logs, and the ValueErrors on unsupported options.
+random baseline's per-step draws, the entropy baseline, logs, and the ValueErrors on unsupported options.
 """
 import math
 import os
@@ -25,6 +25,7 @@ from rhythm import RhythmScorer  # noqa: E402
 from rhythm.integrations import trl as rhythm_trl  # noqa: E402
 from rhythm.integrations.trl import RhythmCreditConfig, RhythmGRPOTrainer  # noqa: E402
 from rhythm.models import bundled_model_path  # noqa: E402
+from tests.oracle_check import random_baseline  # noqa: E402
 
 # Short completions: WAAD's window and FAI's horizon scaled down so anchors exist within ~10 tokens, and H_hi = 8
 # cuts inside the prompt + completion rows (a credit path that dropped H_hi would give other gammas).
@@ -359,39 +360,55 @@ def test_fused_capture_leaves_logps_loss_and_gradients_unchanged(tokenizer, tmp_
     assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
 
 
-def test_random_baseline_new_seed_every_step(tokenizer, tmp_path, monkeypatch, loss_spy):
-    seeds = []
-    original = rhythm_trl.credit_multipliers
+def test_random_baseline_fresh_draws_every_step(tokenizer, tmp_path, monkeypatch, loss_spy):
+    """Each completion draws from sha256(seed, its identity "step S batch C row I"): new draws every step, the
+    documented rule exactly."""
+    calls = []
+    original = rhythm_trl.compute_gamma
 
-    def spy(*args, **kwargs):
-        seeds.append(kwargs["seed"])
-        gamma = original(*args, **kwargs)
-        response = args[2]
-        for row in range(gamma.shape[0]):
-            n = int(response[row].sum())
-            assert int((gamma[row] > 1).sum()) == math.ceil(0.4 * n)  # ceil(q |R|) tokens
-        assert bool((gamma[~response] == 1).all())
+    def spy(strategy, response, **kwargs):
+        gamma = original(strategy, response, **kwargs)
+        calls.append((response, kwargs, gamma))
         return gamma
 
-    monkeypatch.setattr(rhythm_trl, "credit_multipliers", spy)
+    prompt_lengths = []
+    real_rhythm_gamma = RhythmGRPOTrainer.rhythm_gamma
+
+    def rhythm_gamma(self, batch):
+        prompt_lengths.append(batch["prompt_mask"].sum(1).tolist())
+        return real_rhythm_gamma(self, batch)
+
+    monkeypatch.setattr(rhythm_trl, "compute_gamma", spy)
+    monkeypatch.setattr(RhythmGRPOTrainer, "rhythm_gamma", rhythm_gamma)
     trainer = make_trainer(tokenizer, tmp_path, RhythmCreditConfig(strategy="random", seed=7), max_steps=3)
     trainer.train()
-    assert len(seeds) == 3 and len(set(seeds)) == 3
-    assert all(isinstance(s, int) and s >= 0 for s in seeds)
+    assert len(calls) == 3 == len(prompt_lengths)
+    ids = [tuple(kwargs["row_ids"]) for _, kwargs, _ in calls]
+    assert len(set(ids)) == 3 and ids[0][0] == "step 0 batch 0 row 0" and ids[1][0] == "step 1 batch 1 row 0"
+    for (response, kwargs, gamma), lengths in zip(calls, prompt_lengths):
+        assert kwargs["seed"] == 7
+        for b, row_id in enumerate(kwargs["row_ids"]):
+            positions = response[b].nonzero().flatten().tolist()
+            want = torch.ones(response.shape[1])
+            if not positions:
+                assert torch.equal(gamma[b], want)
+                continue
+            want[positions[0]:positions[-1] + 1] = torch.tensor(
+                random_baseline(7, row_id, lengths[b], len(positions)))   # drawn from the prompt's first token
+            assert torch.equal(gamma[b], want)
     assert bool((loss_spy[0]["advantages"].dim() == 2))
 
 
 def test_entropy_baseline_uses_rollout_entropy(tokenizer, tmp_path, monkeypatch):
     seen = []
-    original = rhythm_trl.credit_multipliers
+    original = rhythm_trl.compute_gamma
 
-    def spy(*args, **kwargs):
-        entropy, response = kwargs["entropy"], args[2]
-        gamma = original(*args, **kwargs)
-        seen.append((entropy, response, gamma))
+    def spy(strategy, response, **kwargs):
+        gamma = original(strategy, response, **kwargs)
+        seen.append((kwargs["entropy"], response, gamma))
         return gamma
 
-    monkeypatch.setattr(rhythm_trl, "credit_multipliers", spy)
+    monkeypatch.setattr(rhythm_trl, "compute_gamma", spy)
     trainer = make_trainer(tokenizer, tmp_path, RhythmCreditConfig(strategy="entropy"), max_steps=1)
     trainer.train()
     entropy, response, gamma = seen[0]

@@ -1,4 +1,4 @@
-"""verl adapter, the separate-pass pieces: gamma from a verl batch (padded and remove-padding layouts), the
+"""verl adapter, the separate-pass pieces: gamma from a verl batch, the
 post-multiply after verl's real ``compute_advantage`` (grpo and a token-level estimator), the documented manual
 recipe (gamma applied exactly once), and the hooks' installation (importing changes nothing; install() or the
 plugin module through ``VERL_USE_EXTERNAL_MODULES``, in a fresh interpreter as a Ray worker would start).
@@ -17,8 +17,7 @@ import torch  # noqa: E402
 
 from rhythm import RhythmScorer  # noqa: E402
 from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
-from rhythm.integrations.verl.credit import (apply_rhythm_gamma, compute_rhythm_gamma, pack_batch,  # noqa: E402
-                                      rhythm_gamma_packed)
+from rhythm.integrations.verl.credit import apply_rhythm_gamma, compute_rhythm_gamma  # noqa: E402
 
 from .verl_standins import (P_MAX, R_MAX, RESPONSE_LENS, SMALL, algo_config, per_row_gamma,  # noqa: E402
                             plain_advantages, run_fresh, tiny_llama, verl_batch)
@@ -39,16 +38,14 @@ def model():
 
 
 @pytest.mark.parametrize("strategy", ["coupled", "local", "global"])
-def test_gamma_aligned_to_responses_padded_and_remove_padding(model, strategy):
+def test_gamma_aligned_to_responses(model, strategy):
     cfg = RhythmCreditConfig(strategy=strategy, **SMALL)
     data = verl_batch()
     scorer = RhythmScorer(model, **cfg.scorer_kwargs(4))
     reference = per_row_gamma(model, data, cfg)
     padded, metrics = compute_rhythm_gamma(scorer, data, cfg, return_metrics=True)
-    packed = compute_rhythm_gamma(scorer, data, cfg, use_remove_padding=True)
     assert padded.shape == data.batch["responses"].shape and padded.dtype == torch.float32
     torch.testing.assert_close(padded, reference, rtol=0, atol=0)
-    torch.testing.assert_close(packed, reference, rtol=0, atol=0)
     mask = data.batch["response_mask"].bool()
     assert bool((padded[~mask] == 1).all())  # response padding (and the empty response) untouched
     assert bool((padded[mask] > 1).any())
@@ -57,26 +54,6 @@ def test_gamma_aligned_to_responses_padded_and_remove_padding(model, strategy):
     shifted = torch.ones_like(reference)
     shifted[:, 1:] = reference[:, :-1]
     assert not torch.equal(padded, shifted)
-
-
-def test_packed_layout_directly(model):
-    """verl's remove-padding input as the worker holds it: B = 1, attention_mask None, position ids resetting."""
-    cfg = RhythmCreditConfig(strategy="coupled", **SMALL)
-    data = verl_batch()
-    mask = data.batch["attention_mask"].bool()
-    ids, pos, cu, indices = pack_batch(data.batch["input_ids"], mask, data.batch["position_ids"])
-    assert ids.shape == (1, int(mask.sum())) and cu.tolist()[-1] == int(mask.sum())
-    assert bool((pos[0, cu[:-1]] == 0).all())  # every sequence restarts at position 0
-    window = torch.zeros_like(mask)
-    window[:, -R_MAX:] = True
-    response = (mask & window).flatten()[indices][None]
-    scorer = RhythmScorer(model, **cfg.scorer_kwargs())
-    # boundaries from position_ids alone (cu_seqlens=None), as verl's flash-attn varlen path infers them
-    gamma = rhythm_gamma_packed(scorer, ids, pos, response, cfg)
-    assert gamma.shape == ids.shape
-    full = torch.ones(mask.numel())
-    full[indices] = gamma[0]
-    torch.testing.assert_close(full.view(mask.shape)[:, -R_MAX:], per_row_gamma(model, data, cfg), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "reinforce_plus_plus"])
@@ -233,8 +210,7 @@ def test_installed_hooks_and_manual_apply_never_square_gamma(ray_trainer):
         verl_hooks.uninstall()
 
 
-@pytest.mark.parametrize("use_remove_padding", [False, True])
-def test_scorer_skips_rows_whose_advantages_are_zero(model, ray_trainer, monkeypatch, use_remove_padding):
+def test_scorer_skips_rows_whose_advantages_are_zero(model, ray_trainer, monkeypatch):
     """Given the advantages, rows whose advantages are all 0 (a GRPO group with equal rewards) get gamma 1 and
     never reach the scorer; the other rows get the same gamma as without the skip."""
     cfg = RhythmCreditConfig(strategy="coupled", **SMALL)
@@ -248,14 +224,12 @@ def test_scorer_skips_rows_whose_advantages_are_zero(model, ray_trainer, monkeyp
     seen = []
     real_score = scorer.score
     monkeypatch.setattr(scorer, "score", lambda ids, *a, **k: seen.append(ids.shape) or real_score(ids, *a, **k))
-    gamma, metrics = compute_rhythm_gamma(scorer, data, cfg, use_remove_padding=use_remove_padding,
-                                          advantages=advantages, return_metrics=True)
+    gamma, metrics = compute_rhythm_gamma(scorer, data, cfg, advantages=advantages, return_metrics=True)
     assert metrics["rhythm/rows_skipped"] == 4
     assert bool((gamma[zero] == 1).all())
     full = per_row_gamma(model, verl_batch(), cfg)
     torch.testing.assert_close(gamma[~zero], full[~zero], rtol=0, atol=0)
-    rows_scored = sum(shape[0] for shape in seen) if not use_remove_padding else len(seen)
-    assert rows_scored == (2 if not use_remove_padding else 1)  # only the live rows (one packed pass)
+    assert sum(shape[0] for shape in seen) == 2  # only the live rows
 
 
 def test_run_script_composes_a_config_the_hooks_accept(tmp_path):

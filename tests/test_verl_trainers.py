@@ -19,7 +19,9 @@ import torch  # noqa: E402
 from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
 from rhythm.integrations.verl.credit import response_gamma  # noqa: E402
 
-from .verl_standins import (P_MAX, R_MAX, RESPONSE_LENS, SMALL, SMALL_ENV, StandInWorkerGroup,  # noqa: E402
+from tests.oracle_check import random_baseline  # noqa: E402
+
+from .verl_standins import (P_MAX, PROMPT_LENS, R_MAX, RESPONSE_LENS, SMALL, SMALL_ENV, StandInWorkerGroup,  # noqa: E402
                             algo_config, cpu_device, engine_worker, ensure_process_group, per_row_gamma,
                             plain_advantages, tiny_llama, verl_batch)
 
@@ -433,3 +435,37 @@ def test_a_separate_scorer_pass_is_refused_in_verl(hooks):
         hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, config)
     hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, types.SimpleNamespace(
         needs_scorer=True, credit_pass="fused"))
+
+
+def _random_oracle(rows, seed=5):
+    """gamma [n, R_MAX] of verl_batch() rows under the documented random baseline: row i of the step's batch is
+    "step 3 batch 0 row i" (the stand-in trainers sit at global step 3), drawn from its prompt's first token."""
+    out = torch.ones(len(rows), R_MAX)
+    for i, b in enumerate(rows):
+        if RESPONSE_LENS[b]:
+            out[i, :RESPONSE_LENS[b]] = torch.tensor(random_baseline(seed, f"step 3 batch 0 row {i}", PROMPT_LENS[b],
+                                                                     RESPONSE_LENS[b]))
+    return out
+
+
+def test_random_baseline_follows_the_one_rule_in_both_drivers(model, hooks, ray_trainer, v1, monkeypatch):
+    """strategy random in the legacy driver (gamma from the padded batch) and in the v1 driver (from
+    TransferQueue's response-aligned fields): per row the documented draw, sha256(seed, "step S batch C row I")
+    from the sequence's first token - the same rule as `rhythm score` and TRL, whatever the layout."""
+    rhythm = {"strategy": "random", "seed": 5}
+    trainer = StandInLegacyTrainer(StandInWorkerGroup([_with_flops(engine_worker(model, use_remove_padding=True, micro_batch_size=3))]),
+                                   rhythm=rhythm)
+    data = verl_batch()
+    data.meta_info.update(global_token_num=data.batch["attention_mask"].sum(-1).tolist(), temperature=1.0)
+    batch, _ = _legacy_step(ray_trainer, trainer, data)
+    assert torch.equal(batch.batch["rhythm_gamma"], _random_oracle(range(len(PROMPT_LENS))))
+
+    hooks.uninstall()
+    _, _, _, base = _v1_step(v1, model, monkeypatch, rhythm=None)
+    hooks.install()
+    _, _, metrics, shaped = _v1_step(v1, model, monkeypatch, rhythm=rhythm)
+    want = _random_oracle(V1_ROWS)
+    for i, b in enumerate(V1_ROWS):
+        torch.testing.assert_close(shaped[i], base[i] * want[i, :RESPONSE_LENS[b]], rtol=0, atol=0)
+    tokens = sum(RESPONSE_LENS[b] for b in V1_ROWS)
+    assert metrics["rhythm/frac_amplified"] == float((want > 1).sum()) / tokens

@@ -70,37 +70,6 @@ class ScoreSettings:
         return json.loads(json.dumps(stored))    # tuples -> lists, as stored
 
 
-def row_seed(seed: int, row_id) -> int:
-    """The random baseline's seed for one row: sha256 of (seed, the row's id), 63 bits.
-
-    Each row draws from its own generator, so its gamma_random depends only on the seed and its id, never on
-    which micro-batch or resume point it was scored in (ids are unique and of one kind per input)."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{int(seed)}\0{type(row_id).__name__}\0{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _random_gamma(config, chunk, pairs, width: int):
-    """gamma of the ``random`` strategy per row: float32 [len(chunk), width] in the response layout, 1 on
-    padding. Each row is drawn as if scored alone (its own [1, P + R] layout, the response a suffix) with seed
-    ``row_seed(seed, id)``: exactly ``RhythmScorer.score`` on that row alone with that seed."""
-    import torch
-
-    from rhythm.credit.shaping import credit_multipliers
-
-    gamma = torch.ones(len(chunk), width, dtype=torch.float32)
-    for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
-        if r:
-            response = torch.zeros(1, len(p) + len(r), dtype=torch.bool)
-            response[0, len(p):] = True
-            zeros = torch.zeros(response.shape)
-            gamma[i, :len(r)] = credit_multipliers(zeros, zeros, response, strategy="random", q=config.q,
-                                                   gamma_amp=config.gamma_amp,
-                                                   seed=row_seed(config.seed, row.id))[0, len(p):]
-    return gamma
-
-
 def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     """Score one micro-batch in the trainer layout (prompt left-padded, response right-padded) -> output rows."""
     from rhythm.scoring.scorer import to_response_tensor
@@ -109,10 +78,11 @@ def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
     r_len = max(len(r) for _, r in pairs)
     scores = scorer.score(ids, mask, response, with_entropy="entropy" in strategies)
     columns = {"waad": scores.waad, "fai": scores.fai, "fai_valid": scores.fai_valid}
-    columns.update({f"gamma_{s}": scores.gamma(s) for s in strategies if s != "random"})
+    # random: each row drawn from sha256(seed, its id), so batching and resumes cannot change it
+    ids = [row.id for row in chunk]
+    columns.update({f"gamma_{s}": scores.gamma(s, row_ids=ids)        # gamma_random last, as rows always had it
+                    for s in sorted(strategies, key=lambda s: s == "random")})
     columns = {key: to_response_tensor(x, r_len, response) for key, x in columns.items()}
-    if "random" in strategies:
-        columns["gamma_random"] = _random_gamma(scorer.config, chunk, pairs, r_len)
     out = []
     for i, (row, (p, r)) in enumerate(zip(chunk, pairs)):
         item = {"id": row.id, "prompt_length": len(p), "response_ids": list(r)}

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rhythm_kernels.segments import is_bool
+
 from rhythm.config import check
 
 INF = float("inf")
@@ -73,15 +75,24 @@ def kth_smallest(values: torch.Tensor, eligible: torch.Tensor, rank: torch.Tenso
     return torch.kthvalue(extended, length, dim=1).values
 
 
-def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
+def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float, *, validate: bool = True):
     """Top ceil(q * |eligible|) eligible positions of each row by score, ties to the lower position.
 
     Args:
         scores: float [B, T] (finite on eligible positions). eligible: bool [B, T]. q in (0, 1].
+        validate: check that the eligible scores are finite (one host sync); False when the caller did.
     Returns:
         (mask bool [B, T], threshold [B] = smallest selected score or +inf if none (in the compute dtype:
         float32, or float64 for float64 scores), count long [B]).
     """
+    check_signals(response_mask=eligible, scores=scores, mask_name="eligible")
+    q, validate = check("q", q), _check_validate(validate)
+    if validate and eligible.shape[1] and bool((eligible & ~torch.isfinite(scores)).any()):
+        raise ValueError("scores holds NaN or Inf on eligible positions")
+    return _top_q(scores, eligible, q)
+
+
+def _top_q(scores, eligible, q):
     scores = _as_float(scores)
     n = eligible.sum(1)
     count = selection_count(q, n)
@@ -96,30 +107,21 @@ def top_q_mask(scores: torch.Tensor, eligible: torch.Tensor, q: float):
 
 
 def rhythm_selection(waad: torch.Tensor, fai: torch.Tensor, response_mask: torch.Tensor,
-                     fai_valid: torch.Tensor | None = None, *, q: float = 0.4, k: int = 3) -> RhythmSelection:
+                     fai_valid: torch.Tensor | None = None, *, q: float = 0.4, k: int = 3,
+                     validate: bool = True) -> RhythmSelection:
     """Preplan tokens, anchors, locally dominated anchors and their intro tokens (docs/definitions.md section 4).
 
     Args:
         waad, fai: float [B, T] per-token signals (``token_signals``). response_mask: bool [B, T], one
             contiguous run per row. fai_valid: bool [B, T] or None (= all valid). q in (0, 1]. k >= 1.
+        validate: check the response runs and the signals' finiteness (one host sync); False when the
+            caller already did (``rhythm.credit.gamma.compute_gamma``).
     """
     check_signals(waad=waad, fai=fai, response_mask=response_mask, fai_valid=fai_valid)
-    q, k = check("q", q), check("k", k)
-    check_contents(response_mask, fai_valid, waad=waad, fai=fai)
+    q, k, validate = check("q", q), check("k", k), _check_validate(validate)
+    if validate:
+        check_contents(response_mask, fai_valid, waad=waad, fai=fai)
     return _rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
-
-
-def random_selection(response_mask: torch.Tensor, *, q: float = 0.4, seed: int = 0) -> torch.Tensor:
-    """ceil(q * |R|) response tokens per row chosen uniformly at random (bool [B, T]).
-
-    Reproducible: the same seed, shape and device give the same choice (a seeded torch.Generator on the
-    mask's device draws one key per position; the top keys of the response win). Pass a new seed per
-    training step for fresh draws.
-    """
-    check_signals(response_mask=response_mask)
-    q, seed = check("q", q), check("seed", seed)
-    check_contents(response_mask)
-    return _random_selection(response_mask, q, seed)
 
 
 def entropy_selection(entropy: torch.Tensor, response_mask: torch.Tensor, *, q: float = 0.4) -> torch.Tensor:
@@ -127,7 +129,13 @@ def entropy_selection(entropy: torch.Tensor, response_mask: torch.Tensor, *, q: 
     check_signals(entropy=entropy, response_mask=response_mask)
     q = check("q", q)
     check_contents(response_mask, entropy=entropy)
-    return top_q_mask(entropy, response_mask, q)[0]
+    return _top_q(entropy, response_mask, q)[0]
+
+
+def _check_validate(validate) -> bool:
+    if not is_bool(validate):
+        raise TypeError(f"validate must be a bool (True or False), got {validate!r}")
+    return bool(validate)
 
 
 # ---- implementations (inputs already checked) ------------------------------------------------------------
@@ -150,10 +158,10 @@ def _rhythm_selection(waad, fai, response_mask, fai_valid, q, k) -> RhythmSelect
     delta, delta_valid = response_delta(waad, response_mask)
 
     # T_loc: top q by Delta over the |R| - 1 tokens where it is defined; tau_delta = its smallest Delta.
-    preplan, tau_delta, preplan_count = top_q_mask(delta, delta_valid, q)
+    preplan, tau_delta, preplan_count = _top_q(delta, delta_valid, q)
     # T_glob: top q by FAI over the fai_valid response tokens.
     eligible = response_mask if fai_valid is None else response_mask & fai_valid
-    anchor, _, anchor_count = top_q_mask(fai, eligible, q)
+    anchor, _, anchor_count = _top_q(fai, eligible, q)
 
     # tau_waad: lower median of WAAD over the response (torch.median's choice: sorted index (n-1)//2).
     n_resp = response_mask.sum(1)
@@ -186,34 +194,23 @@ def _rhythm_selection(waad, fai, response_mask, fai_valid, q, k) -> RhythmSelect
                            anchor_count=anchor_count)
 
 
-def random_keys(shape, seed: int, device) -> torch.Tensor:
-    """The keys of the random baseline: float32 uniform [B, T] from a torch.Generator seeded with ``seed`` on
-    ``device`` (the response tokens with the top ceil(q |R|) keys are chosen)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    return torch.rand(shape, generator=generator, device=device)
-
-
-def _random_selection(response_mask, q, seed) -> torch.Tensor:
-    return top_q_mask(random_keys(response_mask.shape, seed, response_mask.device), response_mask, q)[0]
-
-
 def _as_float(x: torch.Tensor) -> torch.Tensor:
     """Compute in at least float32 (float64 stays float64)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-# ---- argument checks shared with credit.py ---------------------------------------------------------------
+# ---- argument checks shared with rhythm.credit.gamma ---------------------------------------------------------------
 
-def check_signals(*, response_mask, **signals) -> None:
-    """response_mask bool [B, T]; every signal given (not None) a float tensor [B, T] ('fai_valid' bool)."""
+def check_signals(*, response_mask, mask_name: str = "response_mask", **signals) -> None:
+    """response_mask bool [B, T]; every signal given (not None) a float tensor [B, T] ('fai_valid' bool).
+    ``mask_name`` names the mask in errors (e.g. "eligible")."""
     if not isinstance(response_mask, torch.Tensor):
-        raise TypeError(f"response_mask must be a bool tensor [B, T], got {type(response_mask).__name__}")
+        raise TypeError(f"{mask_name} must be a bool tensor [B, T], got {type(response_mask).__name__}")
     if response_mask.dtype != torch.bool:
-        raise TypeError(f"response_mask must be a bool tensor [B, T], got dtype {response_mask.dtype} "
+        raise TypeError(f"{mask_name} must be a bool tensor [B, T], got dtype {response_mask.dtype} "
                         "(convert with .bool())")
     if response_mask.dim() != 2:
-        raise ValueError(f"response_mask must have rank 2 [B, T], got shape {list(response_mask.shape)}")
+        raise ValueError(f"{mask_name} must have rank 2 [B, T], got shape {list(response_mask.shape)}")
     shape = list(response_mask.shape)
     for name, x in signals.items():
         if x is None:
@@ -227,9 +224,9 @@ def check_signals(*, response_mask, **signals) -> None:
         if not want_bool and not x.is_floating_point():
             raise TypeError(f"{name} must be a float tensor [B, T], got dtype {x.dtype}")
         if list(x.shape) != shape:
-            raise ValueError(f"{name} must have the shape of response_mask {shape}, got {list(x.shape)}")
+            raise ValueError(f"{name} must have the shape of {mask_name} {shape}, got {list(x.shape)}")
         if x.device != response_mask.device:
-            raise ValueError(f"{name} must be on the device of response_mask ({response_mask.device}), "
+            raise ValueError(f"{name} must be on the device of {mask_name} ({response_mask.device}), "
                              f"got {x.device}")
 
 

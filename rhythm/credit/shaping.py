@@ -1,26 +1,22 @@
-"""Credit multipliers gamma [B, T] and shaped advantages (docs/definitions.md sections 4 and 8).
+"""Credit multipliers gamma [B, T] (docs/definitions.md sections 4 and 8) and shaped advantages.
 
-    local:   gamma = 1 + (gamma_amp - 1) * 1{t in T_loc}
-    global:  gamma = 1 + (gamma_amp - 1) * 1{t in T_glob}
-    coupled: gamma = 1 + (gamma_amp - 1) * 1{t in T_glob \\ D} + (1 - alpha)(gamma_amp - 1) * 1{t in D}
-                       + alpha (gamma_amp - 1) * 1{t in I(D)}                      (additive)
-    random / entropy: gamma = 1 + (gamma_amp - 1) * 1{t chosen}  (ceil(q |R|) tokens, seeded / top entropy)
-
-gamma = 1 off the response, on padding and on every position of a row with an empty response.
+``credit_multipliers`` is the public name of the one gamma path, :func:`rhythm.credit.gamma.compute_gamma`
+(the strategy table, the random baseline's seeding rule, the chunking); ``shape_advantages`` applies gamma.
 """
 from __future__ import annotations
 
 import torch
 
-from rhythm.credit import selection as sel
 from rhythm.config import check, default
+from rhythm.credit.gamma import compute_gamma
 
 
 def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("strategy"), fai_valid=None,
                        entropy=None, q: float = default("q"), gamma_amp: float = default("gamma_amp"),
-                       alpha: float = default("alpha"), k: int = default("k"),
-                       seed: int = default("seed")) -> torch.Tensor:
-    """Per-token credit multipliers gamma (docs/definitions.md section 4).
+                       alpha: float = default("alpha"), k: int = default("k"), seed: int = default("seed"),
+                       row_ids=None, sequence_start=None) -> torch.Tensor:
+    """Per-token credit multipliers gamma (docs/definitions.md section 4): ``compute_gamma`` with the
+    signals first.
 
     Args:
         waad, fai: float [B, T] per-token signals after head grouping (``token_signals``); a strategy that
@@ -30,81 +26,15 @@ def credit_multipliers(waad, fai, response_mask, *, strategy: str = default("str
         fai_valid: bool [B, T] or None (= every position valid); anchors are chosen among valid tokens only.
         entropy: float [B, T], per-token entropy of the sampling distribution (required for "entropy").
         q: selected fraction in (0, 1]. gamma_amp: amplification >= 1. alpha: intro share in [0, 1].
-        k: look-back window of dominated anchors (>= 1). seed: seed of the "random" strategy.
+        k: look-back window of dominated anchors (>= 1). seed: base seed of the "random" strategy.
+        row_ids, sequence_start: the "random" strategy's row identities (default 0..B-1) and each row's first
+            real column (default 0): row b draws from the seed sha256(seed, row_ids[b]) (``row_seed``).
     Returns:
         gamma: float32 [B, T], 1 off the response; in [1, 1 + (1 + alpha)(gamma_amp - 1)].
     """
-    strategy = check("strategy", strategy)
-    needs_waad = strategy in ("local", "coupled")
-    needs_fai = strategy in ("global", "coupled")
-    if needs_waad and waad is None:
-        raise ValueError(f"waad is required for strategy={strategy!r}")
-    if needs_fai and fai is None:
-        raise ValueError(f"fai is required for strategy={strategy!r}")
-    if strategy == "entropy" and entropy is None:
-        raise ValueError("entropy [B, T] is required for strategy='entropy' (the per-token entropy of the "
-                         "rollout's sampling distribution)")
-    sel.check_signals(response_mask=response_mask, waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy)
-    q, gamma_amp, alpha, k, seed = (check(name, value) for name, value in
-                                    (("q", q), ("gamma_amp", gamma_amp), ("alpha", alpha), ("k", k), ("seed", seed)))
-    sel.check_contents(response_mask, fai_valid, waad=waad if needs_waad else None, fai=fai if needs_fai else None,
-                       entropy=entropy if strategy == "entropy" else None)
-    if response_mask.shape[1] == 0:      # T = 0: no response token anywhere
-        return torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-
-    keys = sel.random_keys(response_mask.shape, seed, response_mask.device) if strategy == "random" else None
-    signals = dict(waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy, keys=keys)
-    rows = _chunk_rows(response_mask)
-    if rows >= response_mask.shape[0]:
-        return _gamma(strategy, response_mask, signals, q, gamma_amp, alpha, k)
-    # On CPU, rows are processed in chunks of about CPU_CHUNK_ELEMENTS tokens: the working set stays in
-    # cache (about 1.6x faster at B = 512, T = 8K) and the extra memory is bounded by the chunk, not by B.
-    gamma = torch.empty(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-    for lo in range(0, response_mask.shape[0], rows):
-        part = slice(lo, lo + rows)
-        chunk = {name: None if x is None else x[part] for name, x in signals.items()}
-        gamma[part] = _gamma(strategy, response_mask[part], chunk, q, gamma_amp, alpha, k)
-    return gamma
-
-
-CPU_CHUNK_ELEMENTS = 1 << 20
-
-
-def _chunk_rows(response_mask: torch.Tensor) -> int:
-    """Rows per chunk: all of them on accelerators, about CPU_CHUNK_ELEMENTS tokens' worth on CPU."""
-    if response_mask.device.type != "cpu":
-        return response_mask.shape[0]
-    return max(1, CPU_CHUNK_ELEMENTS // max(1, response_mask.shape[1]))
-
-
-def _gamma(strategy, response_mask, signals, q, gamma_amp, alpha, k) -> torch.Tensor:
-    """gamma float32 for a block of rows (inputs already checked)."""
-    amp = float(gamma_amp) - 1.0
-    waad, fai, fai_valid = signals["waad"], signals["fai"], signals["fai_valid"]
-    if strategy == "random":
-        chosen = sel.top_q_mask(signals["keys"], response_mask, q)[0]
-    elif strategy == "entropy":
-        chosen = sel.top_q_mask(signals["entropy"], response_mask, q)[0]
-    elif strategy == "local":
-        chosen = _local_selection(waad, response_mask, q)
-    elif strategy == "global":
-        eligible = response_mask if fai_valid is None else response_mask & fai_valid
-        chosen = sel.top_q_mask(fai, eligible, q)[0]
-    else:
-        s = sel._rhythm_selection(waad, fai, response_mask, fai_valid, q, k)
-        # 1 + amp 1{T_glob \ D} + (1 - alpha) amp 1{D} + alpha amp 1{I(D)}
-        gamma = torch.ones(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-        gamma += amp * (s.anchor & ~s.dominated).float()
-        gamma += (1.0 - alpha) * amp * s.dominated.float()
-        gamma += alpha * amp * s.intro.float()
-        return gamma
-    return 1.0 + amp * chosen.float()
-
-
-def _local_selection(waad, response_mask, q) -> torch.Tensor:
-    """T_loc alone (no FAI, no medians): top q by Delta over the |R| - 1 tokens where it is defined."""
-    delta, delta_valid = sel.response_delta(waad, response_mask)
-    return sel.top_q_mask(delta, delta_valid, q)[0]
+    return compute_gamma(strategy, response_mask, waad=waad, fai=fai, fai_valid=fai_valid, entropy=entropy,
+                         row_ids=row_ids, sequence_start=sequence_start, q=q, gamma_amp=gamma_amp, alpha=alpha,
+                         k=k, seed=seed)
 
 
 def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = default("sign")) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """``RhythmCreditConfig``: the one knob set shared by the trainer adapters (TRL, verl).
 
 It carries every constant of docs/definitions.md sections 2-4 plus the adapter's own choices (strategy, sign
-mode), splits itself into the :class:`rhythm.RhythmScorer` config and the credit options, and derives the
-per-step seed of the ``random`` baseline. No framework is imported here.
+mode) and splits itself into the :class:`rhythm.RhythmScorer` config and the credit options (what a strategy
+reads: :data:`rhythm.credit.gamma.STRATEGY_TABLE`). No framework is imported here.
 """
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from rhythm.config import (ATTENTION_STRATEGIES, CREDIT_KNOBS, GAMMA_KNOBS, SCORER_KNOBS, SIGNS, STRATEGIES, check, default,
-                      from_mapping, knob_dataclass)
+from rhythm.config import (CREDIT_KNOBS, GAMMA_KNOBS, SCORER_KNOBS, SIGNS, STRATEGIES, check, default, from_mapping,
+                           knob_dataclass)
+from rhythm.credit.gamma import attention_strategies, strategy_info
+
+ATTENTION_STRATEGIES = attention_strategies()
 
 __all__ = ["ATTENTION_STRATEGIES", "RhythmCreditConfig", "SIGNS", "STRATEGIES"]
 
@@ -22,11 +25,12 @@ class RhythmCreditConfig:
     construction, naming the field).
 
     strategy: "coupled" (paper's rhythm credit, default) | "local" (preplan only) | "global" (anchors only)
-        | "random" (baseline: ceil(q |R|) random tokens, a new seed every step) | "entropy" (baseline: top q by
+        | "random" (baseline: ceil(q |R|) random tokens, fresh every step) | "entropy" (baseline: top q by
         the rollout's per-token entropy).
     sign: "both" (default) | "positive" (A >= 0 only, paper v1) | "negative" (A < 0 only).
     q, gamma_amp, alpha, k: selection fraction, amplification, intro share, look-back of dominated anchors.
-    seed: base seed of the "random" strategy (mixed with the step and the process rank).
+    seed: base seed of the "random" strategy (each row draws from sha256(seed, its identity); the trainers'
+        identities carry the step and the row, ``rhythm.credit.gamma.trainer_row_ids``).
     window, horizon, head_fraction, layers, grouping: WAAD window W, FAI horizon (H_lo, H_hi) with H_hi None
         = to the end, size of H_loc / H_glob, sampled layers (None = the five middle-third layers),
         "per_sequence" or "fixed" head grouping.
@@ -42,7 +46,7 @@ class RhythmCreditConfig:
     @property
     def needs_scorer(self) -> bool:
         """True when the strategy reads WAAD / FAI (one extra no-grad attention pass per rollout batch)."""
-        return self.strategy in ATTENTION_STRATEGIES
+        return strategy_info(self.strategy).attention
 
     def scorer_kwargs(self, default_micro_batch_size: int | None = None) -> dict:
         """Config of :class:`rhythm.RhythmScorer` (``RhythmScorer(model, **cfg.scorer_kwargs())``): the shared
@@ -53,16 +57,12 @@ class RhythmCreditConfig:
         return kwargs
 
     def credit_kwargs(self, seed: int | None = None) -> dict:
-        """Options of :func:`rhythm.credit_multipliers` (and overrides of ``RhythmScores.gamma``)."""
+        """Options of :func:`rhythm.credit.gamma.compute_gamma` (and overrides of ``RhythmScores.gamma``);
+        ``seed`` overrides the config's base seed."""
         kwargs = {name: getattr(self, name) for name in GAMMA_KNOBS}
         if seed is not None:
             kwargs["seed"] = check("seed", seed, "credit_kwargs(seed)")
         return kwargs
-
-    def step_seed(self, step: int, rank: int = 0, call: int = 0) -> int:
-        """Seed of the ``random`` baseline for one rollout batch: changes with the training step, the process
-        rank and the call counter (several generation batches in one step), reproducible across runs."""
-        return hash((int(self.seed), int(step), int(rank), int(call))) & 0x7FFFFFFF
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -53,7 +53,8 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from rhythm.capture.recording import Capture
 from rhythm.config import CREDIT_KNOBS, CREDIT_PASSES, ConfigError, check, dataclass_fields, default, from_prefixed
-from rhythm.credit.shaping import credit_multipliers, rows_needing_credit, shape_advantages
+from rhythm.credit.gamma import compute_gamma, gamma_metrics, gamma_sums, sequence_starts, trainer_row_ids
+from rhythm.credit.shaping import rows_needing_credit, shape_advantages
 from rhythm.scoring.scorer import RhythmScorer, to_response_tensor
 from rhythm.integrations.config import RhythmCreditConfig
 
@@ -298,7 +299,6 @@ class RhythmGRPOTrainer(GRPOTrainer):
         gamma = torch.ones(batch, width, dtype=torch.float32, device=input_ids.device)
         measured = 0
         scorer = self.rhythm_scorer
-        options = cfg.credit_kwargs()
         results = []
         step = int(batch_size or batch)
         with Capture(self._rhythm_policy()) as capture:
@@ -317,7 +317,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
                     model, input_ids[chunk], attention_mask[chunk], logits_to_keep, batch_size=None, **chunk_kwargs))
                 forward_seconds += time.perf_counter() - start - recording.context.metrics_seconds
                 results.append(recording.context.output)
-                rows_gamma = scorer.scores_from(recording).gamma(cfg.strategy, **options)
+                rows_gamma = scorer.scores_from(recording).gamma(cfg.strategy, **cfg.credit_kwargs())
                 rows_gamma = to_response_tensor(rows_gamma, width, recording.response_mask, fill=1.0)
                 gamma[first + rows.to(gamma.device)] = rows_gamma.to(gamma.device)
                 measured += rows.numel()
@@ -356,15 +356,14 @@ class RhythmGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).bool()
         response_mask = torch.cat([torch.zeros_like(prompt_mask), completion_mask], dim=1).bool()
         width = completion_ids.size(1)
-        seed = cfg.step_seed(self.state.global_step, self.accelerator.process_index, self._rhythm_calls)
-        self._rhythm_calls += 1
-        options = cfg.credit_kwargs(seed=seed)
-        if cfg.strategy == "random":
-            gamma = credit_multipliers(None, None, response_mask, strategy="random", **options)
-        elif cfg.strategy == "entropy":
-            entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-            entropy[:, -width:] = self._rhythm_entropy(input_ids, attention_mask, width)
-            gamma = credit_multipliers(None, None, response_mask, strategy="entropy", entropy=entropy, **options)
+        if not cfg.needs_scorer:    # the baselines: no model pass
+            entropy = None
+            if cfg.strategy == "entropy":
+                entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+                entropy[:, -width:] = self._rhythm_entropy(input_ids, attention_mask, width)
+            gamma = compute_gamma(cfg.strategy, response_mask, entropy=entropy,
+                                  row_ids=self._rhythm_row_ids(len(input_ids)),
+                                  sequence_start=sequence_starts(attention_mask), **cfg.credit_kwargs())
         else:
             rows = torch.nonzero(rows_needing_credit(batch["advantages"], cfg.sign)).reshape(-1).to(input_ids.device)
             gamma = torch.ones(input_ids.shape, dtype=torch.float32, device=input_ids.device)
@@ -372,7 +371,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
                 model = self._rhythm_policy()
                 with disable_gradient_checkpointing(model, self.args.gradient_checkpointing_kwargs):
                     scores = self.rhythm_scorer.score(input_ids[rows], attention_mask[rows], response_mask[rows])
-                gamma[rows] = scores.gamma(cfg.strategy, **options).to(gamma.device)
+                gamma[rows] = scores.gamma(cfg.strategy, **cfg.credit_kwargs()).to(gamma.device)
         return to_response_tensor(gamma, width, response_mask.to(gamma.device), fill=1.0)
 
     @property
@@ -402,19 +401,24 @@ class RhythmGRPOTrainer(GRPOTrainer):
                 compute_entropy=True)
         return entropies.float()
 
+    def _rhythm_row_ids(self, batch: int) -> list[str]:
+        """The random baseline's identities of this process's generation batch (``trainer_row_ids``): the
+        training step, the generation batch of this run and the row's index in the all-process batch."""
+        call, self._rhythm_calls = self._rhythm_calls, self._rhythm_calls + 1
+        first = self.accelerator.process_index * batch
+        return trainer_row_ids(self.state.global_step, call, range(first, first + batch))
+
     def _rhythm_log(self, mode: str, gamma: torch.Tensor, batch: dict, seconds: float, measured: int) -> None:
         mask = batch["completion_mask"].bool()
         if "tool_mask" in batch:
             mask = mask & batch["tool_mask"].bool()
-        gamma = gamma.to(mask.device)
-        stats = torch.stack([(gamma > 1).logical_and(mask).sum().float(), (gamma * mask).sum().float(),
-                             mask.sum().float(), torch.tensor(float(measured), device=mask.device),
-                             torch.tensor(float(mask.shape[0]), device=mask.device)])
-        total = self.accelerator.gather(stats.reshape(1, 5)).reshape(-1, 5).sum(0)
-        count = max(float(total[2]), 1.0)
-        self._metrics[mode]["rhythm/frac_amplified"].append(float(total[0]) / count)
-        self._metrics[mode]["rhythm/gamma_mean"].append(float(total[1]) / count)
-        self._metrics[mode]["rhythm/frac_rows_measured"].append(float(total[3]) / max(float(total[4]), 1.0))
+        sums = torch.cat([gamma_sums(gamma, mask), torch.tensor([float(measured), float(mask.shape[0])],
+                                                                 dtype=torch.float64)])
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.gather(sums.to(self.accelerator.device)[None]).reshape(-1, 5).sum(0).cpu()
+        for name, value in gamma_metrics(sums[:3]).items():
+            self._metrics[mode][name].append(value)
+        self._metrics[mode]["rhythm/frac_rows_measured"].append(float(sums[3]) / max(float(sums[4]), 1.0))
         self._metrics[mode]["rhythm/added_time_s"].append(seconds)
 
 

@@ -29,7 +29,7 @@ from rhythm_kernels.segments import Segments, Span, segments_from_cu_seqlens, se
 
 from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
 from rhythm.capture.recording import Capture, CaptureContext, cu_seqlens_from_position_ids
-from rhythm.credit.shaping import credit_multipliers
+from rhythm.credit.gamma import compute_gamma
 from rhythm.credit.heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
     token_signals
 
@@ -151,10 +151,12 @@ class RhythmScores:
     def entropy(self) -> torch.Tensor | None:
         return None if self.signals.entropy is None else self.segments.from_rows(self.signals.entropy)
 
-    def gamma(self, strategy: str = "coupled", **overrides) -> torch.Tensor:
-        """Credit multipliers gamma float32 [B, T] in the input layout (``rhythm.credit_multipliers`` on the
-        per-sequence rows; 1 off the responses).
+    def gamma(self, strategy: str = "coupled", *, row_ids=None, **overrides) -> torch.Tensor:
+        """Credit multipliers gamma float32 [B, T] in the input layout (``rhythm.credit.gamma.compute_gamma`` on
+        the per-sequence rows; 1 off the responses).
 
+        row_ids: the identity of each sequence for the ``random`` baseline (default 0..n_seq-1; the keys of a
+        sequence are drawn from its first real token, so its gamma does not depend on the batch).
         overrides: any of q, gamma_amp, alpha, k, seed (defaults from the scorer's config).
         """
         unknown = sorted(set(overrides) - set(GAMMA_OVERRIDES))
@@ -163,9 +165,9 @@ class RhythmScores:
         options = {name: overrides.get(name, getattr(self.config, name)) for name in GAMMA_OVERRIDES}
         if strategy == "entropy" and self.signals.entropy is None:
             raise ValueError("strategy='entropy' needs per-token entropies: score(..., with_entropy=True)")
-        rows = self.signals
-        gamma = credit_multipliers(rows.waad, rows.fai, rows.response, strategy=strategy, fai_valid=rows.fai_valid,
-                                   entropy=rows.entropy, **options)
+        rows = self.signals    # one row per sequence, left-aligned: each sequence starts at column 0
+        gamma = compute_gamma(strategy, rows.response, waad=rows.waad, fai=rows.fai, fai_valid=rows.fai_valid,
+                              entropy=rows.entropy, row_ids=row_ids, **options)
         return self.segments.from_rows(gamma, fill=1.0)
 
     def _repr_html_(self) -> str:

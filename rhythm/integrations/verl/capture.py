@@ -33,7 +33,7 @@ import torch
 from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
 
 from rhythm.capture.recording import Capture, CaptureContext
-from rhythm.credit.shaping import credit_multipliers
+from rhythm.credit.gamma import compute_gamma
 from rhythm.integrations.verl.credit import GAMMA_KEY
 
 __all__ = ["micro_batch_segments", "recording_forward", "response_lengths"]
@@ -124,8 +124,8 @@ def recording_forward(engine, scorer, config, *, stats: dict | None = None):
         loss, output = context.output
         start = time.perf_counter()
         rows = scorer.signals(records, segments)
-        gamma = credit_multipliers(rows.waad, rows.fai, rows.response, strategy=config.strategy,
-                                   fai_valid=rows.fai_valid, **options)
+        gamma = compute_gamma(config.strategy, rows.response, waad=rows.waad, fai=rows.fai,
+                              fai_valid=rows.fai_valid, **options)
         model_output = output["model_output"]
         reference = model_output.get("log_probs")
         model_output[GAMMA_KEY] = _gamma_nested(gamma.float(), segments,

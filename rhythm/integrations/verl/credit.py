@@ -5,10 +5,8 @@ Three pieces, none of which forks verl:
 (a) worker side - :func:`compute_rhythm_gamma` runs the scorer (the current policy, no grad) over a verl batch
     ``input_ids`` / ``attention_mask`` / ``position_ids`` [B, T] (``input_ids = prompt (left-padded) + response
     (right-padded)``) and returns gamma aligned to ``responses`` [B, R_len]: entry i is gamma of the token at
-    position T - R_len + i (docs/definitions.md section 6: no shift). ``use_remove_padding=True`` packs the batch
-    the way verl's remove-padding path does (tokens of ``attention_mask`` in row-major order, B = 1, attention_mask
-    None, position_ids restarting at each sequence) before scoring; :func:`rhythm_gamma_packed` takes an
-    already packed batch (``input_ids_rmpad [1, N]``, ``position_ids_rmpad [1, N]``).
+    position T - R_len + i (docs/definitions.md section 6: no shift). Gamma does not depend on the layout the
+    policy runs in (padded or verl's remove-padding packing): the scorer computes it per sequence.
 (b) driver side - :func:`apply_rhythm_gamma` multiplies ``data.batch["advantages"]`` [B, R_len] by gamma on
     ``response_mask`` tokens (sign mode as configured); it works after any estimator (grpo, gae, rloo,
     reinforce_plus_plus, ...), since all of them write token-level advantages of width R_len.
@@ -16,9 +14,7 @@ Three pieces, none of which forks verl:
     ``rhythm.integrations.verl.plugin`` through ``VERL_USE_EXTERNAL_MODULES`` or
     ``actor_rollout_ref.model.external_lib``; importing ``rhythm.integrations.verl.hooks`` itself changes nothing) records the
     metrics inside the actor's own old-log-prob forward and applies (b) right after verl computes the
-    advantages, in the legacy and the v1 trainer. :func:`padded_from_no_padding` turns the no-padding
-    TensorDict a worker receives (nested ``input_ids`` / ``position_ids``) back into the padded tensors (a)
-    reads.
+    advantages, in the legacy and the v1 trainer.
 
 A batch whose advantages were multiplied is marked (``meta_info["rhythm_shaped"]`` on a ``DataProto``, the key
 ``rhythm_shaped`` on a dict / TensorDict): :func:`apply_rhythm_gamma` refuses a marked batch, so gamma is never
@@ -35,13 +31,13 @@ import torch
 
 from rhythm_kernels.segments import trainer_response_mask
 
-from rhythm.credit.shaping import credit_multipliers, shape_advantages
+from rhythm.credit.gamma import compute_gamma, gamma_metrics, gamma_sums, sequence_starts
+from rhythm.credit.shaping import shape_advantages
 from rhythm.scoring.scorer import RhythmScorer
 from rhythm.integrations.config import RhythmCreditConfig
 
-__all__ = ["RhythmCreditConfig", "GAMMA_KEY", "SHAPED_KEY", "compute_rhythm_gamma", "rhythm_gamma_packed",
-           "pack_batch", "apply_rhythm_gamma", "padded_from_no_padding", "response_gamma",
-           "is_shaped", "clear_shaped"]
+__all__ = ["RhythmCreditConfig", "GAMMA_KEY", "SHAPED_KEY", "compute_rhythm_gamma", "apply_rhythm_gamma",
+           "response_gamma", "is_shaped", "clear_shaped"]
 
 GAMMA_KEY = "rhythm_gamma"
 SHAPED_KEY = "rhythm_shaped"  # marks a batch whose advantages already carry gamma
@@ -109,95 +105,19 @@ def response_gamma(gamma: torch.Tensor, response_lengths: torch.Tensor, width: i
     return out
 
 
-def pack_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
-    """verl's remove-padding layout of a padded batch: (input_ids_rmpad [1, N], position_ids_rmpad [1, N],
-    cu_seqlens [B + 1], indices [N]) with the real tokens in row-major order (as ``unpad_input``) and
-    position ids restarting at 0 for every sequence (the padded ``position_ids`` restricted to real tokens)."""
-    mask = attention_mask.bool()
-    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-    if position_ids is None:
-        position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    if position_ids.dim() != 2:
-        raise ValueError(f"position_ids must be [B, T] (multi-axis rope position ids are not supported), got "
-                         f"{list(position_ids.shape)}")
-    lengths = mask.sum(-1)
-    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.long, device=mask.device)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    return (input_ids.flatten()[indices][None], position_ids.flatten()[indices][None], cu_seqlens, indices)
-
-
-def padded_from_no_padding(data) -> dict:
-    """The padded tensors ``compute_rhythm_gamma`` reads, from the batch a verl 0.9 actor worker receives.
-
-    verl's driver turns the rollout batch into its no-padding layout before ``compute_log_prob``
-    (``verl.workers.utils.padding.left_right_2_no_padding``): ``input_ids`` and ``position_ids`` become jagged
-    nested tensors holding each sequence's real tokens (prompt + response), while ``attention_mask`` [B, T],
-    ``responses`` [B, R_len] (and ``prompts``, ``response_mask``) stay padded. The real tokens of row b are the
-    ``attention_mask[b]`` positions in order (``unpad_input``), so scattering the nested values back over the
-    mask restores the padded layout exactly. Already padded (non-nested) tensors pass through.
-    Returns {input_ids, attention_mask, position_ids, responses} ([B, T] / [B, R_len]), on the input device."""
-    attention_mask = data["attention_mask"]
-    if attention_mask.is_nested:
-        raise ValueError("attention_mask must be the padded [B, T] mask (verl keeps it padded in the no-padding layout)")
-    mask = attention_mask.bool()
-    out = {"attention_mask": attention_mask, "responses": data["responses"]}
-    for name in ("input_ids", "position_ids"):
-        if name not in data.keys():
-            continue
-        x = data[name]
-        if not x.is_nested:
-            out[name] = x
-            continue
-        values = x.values()
-        if values.dim() != 1:
-            raise ValueError(f"{name}: multi-axis rope position ids (nested [B, 3|4, j]) are not supported")
-        if values.numel() != int(mask.sum()):
-            raise ValueError(f"{name}: {values.numel()} nested tokens but attention_mask holds {int(mask.sum())}")
-        padded = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        padded[mask.to(values.device)] = values
-        out[name] = padded
-    return out
-
-
-def rhythm_gamma_packed(scorer: RhythmScorer, input_ids_rmpad: torch.Tensor, position_ids_rmpad: torch.Tensor,
-                        response_mask_rmpad: torch.Tensor, config: RhythmCreditConfig | None = None, *,
-                        cu_seqlens: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
-    """gamma [1, N] of a packed batch (B = 1, no attention mask; sequences delimited by ``cu_seqlens`` or by
-    the resets of ``position_ids_rmpad``). response_mask_rmpad [1, N]: True on response tokens, a suffix of each
-    sequence. Strategies local / global / coupled (the attention pass); random needs no scorer."""
-    cfg = config or RhythmCreditConfig()
-    if cfg.strategy == "entropy":
-        raise ValueError("strategy='entropy' reads the rollout's per-token entropy: use compute_rhythm_gamma with "
-                         "data.batch['entropys'] (verl's compute_log_prob with calculate_entropy=True)")
-    options = cfg.credit_kwargs(seed)
-    if cfg.strategy == "random":
-        from rhythm_kernels.segments import segments_from_cu_seqlens
-
-        if cu_seqlens is None:
-            from rhythm.capture.recording import cu_seqlens_from_position_ids
-            cu_seqlens = cu_seqlens_from_position_ids(position_ids_rmpad)
-        segments = segments_from_cu_seqlens(cu_seqlens.cpu(), 1, input_ids_rmpad.shape[1], None, "cpu")
-        rows = segments.to_rows(response_mask_rmpad.bool().cpu(), fill=False)   # per sequence, like padded
-        gamma = credit_multipliers(None, None, rows, strategy="random", **options)
-        return segments.from_rows(gamma, fill=1.0).to(input_ids_rmpad.device)
-    scores = scorer.score(input_ids_rmpad, None, response_mask_rmpad.bool(), position_ids=position_ids_rmpad,
-                          cu_seqlens=cu_seqlens)
-    return scores.gamma(cfg.strategy, **options)
-
-
 @torch.no_grad()
 def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCreditConfig | None = None, *,
-                         use_remove_padding: bool = False, seed: int | None = None,
-                         return_metrics: bool = False, advantages: torch.Tensor | None = None):
+                         seed: int | None = None, row_ids=None, return_metrics: bool = False,
+                         advantages: torch.Tensor | None = None):
     """Worker side: gamma float32 [B, R_len] aligned to ``data.batch["responses"]``.
 
     scorer: a :class:`rhythm.RhythmScorer` over the current policy (None only for strategy "random"/"entropy").
     data: a verl ``DataProto`` (or its ``.batch``) with ``input_ids``, ``attention_mask``, ``responses`` and
         optionally ``position_ids`` [B, T]; strategy "entropy" also reads ``entropys`` [B, R_len] (the
         entropy of the distribution that sampled each response token, from verl's log-prob pass).
-    use_remove_padding: score in verl's packed layout (B = 1, attention_mask None, position ids resetting per
-        sequence) instead of the padded one; the result is the same layout-free gamma.
-    seed: seed of the "random" strategy (default: the config's; pass a new one every step).
+    seed, row_ids: the "random" strategy's base seed (default: the config's) and row identities (default
+        0..B-1); row b draws from sha256(seed, row_ids[b]) (``rhythm.credit.gamma.row_seed``). For fresh draws
+        every step put the step into the ids (``rhythm.credit.gamma.trainer_row_ids``).
     advantages: optional [B, R_len], the batch's advantages when already computed: rows whose advantages are
         all exactly 0 (GRPO groups with equal rewards) get gamma 1 without any scoring work - gamma cannot
         change a zero advantage.
@@ -206,48 +126,45 @@ def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCredit
     cfg = config or RhythmCreditConfig()
     start = time.perf_counter()
     batch = _batch(data)
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    width = batch["responses"].shape[1]
+    if row_ids is not None and (isinstance(row_ids, (str, bytes)) or len(row_ids) != input_ids.shape[0]):
+        raise ValueError(f"row_ids must hold one id per row ({input_ids.shape[0]}), got {row_ids!r:.80}")
     if advantages is not None:
-        width = batch["responses"].shape[1]
         if tuple(advantages.shape) != (batch["responses"].shape[0], width):
             raise ValueError(f"advantages must be [B, R_len] = {list(batch['responses'].shape)}, got "
                              f"{list(advantages.shape)}")
-        live = (advantages != 0).any(-1).to(batch["input_ids"].device)
-        gamma = torch.ones(advantages.shape, dtype=torch.float32, device=batch["input_ids"].device)
+        live = (advantages != 0).any(-1).to(input_ids.device)
+        gamma = torch.ones(advantages.shape, dtype=torch.float32, device=input_ids.device)
         if bool(live.any()):
             names = [k for k in ("input_ids", "attention_mask", "position_ids", "responses", "entropys")
                      if k in batch.keys()]
-            gamma[live] = compute_rhythm_gamma(scorer, {k: batch[k][live] for k in names}, cfg,
-                                               use_remove_padding=use_remove_padding, seed=seed).to(gamma.device)
+            ids = list(range(len(live))) if row_ids is None else list(row_ids)
+            gamma[live] = compute_rhythm_gamma(scorer, {k: batch[k][live] for k in names}, cfg, seed=seed,
+                                               row_ids=[ids[i] for i in live.nonzero().flatten().tolist()]
+                                               ).to(gamma.device)
         if not return_metrics:
             return gamma
-        return gamma, _gamma_metrics(gamma, trainer_response_mask(batch["attention_mask"], width)[:, -width:],
-                                     start, skipped=int((~live).sum()))
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    width = batch["responses"].shape[1]
+        return gamma, _gamma_metrics(gamma, trainer_response_mask(attention_mask, width)[:, -width:], start,
+                                     skipped=int((~live).sum()))
     position_ids = batch["position_ids"] if "position_ids" in batch.keys() else None
     response = trainer_response_mask(attention_mask, width)
     options = cfg.credit_kwargs(seed)
-    if cfg.strategy == "entropy":
-        if "entropys" not in batch.keys():
-            raise ValueError("strategy='entropy' needs data.batch['entropys'] [B, R_len] (compute_log_prob with "
-                             "calculate_entropy=True)")
-        entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-        entropy[:, -width:] = batch["entropys"].float()
-        gamma = credit_multipliers(None, None, response, strategy="entropy", entropy=entropy, **options)
-    elif cfg.strategy == "random" and not use_remove_padding:
-        gamma = credit_multipliers(None, None, response, strategy="random", **options)
-    elif use_remove_padding:
-        ids, pos, cu, indices = pack_batch(input_ids, attention_mask, position_ids)
-        packed = rhythm_gamma_packed(scorer, ids, pos, response.flatten()[indices][None], cfg, cu_seqlens=cu,
-                                     seed=seed)
-        gamma = torch.ones(input_ids.numel(), dtype=torch.float32, device=input_ids.device)
-        gamma[indices] = packed[0].to(gamma.device)
-        gamma = gamma.view(input_ids.shape)
-    else:
+    if cfg.needs_scorer:
         if scorer is None:
             raise ValueError(f"strategy={cfg.strategy!r} needs a RhythmScorer over the current policy")
         scores = scorer.score(input_ids, attention_mask, response, position_ids=position_ids)
         gamma = scores.gamma(cfg.strategy, **options)
+    else:
+        entropy = None
+        if cfg.strategy == "entropy":
+            if "entropys" not in batch.keys():
+                raise ValueError("strategy='entropy' needs data.batch['entropys'] [B, R_len] (compute_log_prob with "
+                                 "calculate_entropy=True)")
+            entropy = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+            entropy[:, -width:] = batch["entropys"].float()
+        gamma = compute_gamma(cfg.strategy, response, entropy=entropy, row_ids=row_ids,
+                              sequence_start=sequence_starts(attention_mask), **options)
     gamma = torch.where(response, gamma.to(response.device), 1.0)[:, -width:].float()
     if not return_metrics:
         return gamma
@@ -255,10 +172,7 @@ def compute_rhythm_gamma(scorer: RhythmScorer | None, data, config: RhythmCredit
 
 
 def _gamma_metrics(gamma, mask, start, skipped=0) -> dict:
-    count = max(int(mask.sum()), 1)
-    return {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
-            "rhythm/gamma_mean": float((gamma * mask).sum()) / count,
-            "rhythm/scorer_time_s": time.perf_counter() - start,
+    return {**gamma_metrics(gamma_sums(gamma, mask)), "rhythm/scorer_time_s": time.perf_counter() - start,
             "rhythm/rows_skipped": skipped}
 
 
@@ -291,9 +205,7 @@ def apply_rhythm_gamma(data, gamma: torch.Tensor | None = None, *, sign: str = "
     _mark_shaped(data)
     if pop and key in batch.keys():
         batch.pop(key)
-    count = max(int(mask.sum()), 1)
-    metrics = {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
-               "rhythm/gamma_mean": float((gamma * mask).sum()) / count}
+    metrics = gamma_metrics(gamma_sums(gamma, mask))
     meta = getattr(data, "meta_info", None)
     if isinstance(meta, dict):
         meta.setdefault("metrics", {}).update(metrics)

@@ -50,7 +50,7 @@ import sys
 import time
 import torch
 
-from rhythm.credit.shaping import credit_multipliers
+from rhythm.credit.gamma import compute_gamma, gamma_metrics, gamma_sums, trainer_row_ids
 from rhythm.integrations.config import RhythmCreditConfig
 from rhythm.integrations.verl.credit import (GAMMA_KEY, apply_rhythm_gamma, clear_shaped, compute_rhythm_gamma, response_gamma)
 
@@ -262,8 +262,8 @@ def wrap_compute_log_prob(fn):
 
 # ---- legacy driver: RayPPOTrainer._compute_old_log_prob, compute_advantage --------------------------------------
 
-def _request(config: RhythmCreditConfig, seed: int) -> str:
-    return json.dumps({"config": config.to_dict(), "seed": seed})
+def _request(config: RhythmCreditConfig) -> str:
+    return json.dumps({"config": config.to_dict()})
 
 
 def wrap_compute_old_log_prob(fn):
@@ -277,21 +277,22 @@ def wrap_compute_old_log_prob(fn):
         config = _trainer_config(self)
         if config is None:
             return fn(self, batch, *args, **kwargs)
-        seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0))
+        step = int(getattr(self, "global_steps", 0) or 0)
         if not config.needs_scorer:  # random / entropy: no model needed
             result = fn(self, batch, *args, **kwargs)
             out = result[0] if isinstance(result, tuple) else result
             inputs = {k: batch.batch[k] for k in ("input_ids", "attention_mask", "responses")}
             if config.strategy == "entropy":
                 inputs["entropys"] = out.batch["entropys"]
-            out.batch[GAMMA_KEY] = compute_rhythm_gamma(None, inputs, config, seed=seed)
+            rows = trainer_row_ids(step, 0, range(len(batch)))    # the step's whole batch is on the driver
+            out.batch[GAMMA_KEY] = compute_rhythm_gamma(None, inputs, config, row_ids=rows)
             out.meta_info["rhythm_sign"] = config.sign
             return result
         worker_group = self.actor_rollout_wg
         call = worker_group.compute_log_prob
         own = "compute_log_prob" in vars(worker_group)
         captured = []
-        request = _request(config, seed)
+        request = _request(config)
 
         def compute_log_prob(data, *a, **k):
             from verl.utils import tensordict_utils as tu
@@ -362,9 +363,7 @@ def wrap_v1_compute_old_log_prob(fn):
         config = _trainer_config(self)
         if config is None or not config.needs_scorer:
             return fn(self, batch, *args, **kwargs)
-        seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0),
-                                call=int(getattr(self, "local_trigger_step", 0) or 0))
-        batch.extra_info[REQUEST_KEY] = _request(config, seed)
+        batch.extra_info[REQUEST_KEY] = _request(config)
         try:
             result = fn(self, batch, *args, **kwargs)
         finally:
@@ -387,19 +386,18 @@ def _padded(nested: torch.Tensor, width: int, fill=0) -> torch.Tensor:
     return out
 
 
-def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, seed: int) -> dict:
+def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, row_ids) -> dict:
     """Multiply the advantages the v1 trainer just wrote to TransferQueue by gamma, once, and write them back.
 
     Reads ``advantages`` and ``response_mask`` (nested [b, r_b]) and ``rhythm_gamma`` (nested [b, j_b], from the
-    actor workers; attention strategies) or ``entropy`` (nested [b, r_b], from the old-log-prob pass; strategy
-    entropy) for ``batch.keys``. Returns the rhythm/* metrics."""
+    actor workers; attention strategies), ``entropy`` (nested [b, r_b], from the old-log-prob pass; strategy
+    entropy) or ``prompts`` (nested [b, p_b]: where each sequence starts; strategy random, drawn per row from
+    ``row_ids``, one per key of ``batch.keys``) for ``batch.keys``. Returns the rhythm/* metrics."""
     from verl.workers.utils.padding import response_to_nested
 
     names = ["advantages", "response_mask"]
-    if config.needs_scorer:
-        names.append(GAMMA_KEY)
-    elif config.strategy == "entropy":
-        names.append("entropy")
+    extra = {"entropy": "entropy", "random": "prompts"}.get(config.strategy, GAMMA_KEY)
+    names.append(extra)
     try:
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=names)
     except Exception as exc:  # noqa: BLE001 - the store's own error for a missing field, made actionable
@@ -419,10 +417,12 @@ def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, seed: int) -> 
     if config.needs_scorer:
         gamma = response_gamma(data[GAMMA_KEY], lengths, width)
     elif config.strategy == "entropy":
-        entropy = _padded(data["entropy"], width, 0.0).float()
-        gamma = credit_multipliers(None, None, span, strategy="entropy", entropy=entropy, **config.credit_kwargs(seed))
-    else:
-        gamma = credit_multipliers(None, None, span, strategy="random", **config.credit_kwargs(seed))
+        gamma = compute_gamma("entropy", span, entropy=_padded(data["entropy"], width, 0.0).float(),
+                              **config.credit_kwargs())
+    else:   # the response-aligned span starts p_b tokens into sequence b
+        prompt_lengths = data["prompts"].offsets().diff().long().cpu()
+        gamma = compute_gamma("random", span, row_ids=row_ids, sequence_start=-prompt_lengths,
+                              **config.credit_kwargs())
     shaped = {"advantages": advantages, "response_mask": mask}
     apply_rhythm_gamma(shaped, gamma, sign=config.sign)
     nested = response_to_nested(shaped["advantages"], response_mask)
@@ -430,9 +430,7 @@ def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, seed: int) -> 
 
     tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id,
                     fields=TensorDict({"advantages": nested}, batch_size=len(lengths)))
-    count = max(int(mask.sum()), 1)
-    return {"rhythm/frac_amplified": float(((gamma > 1) & mask).sum()) / count,
-            "rhythm/gamma_mean": float((gamma * mask).sum()) / count}
+    return gamma_metrics(gamma_sums(gamma, mask))
 
 
 def wrap_v1_compute_advantage(fn):
@@ -448,10 +446,10 @@ def wrap_v1_compute_advantage(fn):
         if config is None:
             return result
         start = time.perf_counter()
-        seed = config.step_seed(int(getattr(self, "global_steps", 0) or 0),
-                                call=int(getattr(self, "local_trigger_step", 0) or 0))
+        rows = trainer_row_ids(int(getattr(self, "global_steps", 0) or 0),
+                               int(getattr(self, "local_trigger_step", 0) or 0), range(len(batch.keys)))
         tq = sys.modules[V1_TARGET].tq
-        metrics.update(v1_shape_advantages(tq, batch, config, seed=seed))
+        metrics.update(v1_shape_advantages(tq, batch, config, row_ids=rows))
         metrics["rhythm/shaping_time_s"] = time.perf_counter() - start
         return result
 
