@@ -20,6 +20,15 @@ import sys
 import time
 
 HQ, HKV, DIM, WINDOW, HORIZON = 9, 3, 64, 10, (10, 100)
+WHAT = "attention_metrics torch backend vs eager maps, one SmolLM2-135M layer"
+
+
+def settings(memory_limit_gib: float, runner: str = "python bench/bench_cpu_metrics.py") -> dict:
+    """What every record of this benchmark shares (also the pytest-benchmark suite's, bench/conftest.py)."""
+    return {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "dtype": "float32", "window": WINDOW, "horizon": HORIZON,
+            "response_start": "T/4", "memory_limit_gib": memory_limit_gib, "runner": runner,
+            "time": "median of the repeats, in a fresh subprocess per measurement",
+            "memory": "extra peak RSS over the process's peak after imports, a warm-up call and its inputs"}
 
 
 def _peak_rss_bytes() -> int:
@@ -132,24 +141,22 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/cpu_metrics.json")
     args = parser.parse_args()
     sys.path.insert(0, os.getcwd())
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine, write_result
 
-    rows = []
+    machine = describe_machine()
+    records, ratios = [], []
     for length in args.lengths:
         repeats = args.repeats if length <= 4096 else 1
         ours = run_in_subprocess("torch", length, repeats, args.memory_limit_gib)
         eager = run_in_subprocess("eager", length, repeats, args.memory_limit_gib)
-        row = {"T": length, "torch_backend": ours, "eager_pipeline": eager}
+        records += [{"kind": "measurement", "method": "torch_backend", "T": length, "repeats": repeats, **ours},
+                    {"kind": "measurement", "method": "eager_pipeline", "T": length, "repeats": repeats, **eager}]
         if not ours.get("failed") and not eager.get("failed"):
-            row["time_ratio"] = ours["seconds"] / eager["seconds"]
-            row["memory_ratio"] = ours["extra_peak_rss_mib"] / max(eager["extra_peak_rss_mib"], 1e-9)
-        rows.append(row)
-        print(json.dumps(row))
-    result = {"benchmark": "attention_metrics torch backend vs eager maps, one SmolLM2-135M layer",
-              "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "dtype": "float32", "window": WINDOW,
-                        "horizon": HORIZON, "response_start": "T/4"},
-              "machine": describe(), "rows": rows}
-    save_json(args.out, result)
+            ratios.append({"T": length, "time_ratio": ours["seconds"] / eager["seconds"],
+                           "memory_ratio": ours["extra_peak_rss_mib"] / max(eager["extra_peak_rss_mib"], 1e-9)})
+            print(json.dumps(ratios[-1]))
+    write_result(args.out, "cpu_metrics", WHAT, machine=machine, settings=settings(args.memory_limit_gib),
+                 records=records, summary={"ratios_same_run": ratios})
 
 
 if __name__ == "__main__":

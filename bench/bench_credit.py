@@ -21,6 +21,17 @@ import time
 
 STRATEGIES = ("local", "global", "coupled", "random", "entropy")
 HQ, HKV, DIM, WINDOW, HORIZON = 9, 3, 64, 10, (10, 100)
+WHAT = "credit_multipliers (5 strategies) vs attention_metrics torch backend of one layer"
+
+
+def credit_shape(batch: int, length: int) -> dict:
+    return {"B": batch, "T": length, "q": 0.4, "gamma_amp": 1.5, "alpha": 0.5, "k": 3}
+
+
+def metrics_shape(length: int) -> dict:
+    return {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "T": length, "dtype": "float32", "window": WINDOW,
+            "horizon": HORIZON, "response_start": "T/4", "backend": "torch",
+            "passes": "stats + influence (the whole attention_metrics call)"}
 
 
 def _peak_rss_bytes() -> int:
@@ -99,36 +110,32 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/credit_cpu.json")
     args = parser.parse_args()
     sys.path.insert(0, os.getcwd())
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine, write_result
 
     import torch
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    machine = describe()
-    credit = {}
+    machine = describe_machine()
+    records = []
     for strategy in STRATEGIES:
-        credit[strategy] = run_in_subprocess(strategy, args.batch, args.length, args.repeats, threads)
-        print(strategy, json.dumps(credit[strategy]), flush=True)
+        records.append({"kind": "measurement", "method": "credit_multipliers", "strategy": strategy,
+                        **run_in_subprocess(strategy, args.batch, args.length, args.repeats, threads)})
+        print(json.dumps(records[-1]), flush=True)
     metrics = run_in_subprocess("metrics", 1, args.length, args.repeats, threads)
-    print("attention_metrics", json.dumps(metrics), flush=True)
-    ok = [v["seconds"] for v in credit.values() if not v.get("failed")]
-    result = {
-        "benchmark": "credit_multipliers (5 strategies) vs attention_metrics torch backend of one layer",
-        "credit_shape": {"B": args.batch, "T": args.length, "q": 0.4, "gamma_amp": 1.5, "alpha": 0.5, "k": 3},
-        "metrics_shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "T": args.length, "dtype": "float32",
-                          "window": WINDOW, "horizon": HORIZON, "response_start": "T/4",
-                          "backend": "torch", "passes": "stats + influence (the whole attention_metrics call)"},
-        "credit": credit,
-        "attention_metrics_one_layer": metrics,
-        "machine": machine,
-        "load_average_at_end": os.getloadavg(),
-        "note": "the CPU is shared with other jobs: seconds is the minimum of the repeats (least contended)",
-    }
+    records.append({"kind": "measurement", "method": "attention_metrics_one_layer", **metrics})
+    print(json.dumps(records[-1]), flush=True)
+    ok = [r["seconds"] for r in records[:-1] if not r.get("failed")]
+    summary = {"load_average_at_end": os.getloadavg()}
     if ok and not metrics.get("failed"):
-        result["slowest_credit_over_metrics"] = max(ok) / metrics["seconds"]
-        result["credit_cheaper_than_metrics"] = max(ok) < metrics["seconds"]
-    save_json(args.out, result)
+        summary["slowest_credit_over_metrics"] = max(ok) / metrics["seconds"]
+        summary["credit_cheaper_than_metrics"] = max(ok) < metrics["seconds"]
+    write_result(args.out, "credit", WHAT, machine=machine, records=records, summary=summary,
+                 settings={"credit_shape": credit_shape(args.batch, args.length),
+                           "metrics_shape": metrics_shape(args.length), "repeats": args.repeats,
+                           "torch_threads": threads, "runner": "python bench/bench_credit.py",
+                           "note": "the CPU is shared with other jobs: seconds is the minimum of the repeats "
+                                   "(least contended), median_seconds beside it"})
 
 
 if __name__ == "__main__":

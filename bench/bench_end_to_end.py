@@ -110,38 +110,33 @@ def run_cpu_case(method, batch, length, repeats, memory_limit_gib) -> dict:
             "memory_limit_gib": memory_limit_gib}
 
 
-def main_cpu(args) -> dict:
-    sys.path.insert(0, str(ROOT))       # the CPU mode's helpers live in bench/ (the GPU mode needs only rhythm)
-    from bench.machine import describe
-
-    import transformers
-
-    results = {"benchmark": "end_to_end_cpu", "model": "SmolLM2-135M-Instruct (bundled GGUF Q4_1, dequantised fp32)",
-               "machine": dict(describe(), transformers=transformers.__version__),
-               "method": {"scorer": "RhythmScorer.score: sdpa below the sampled layers, fused metrics kernel (torch "
-                                    "backend) on layers 10,12,15,17,20, forward stopped after layer 20",
-                          "eager": "model forward with attn_implementation='eager', output_attentions=True "
-                                   "(all 30 layers' maps, LM head), timed alone: no metric is computed from the maps",
-                          "time": f"min of {args.repeats} repeats in one fresh subprocess per measurement",
-                          "memory": "peak RSS (VmHWM) during the measured forwards, model included; reset after load",
-                          "memory_limit_gib": args.memory_limit_gib},
-               "cases": []}
+def main_cpu(args) -> tuple[dict, list, dict]:
+    """(settings, records, summary) of the CPU comparison."""
+    settings = {"model": "SmolLM2-135M-Instruct (bundled GGUF Q4_1, dequantised fp32)",
+                "scorer": "RhythmScorer.score: sdpa below the sampled layers, fused metrics kernel (torch backend) on "
+                          "layers 10,12,15,17,20, forward stopped after layer 20",
+                "eager": "model forward with attn_implementation='eager', output_attentions=True (all 30 layers' "
+                         "maps, LM head), timed alone: no metric is computed from the maps",
+                "time": f"min of {args.repeats} repeats in one fresh subprocess per measurement",
+                "memory": "peak RSS (VmHWM) during the measured forwards, model included; reset after load",
+                "memory_limit_gib": args.memory_limit_gib}
+    records, cases = [], []
     for batch, length in CPU_CASES:
         ours = run_cpu_case("scorer", batch, length, args.repeats, args.memory_limit_gib)
         eager = run_cpu_case("eager", batch, length, args.repeats, args.memory_limit_gib)
-        case = {"batch": batch, "length": length, "scorer": ours, "eager": eager}
+        records += [{"kind": "measurement", **ours}, {"kind": "measurement", **eager}]   # each names method, batch, length
+        case = {"batch": batch, "length": length}
         if "error" not in ours and "error" not in eager:
             case["time_ratio_scorer_over_eager"] = ours["time_s"] / eager["time_s"]
             case["memory_ratio_scorer_over_eager"] = ours["peak_rss_bytes"] / eager["peak_rss_bytes"]
             case["speedup"] = eager["time_s"] / ours["time_s"]
         elif "error" in eager:
             case["eager_fits"] = False
-        print(json.dumps({k: v for k, v in case.items() if k not in ("scorer", "eager")}),
-              "scorer", ours.get("time_s"), ours.get("peak_rss_bytes"), "eager", eager.get("time_s"),
-              eager.get("peak_rss_bytes"), eager.get("error", ""), flush=True)
-        results["cases"].append(case)
+        print(json.dumps(case), "scorer", ours.get("time_s"), ours.get("peak_rss_bytes"), "eager",
+              eager.get("time_s"), eager.get("peak_rss_bytes"), eager.get("error", ""), flush=True)
+        cases.append(case)
     targets = {}
-    for case in results["cases"]:
+    for case in cases:
         if (case["batch"], case["length"]) == (4, 1024) and "time_ratio_scorer_over_eager" in case:
             targets["4x1024_time<=0.3"] = case["time_ratio_scorer_over_eager"] <= 0.3
             targets["4x1024_memory<=0.25"] = case["memory_ratio_scorer_over_eager"] <= 0.25
@@ -150,14 +145,14 @@ def main_cpu(args) -> dict:
                 targets["1x4096_speedup>=8"] = case["speedup"] >= 8
             else:
                 targets["1x4096_eager_does_not_fit"] = True
-    results["targets_met"] = targets
-    return results
+    return settings, records, {"cases": cases, "targets_met": targets}
 
 
 # ---- GPU (one process; CUDA memory counters) -----------------------------------------------------------------------
 
-def main_gpu(args, save) -> dict:
-    """Scorer, SDPA forward, eager forward: ``save(result)`` after each, so a time box loses nothing measured."""
+def main_gpu(args, save) -> tuple[dict, list, dict]:
+    """Scorer, SDPA forward, eager forward: ``save(settings, records, summary)`` after each, so a time box loses
+    nothing measured. Returns the three."""
     import torch
     import transformers
 
@@ -199,20 +194,21 @@ def main_gpu(args, save) -> dict:
         return {"time_s": min(times), "times_s": times, "peak_bytes": peak}
 
     scorer = RhythmScorer(model, micro_batch_size=1)
-    result = {"benchmark": "end_to_end_gpu", "dry_run": args.dry_run, "shape": shape, "batch": batch,
-              "length": length, "dtype": str(dtype), "transformers": transformers.__version__,
-              "torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "layers": scorer.layers}
-    save(result)
-    result["scorer"] = timed(lambda: scorer.score(ids, None, response), args.repeats)
-    save(result)
+    settings = {"dry_run": args.dry_run, "model": "random-init Qwen3 config", "shape": shape, "batch": batch,
+                "length": length, "dtype": str(dtype), "layers": scorer.layers, "repeats": args.repeats,
+                "time": "min of the repeats after a warm-up call", "memory": "torch.cuda.max_memory_allocated"}
+    records, summary = [], {}
+    save(settings, records, summary)
+    records.append({"kind": "measurement", "method": "scorer",
+                    **timed(lambda: scorer.score(ids, None, response), args.repeats)})
+    save(settings, records, summary)
 
     def sdpa_forward():
         with torch.inference_mode():
             model(input_ids=ids_d, use_cache=False, logits_to_keep=1)
-    result["sdpa_full_forward"] = timed(sdpa_forward, args.repeats)
-    result["scorer_over_sdpa_forward"] = result["scorer"]["time_s"] / result["sdpa_full_forward"]["time_s"]
-    save(result)
+    records.append({"kind": "measurement", "method": "sdpa_full_forward", **timed(sdpa_forward, args.repeats)})
+    summary["scorer_over_sdpa_forward"] = records[0]["time_s"] / records[1]["time_s"]
+    save(settings, records, summary)
 
     def eager_forward():
         with torch.inference_mode():
@@ -220,18 +216,18 @@ def main_gpu(args, save) -> dict:
             del out
     model.config._attn_implementation = "eager"
     try:
-        result["eager_output_attentions"] = timed(eager_forward, 1)
-        result["speedup_vs_eager"] = result["eager_output_attentions"]["time_s"] / result["scorer"]["time_s"]
+        records.append({"kind": "measurement", "method": "eager_output_attentions", **timed(eager_forward, 1)})
+        summary["speedup_vs_eager"] = records[2]["time_s"] / records[0]["time_s"]
     except torch.OutOfMemoryError as e:
         maps = shape["num_hidden_layers"] * shape["num_attention_heads"] * length * length * 2 * batch
-        result["eager_output_attentions"] = {"did_not_fit": True, "error": str(e).splitlines()[0],
-                                             "all_layer_maps_bytes": maps}
+        records.append({"kind": "measurement", "method": "eager_output_attentions", "did_not_fit": True,
+                        "error": str(e).splitlines()[0], "all_layer_maps_bytes": maps})
     finally:
         model.config._attn_implementation = "sdpa"
         if device == "cuda":
             torch.cuda.empty_cache()
-    print(json.dumps(result, indent=1))
-    return result
+    print(json.dumps({"records": records, "summary": summary}, indent=1, default=str))
+    return settings, records, summary
 
 
 def main() -> None:
@@ -244,16 +240,22 @@ def main() -> None:
                         help="address-space limit of each CPU subprocess")
     parser.add_argument("--out", default=None, help="output folder (default bench/results)")
     args = parser.parse_args()
+    from records import write_result          # siblings: bench/ is sys.path[0] for this script
+
     out_dir = Path(args.out) if args.out else ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
     if args.gpu:
-        name = "end_to_end_gpu_dryrun.json" if args.dry_run else "end_to_end_gpu.json"
-        result = main_gpu(args, lambda partial: (out_dir / name).write_text(json.dumps(partial, indent=1) + "\n"))
+        name = "end_to_end_gpu_dryrun" if args.dry_run else "end_to_end_gpu"
+        what = "RhythmScorer vs the SDPA forward and the eager output_attentions forward (GPU, Qwen3-4B shape)"
+
+        def save(settings, records, summary, quiet=True):
+            write_result(str(out_dir / f"{name}.json"), name, what, settings=settings, records=records,
+                         summary=summary, quiet=quiet)
+        save(*main_gpu(args, save), quiet=False)
     else:
-        result = main_cpu(args)
-        name = "end_to_end_cpu.json"
-    (out_dir / name).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out_dir / name}")
+        settings, records, summary = main_cpu(args)
+        write_result(str(out_dir / "end_to_end_cpu.json"), "end_to_end_cpu",
+                     "RhythmScorer vs the eager output_attentions forward (CPU, SmolLM2-135M)", settings=settings,
+                     records=records, summary=summary)
 
 
 if __name__ == "__main__":

@@ -32,26 +32,25 @@ FLOPs (FlashAttention's convention: only the useful entries of the causal triang
 Peak memory: torch.cuda.max_memory_allocated() minus the allocation before the call (outputs included).
 
     python3 bench/bench_gpu_kernels.py [--shapes 128:8192 ...] [--budget-s S]   # CUDA
-    python3 bench/bench_gpu_kernels.py --smoke          # correctness: fp32 T=2048 and bf16 T=1024 vs fp64
-    python3 bench/bench_gpu_kernels.py --warm [--jobs 16]     # compile the variants in parallel (Triton cache)
-    python3 bench/bench_gpu_kernels.py --compile-only [--quick] [--jobs N]   # no GPU: sm_90 resource report
-    ... --dry-run                                       # CPU, Triton interpreter, tiny shapes: checks the script
+    python3 bench/bench_gpu_kernels.py --dry-run        # CPU, Triton interpreter, tiny shapes: checks the script
+
+The GPU check's other steps are their own tools: bench/gpu_preflight.py, bench/gpu_warm.py (compile the
+variants into the Triton cache), bench/gpu_smoke.py (correctness of the public API); without a GPU,
+bench/gpu_compile_report.py (the sm_90 resource report).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
-from gpu_records import Records, machine, out_dir          # siblings: bench/ is sys.path[0] for this script
-
-WINDOW = 10
-BAND = (10, 100)
-FULL = (10, None)
+from records import describe_machine, gpu_step         # siblings: bench/ is sys.path[0] for this script
+from reference_check import BAND, FULL, WINDOW
 TARGETS = {"stats_with_out": 1.05, "metrics_only": 0.75, "influence_full": 0.6}
+SUMMARY = "bench_gpu_kernels.json"
+WHAT = "rhythm Triton kernels vs SDPA flash forward (and FlashAttention 2) and the eager-maps pipeline"
 DEFAULT_SHAPES = ["128:8192", "128:32768", "64:8192", "64:32768", "128:2048", "64:2048", "192/128:2048"]
 DRY_SHAPES = ["64:96", "64:64", "192/128:48"]
 
@@ -67,15 +66,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-eager", action="store_true")
     parser.add_argument("--no-check", action="store_true", help="time only (no reference)")
     parser.add_argument("--step", default="bench", help="label of this run in the records")
-    parser.add_argument("--smoke", action="store_true", help="correctness smoke instead of the benchmark")
-    parser.add_argument("--warm", action="store_true", help="compile the run's kernel variants in parallel")
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile for --arch without a GPU, specialised as the runtime does")
-    parser.add_argument("--quick", action="store_true", help="with --compile-only: five representative variants")
-    parser.add_argument("--jobs", type=int, default=None, help="--warm / --compile-only: parallel processes")
-    parser.add_argument("--limit", type=int, default=None, help="--warm: only the first N jobs")
-    parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-only")
-    parser.add_argument("--out", default=None, help="--compile-only: JSON path (default $OUT/compile_check.json)")
     return parser.parse_args(argv)
 
 
@@ -207,8 +197,8 @@ def checked_outputs(name: str, result) -> dict:
 class References:
     """The fp64 reference (and the input-dtype one for fp16/bf16) of one shape, computed on first use."""
 
-    def __init__(self, q, k, scale, records, shape):
-        self.q, self.k, self.scale, self.records, self.shape = q, k, scale, records, shape
+    def __init__(self, q, k, scale, stream, shape):
+        self.q, self.k, self.scale, self.stream, self.shape = q, k, scale, stream, shape
         self.ref64 = self.ref_lp = None
 
     def get(self):
@@ -222,12 +212,12 @@ class References:
             self.ref64 = reference_metrics(self.q, self.k, compute_dtype=torch.float64, **kwargs)
             if self.q.dtype != torch.float32:
                 self.ref_lp = reference_metrics(self.q, self.k, compute_dtype=self.q.dtype, **kwargs)
-            self.records.emit("reference", **self.shape, seconds=round(time.perf_counter() - started, 2),
+            self.stream.emit("reference", **self.shape, seconds=round(time.perf_counter() - started, 2),
                               what="fp64" + ("" if self.ref_lp is None else f" and {self.q.dtype} (the bound)"))
         return self.ref64, self.ref_lp
 
 
-def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
+def bench_shape(args, timer, stream, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
                 started):
     import torch
 
@@ -249,7 +239,7 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_di
     counts_band = influence_counts(segments, 1, length, BAND)
     counts_full = influence_counts(segments, 1, length, FULL)
     norm = stats_pass(q, k, None, segments, window=WINDOW, scale=scale).norm
-    refs = References(q, k, scale, records, shape)
+    refs = References(q, k, scale, stream, shape)
 
     methods = {
         "stats_with_out": lambda: stats_pass(q, k, v, segments, window=WINDOW, scale=scale),
@@ -266,7 +256,7 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_di
         shape_note = how
     except RuntimeError as exc:
         shape_note = None
-        records.emit("bench", **shape, method="sdpa_flash", result="unavailable", error=str(exc).splitlines()[0][:200])
+        stream.emit("bench", **shape, method="sdpa_flash", result="unavailable", error=str(exc).splitlines()[0][:200])
     notes = {"sdpa_flash": shape_note}
     if cuda:
         try:
@@ -274,14 +264,14 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_di
             methods = {"sdpa_flash": methods.pop("sdpa_flash"), "fa2": fa2, **methods} if "sdpa_flash" in methods \
                 else {"fa2": fa2, **methods}
         except ImportError as exc:
-            records.emit("bench", **shape, method="fa2", result="unavailable", error=f"flash-attn not importable: {exc}")
+            stream.emit("bench", **shape, method="fa2", result="unavailable", error=f"flash-attn not importable: {exc}")
     if not args.no_eager:
         methods["eager_maps"] = lambda: eager_maps(q, k, scale=scale, window=WINDOW, horizon=BAND)
 
     measured = {}
     for name, fn in methods.items():
         if time.perf_counter() - started > args.budget_s:
-            records.emit("skipped", **shape, method=name, reason=f"time budget of {args.budget_s:.0f} s spent")
+            stream.emit("skipped", **shape, method=name, reason=f"time budget of {args.budget_s:.0f} s spent")
             continue
         entry = {**shape, "method": name}
         if notes.get(name):
@@ -313,11 +303,11 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_di
             torch.cuda.empty_cache()
         try:   # the autotuner's picks so far (none under the interpreter): $OUT/tuned_configs.json
             entry["tuned_configs"] = tuned_configs.write_entries(
-                os.path.join(records.folder, "tuned_configs.json"),
+                os.path.join(stream.folder, "tuned_configs.json"),
                 tuned_configs.entries_from_autotuners(torch.cuda.get_device_name(0) if cuda else "cpu"))
         except Exception as exc:  # noqa: BLE001
             entry["tuned_configs_error"] = f"{type(exc).__name__}: {exc}"
-        records.emit("bench", **entry)
+        stream.emit("bench", **entry)
 
     if "stats_no_out" in measured and "influence_band" in measured:
         measured["metrics_only"] = measured["stats_no_out"] + measured["influence_band"]
@@ -332,7 +322,7 @@ def bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_di
         extra = {}
         if measured.get("fa2"):
             extra["vs_fa2"] = {name: measured[name] / measured["fa2"] for name in TARGETS if name in measured}
-        records.emit("ratios", **shape, metrics_only_ms=measured.get("metrics_only"), vs_sdpa_flash=ratios, **extra)
+        stream.emit("ratios", **shape, metrics_only_ms=measured.get("metrics_only"), vs_sdpa_flash=ratios, **extra)
 
 
 def parse_shapes(items):
@@ -348,7 +338,7 @@ def parse_shapes(items):
     return shapes
 
 
-def benchmark(args, cuda, records) -> int:
+def benchmark(args, cuda, stream) -> int:
     import torch
 
     started = time.perf_counter()
@@ -358,215 +348,38 @@ def benchmark(args, cuda, records) -> int:
         shapes, (q_heads, kv_heads), warmup = parse_shapes(args.shapes or DEFAULT_SHAPES), args.heads or (32, 8), 3
     dtype = torch.bfloat16
     timer = Timer(cuda)
-    header = {"benchmark": "rhythm triton kernels vs SDPA flash forward and the eager-maps pipeline",
-              "settings": {"causal": True, "window": WINDOW, "horizon_band": BAND, "horizon_full": FULL,
-                           "response_start": "0 (every position is a response position)", "warmup": warmup,
-                           "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)",
-                           "check": "docs/definitions.md section 7 against bench/reference_check.py"},
-              "targets_vs_sdpa_flash": TARGETS}
-    records.emit("machine", **machine(cuda), shapes=[f"{d}/{dv}:{t}" if dv != d else f"{d}:{t}"
-                                                     for d, dv, t in shapes], heads=[q_heads, kv_heads])
+    settings = {"causal": True, "B": 1, "heads": [q_heads, kv_heads], "dtype": str(dtype), "window": WINDOW,
+                "horizon_band": BAND, "horizon_full": FULL,
+                "response_start": "0 (every position is a response position)", "warmup": warmup,
+                "timing": "CUDA events, median of the repeats" if cuda else "perf_counter (interpreter)",
+                "check": "docs/definitions.md section 7 against bench/reference_check.py",
+                "targets_vs_sdpa_flash": TARGETS,
+                "shapes": [f"{d}/{dv}:{t}" if dv != d else f"{d}:{t}" for d, dv, t in shapes]}
+
+    def write_summary() -> str:
+        """$OUT/bench_gpu_kernels.json: every benchmark and check record so far (all steps), as one result file."""
+        return stream.write_result(SUMMARY, WHAT, settings=settings,
+                                   kinds=("bench", "reference", "ratios", "smoke", "skipped"))
+
+    stream.emit("machine", **describe_machine())
+    stream.emit("bench_plan", **settings)
     for dim, v_dim, length in shapes:
         if time.perf_counter() - started > args.budget_s:
-            records.emit("skipped", T=length, D=dim, Dv=v_dim, reason=f"time budget of {args.budget_s:.0f} s spent")
+            stream.emit("skipped", T=length, D=dim, Dv=v_dim, reason=f"time budget of {args.budget_s:.0f} s spent")
             continue
         repeats = 1 if args.dry_run else (10 if length <= 8192 else 5)
-        bench_shape(args, timer, records, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
+        bench_shape(args, timer, stream, cuda, q_heads, kv_heads, length, dim, v_dim, dtype, warmup, repeats,
                     started)
-        records.rewrite_summary(header)
-    print(f"wrote {records.rewrite_summary(header)}")
-    failed = [r for r in records.read(("bench",)) if r["step"] == args.step and r.get("ok") is False]
-    return 1 if failed else 0
-
-
-# --------------------------------------------------------------------------------------------------------
-# Smoke: short correctness runs of the public API, fp32 (ieee dots) and bf16, against the fp64 reference
-# --------------------------------------------------------------------------------------------------------
-def smoke(args, cuda, records) -> int:
-    import torch
-
-    import rhythm
-    from reference_check import compare, reference_metrics
-
-    os.environ["RHYTHM_TRITON_AUTOTUNE"] = "0"      # the fixed configs (what the test suite runs)
-    device = "cuda" if cuda else "cpu"
-    # (dtype, T, Hq, Hkv, D, Dv, response_start): fp32 at T >= 2K holds the ieee dot to the fp32 rule on a
-    # GPU; the MLA head dims (192 / 128, DeepSeek-V3: no GQA) in bf16
-    cases = ([(torch.float32, 128, 4, 2, 64, 64, 40), (torch.bfloat16, 96, 4, 2, 64, 64, 0),
-              (torch.bfloat16, 48, 2, 2, 192, 128, 8)] if args.dry_run else
-             [(torch.float32, 2048, 32, 8, 128, 128, 512), (torch.bfloat16, 1024, 32, 8, 128, 128, 0),
-              (torch.bfloat16, 1024, 16, 16, 192, 128, 256)])
-    failed = 0
-    for dtype, length, q_heads, kv_heads, dim, v_dim, resp in cases:
-        gen = torch.Generator(device=device).manual_seed(length + dim)
-        make = lambda heads, d: (torch.randn(1, heads, length, d, generator=gen, device=device) * 1.5).to(dtype)  # noqa: E731
-        q, k, v = make(q_heads, dim), make(kv_heads, dim), make(kv_heads, v_dim)
-        horizons = {"band": BAND, "full": FULL}
-        refs = [reference_metrics(q, k, scale=dim ** -0.5, window=WINDOW, horizons=horizons, response_start=resp,
-                                  compute_dtype=cd, v=v) for cd in (torch.float64, dtype)]
-        for name, horizon in horizons.items():
-            entry = {"dtype": str(dtype), "T": length, "Hq": q_heads, "Hkv": kv_heads, "D": dim, "Dv": v_dim,
-                     "response_start": resp, "horizon": horizon, "with_v": name == "band"}
-            started = time.perf_counter()
-            try:
-                metrics = rhythm.attention_metrics(q, k, v if name == "band" else None, backend="triton",
-                                                   window=WINDOW, horizon=horizon, response_start=resp)
-                ours = {"lse": metrics.lse[0], "distance": metrics.distance[0], "waad": metrics.waad[0],
-                        f"fai:{name}": metrics.fai[0]}
-                if metrics.out is not None:
-                    ours["out"] = metrics.out[0].transpose(0, 1)                    # [Hq, T, Dv]
-                entry["check"] = compare(ours, refs[0], None if dtype == torch.float32 else refs[1], dtype)
-                entry["ok"] = all(c["ok"] for c in entry["check"].values())
-            except Exception as exc:  # noqa: BLE001
-                entry.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
-            entry["seconds"] = round(time.perf_counter() - started, 2)
-            failed += not entry["ok"]
-            records.emit("smoke", **entry)
-    return 1 if failed else 0
-
-
-# --------------------------------------------------------------------------------------------------------
-# Warm / compile-only: the variants, compiled in parallel processes
-# --------------------------------------------------------------------------------------------------------
-def warm_jobs(dims=(128, 64)) -> list:
-    """What the check will launch, most needed first: the benchmark's autotune configs (bf16, Hq 32, Hkv 8),
-    the smoke's fixed configs, then the CUDA tests' (tests/test_triton_backend.py, the ``cuda`` cases)."""
-    from kernel_variants import Job
-    from rhythm_kernels import triton_influence, triton_stats
-
-    jobs = []
-    for dim in dims:
-        for kind, n_configs in (("stats", len(triton_stats.STATS_CONFIGS)),
-                                ("influence", len(triton_influence.INFLUENCE_CONFIGS))):
-            for flag in (True, False):
-                jobs += [Job(kind, "bf16", dim, flag, config=i) for i in range(n_configs)]
-    for dtype, length in (("fp32", 2048), ("bf16", 1024)):
-        for kind in ("stats", "influence"):
-            jobs += [Job(kind, dtype, 128, flag, length=length, autotune=False) for flag in (True, False)]
-    jobs += [Job("stats", "fp32", 64, False, length=8192, q_heads=2, kv_heads=1, autotune=False),
-             Job("influence", "fp32", 64, False, length=8192, q_heads=2, kv_heads=1, autotune=False),
-             Job("stats", "bf16", 128, True, length=2048, q_heads=4, kv_heads=1, autotune=False),
-             Job("influence", "bf16", 128, True, length=2048, q_heads=4, kv_heads=1, autotune=False),
-             Job("stats", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False),
-             Job("influence", "fp16", 256, True, length=600, q_heads=2, kv_heads=2, autotune=False)]
-    # the MLA head dims (D = 192 padded to 256, v 128): fixed configs, never autotuned (smoke and benchmark)
-    jobs += [Job("stats", "bf16", 192, flag, v_dim=128, autotune=False) for flag in (True, False)]
-    jobs += [Job("influence", "bf16", 192, flag, autotune=False) for flag in (True, False)]
-    for i in range(len(triton_stats.STATS_CONFIGS)):
-        jobs.append(Job("stats", "bf16", 128, True, length=3000, q_heads=8, kv_heads=2, config=i))
-    for flag in (True, False):
-        for i in range(len(triton_influence.INFLUENCE_CONFIGS)):
-            jobs.append(Job("influence", "bf16", 128, flag, length=3000, q_heads=8, kv_heads=2, config=i))
-    return jobs
-
-
-def compile_jobs(jobs, mode: str, arch: int, n_workers: int, records, report_path: str) -> list[dict]:
-    """Run ``kernel_variants.run_job`` over ``jobs`` in ``n_workers`` spawned processes; record each result as
-    it completes and rewrite ``report_path`` (JSON) after each. Returns the reports."""
-    import concurrent.futures
-    import multiprocessing
-
-    from kernel_variants import run_job
-
-    reports = []
-
-    import triton
-
-    def save():
-        with open(report_path + ".tmp", "w") as handle:
-            json.dump({"mode": mode, "arch": arch, "triton": triton.__version__, "variants": reports}, handle,
-                      indent=1)
-        os.replace(report_path + ".tmp", report_path)
-
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = {pool.submit(run_job, job, mode, arch): job for job in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                done = future.result()
-            except Exception as exc:  # noqa: BLE001 - a crashed worker (BrokenProcessPool) is a failed variant
-                done = [{"variant": futures[future].label, "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
-            for report in done:
-                reports.append(report)
-                records.emit("compile", **report)
-            save()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)         # an error here must not wait for the queue
-    return reports
-
-
-def warm(args, cuda, records) -> int:
-    from kernel_variants import Job
-
-    jobs = warm_jobs()
-    if args.dry_run:
-        # CPU: the same pool and records, compiling for sm_<arch> (no device): two small variants
-        jobs = [Job("stats", "bf16", 64, False, autotune=False), Job("influence", "bf16", 64, True, autotune=False)]
-    if args.limit:
-        jobs = jobs[: args.limit]
-    mode = "device" if cuda else "arch"
-    os.environ.pop("TRITON_INTERPRET", None)                     # the workers compile (they inherit the env)
-    n_workers = args.jobs or min(16, os.cpu_count() or 1)
-    started = time.perf_counter()
-    records.emit("warm_plan", jobs=len(jobs), workers=n_workers, mode=mode,
-                 triton_cache_dir=os.environ.get("TRITON_CACHE_DIR", "(Triton's default, ~/.triton/cache)"))
-    reports = compile_jobs(jobs, mode, args.arch, n_workers, records, os.path.join(records.folder, "warm.json"))
-    failed = sum(not r["ok"] for r in reports)
-    records.emit("warm_done", seconds=round(time.perf_counter() - started, 1), failed=failed)
-    return 1 if failed else 0
-
-
-def compile_only(args, records) -> int:
-    from kernel_variants import Job
-    from rhythm_kernels import triton_influence, triton_stats
-
-    if args.quick:
-        jobs = [Job("stats", "bf16", 128, True, q_heads=4, kv_heads=2, autotune=False),
-                Job("influence", "bf16", 128, False, q_heads=4, kv_heads=2, autotune=False),
-                Job("stats", "fp32", 64, True, q_heads=4, kv_heads=2, autotune=False),
-                Job("influence", "fp32", 48, True, q_heads=4, kv_heads=2, autotune=False),
-                Job("stats", "bf16", 192, True, q_heads=4, kv_heads=2, autotune=False, v_dim=128)]
-    else:
-        jobs = []
-        for dim in (128, 64):
-            for kind, n in (("stats", len(triton_stats.STATS_CONFIGS)),
-                            ("influence", len(triton_influence.INFLUENCE_CONFIGS))):
-                for flag in (True, False):
-                    jobs += [Job(kind, "bf16", dim, flag, config=i) for i in range(n)]
-        for dtype, dim in (("fp32", 64), ("fp32", 128), ("fp32", 48), ("fp32", 256), ("fp16", 256), ("bf16", 256),
-                           ("bf16", 80), ("fp16", 128), ("bf16", 128), ("bf16", 64)):
-            for kind in ("stats", "influence"):
-                jobs += [Job(kind, dtype, dim, flag, autotune=False) for flag in (True, False)]
-        jobs += [Job("stats", "bf16", 192, flag, autotune=False, v_dim=128) for flag in (True, False)]
-    path = args.out or os.path.join(records.folder, "compile_check.json")
-    reports = compile_jobs(jobs, "arch", args.arch, args.jobs or 1, records, path)
-    failed = sum(not r["ok"] for r in reports)
-    print(f"{len(reports) - failed}/{len(reports)} variants compiled for sm_{args.arch}; wrote {path}")
+        write_summary()
+    print(f"wrote {write_summary()}")
+    failed = [r for r in stream.read(("bench",)) if r["step"] == args.step and r.get("ok") is False]
     return 1 if failed else 0
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.compile_only:
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            sys.exit("--compile-only needs the compiler: unset TRITON_INTERPRET")
-        folder = os.path.dirname(os.path.abspath(args.out)) if args.out else out_dir(dry_run=True)
-        os.makedirs(folder, exist_ok=True)
-        records = Records(folder, "compile_only")
-        sys.exit(compile_only(args, records))
-    if args.dry_run and not args.warm:
-        os.environ["TRITON_INTERPRET"] = "1"                     # before triton is imported
-    import torch
-
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and not args.dry_run:
-        sys.exit("no CUDA device: run with --dry-run (Triton interpreter, tiny shapes)")
-    records = Records(out_dir(args.dry_run), args.step)
-    if args.warm:
-        sys.exit(warm(args, cuda, records))
-    if args.smoke:
-        sys.exit(smoke(args, cuda, records))
-    sys.exit(benchmark(args, cuda, records))
+    cuda, stream = gpu_step(args.step, args.dry_run)
+    sys.exit(benchmark(args, cuda, stream))
 
 
 if __name__ == "__main__":

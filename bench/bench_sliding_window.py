@@ -37,9 +37,9 @@ def main() -> None:
 
     import rhythm
     from bench.bench_cpu_metrics import DIM, HKV, HORIZON, HQ, WINDOW, spot_check
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine, write_result
 
-    machine = describe()
+    machine = describe_machine()
     length, response_start = args.length, args.length // 4
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, HQ, length, DIM, generator=gen) * 1.5
@@ -63,19 +63,19 @@ def main() -> None:
     accuracy = {"full": spot_check(last["full"], q, k, response_start),
                 "sliding_window": spot_check(last["sliding_window"], q, k, response_start,
                                              sliding_window=args.sliding_window)}
-    result = {
-        "benchmark": "attention_metrics torch backend: sliding-window layer vs the same call with full attention",
-        "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "T": length, "dtype": "float32", "window": WINDOW,
-                  "horizon": HORIZON, "response_start": response_start, "sliding_window": args.sliding_window},
-        "machine": machine,
-        "load_average_at_end": os.getloadavg(),
-        "seconds": median,
-        "all_seconds": times,
-        "speedup_sliding_window_over_full": median["full"] / median["sliding_window"],
-        "accuracy": accuracy,
-    }
-    print({key: result[key] for key in ("seconds", "speedup_sliding_window_over_full", "accuracy")})
-    save_json(args.out, result)
+    records = [{"kind": "measurement", "layer": name, "seconds": median[name], "all_seconds": times[name],
+                "accuracy": accuracy[name]} for name in layers]
+    summary = {"speedup_sliding_window_over_full": median["full"] / median["sliding_window"],
+               "load_average_at_end": os.getloadavg()}
+    print(median, summary)
+    write_result(args.out, "sliding_window", "attention_metrics torch backend: sliding-window layer vs the same "
+                 "call with full attention", machine=machine,
+                 settings={"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "T": length, "dtype": "float32", "window": WINDOW,
+                           "horizon": HORIZON, "response_start": response_start,
+                           "sliding_window": args.sliding_window, "repeats": args.repeats,
+                           "torch_threads": torch.get_num_threads(),
+                           "time": "median of the repeats, both calls alternating in one process"},
+                 records=records, summary=summary)
 
 
 if __name__ == "__main__":

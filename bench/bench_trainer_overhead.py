@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+WHAT = "TRL GRPO step: plain GRPOTrainer vs RhythmGRPOTrainer (fused credit), same process"
+OBSERVED = ("same_completions", "rhythm_frac_rows_measured", "wall_s", "load")   # summary fields measured, not derived
 PROMPTS = ["Explain why the sky is blue.", "Write a short poem about rivers.", "List three uses of copper.",
            "How do plants make food?", "Describe a busy market.", "What is a prime number?",
            "Give advice to a new student.", "Tell a story about a lost key."]
@@ -168,10 +170,11 @@ def main(argv=None) -> int:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine
     from rhythm.integrations.trl import RhythmCreditConfig, RhythmGRPOTrainer
     from rhythm.models import load_model
 
+    machine = describe_machine()
     uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     model, tokenizer = load_model()
     tokenizer.padding_side = "left"
@@ -224,28 +227,41 @@ def main(argv=None) -> int:
 
     same = all(digests["plain"][s]["digest"] == digests["rhythm"][s]["digest"] for s in range(args.steps))
     logs = [h for h in rhythm.state.log_history if "rhythm/frac_rows_measured" in h]
-    per_step = {n: [dict(records[n][s]) for s in range(args.steps)] for n in records}
-    result = {
-        "benchmark": "TRL GRPO step: plain GRPOTrainer vs RhythmGRPOTrainer (fused credit), same process",
-        "machine": describe(),
-        "load": {"uptime_start": uptime_start, "uptime_end": uptime_end,
-                 "note": "the machine's 2 cores are shared with other agents' jobs; see the load averages"},
-        "setup": {"model": "SmolLM2-135M-Instruct (bundled GGUF, de-quantised to float32)", "device": "cpu",
-                  "per_device_train_batch_size": 8, "num_generations": 8, "completions_per_step": 8,
-                  "max_completion_length": args.completion_length, "steps_per_trainer": args.steps,
-                  "warmup_steps": 1, "learning_rate": 0.0, "strategy": "coupled", "credit_pass": "fused",
-                  "order": "alternated each step", "torch_threads": torch.get_num_threads(),
-                  "trl": __import__("trl").__version__},
-        "same_completions": same,
-        "completion_tokens_per_step": [digests["plain"][s]["completion_tokens"] for s in range(args.steps)],
-        "rhythm_frac_rows_measured": [h["rhythm/frac_rows_measured"] for h in logs],
-        "per_step": per_step,
-        "wall_s": time.perf_counter() - started,
-    }
-    result.update(summarize(per_step))
-    save_json(args.out, result)
-    report(result)
+    # one record per (trainer, step): its measurements and the completions it sampled
+    step_records = [{"kind": "step", "trainer": name, "step": s, **records[name][s],
+                     "completion_tokens": digests[name][s]["completion_tokens"]}
+                    for s in range(args.steps) for name in ("plain", "rhythm")]
+    settings = {"model": "SmolLM2-135M-Instruct (bundled GGUF, de-quantised to float32)", "device": "cpu",
+                "per_device_train_batch_size": 8, "num_generations": 8, "completions_per_step": 8,
+                "max_completion_length": args.completion_length, "steps_per_trainer": args.steps,
+                "warmup_steps": 1, "learning_rate": 0.0, "strategy": "coupled", "credit_pass": "fused",
+                "order": "alternated each step", "torch_threads": torch.get_num_threads(),
+                "trl": __import__("trl").__version__}
+    observed = {"same_completions": same, "rhythm_frac_rows_measured": [h["rhythm/frac_rows_measured"] for h in logs],
+                "wall_s": time.perf_counter() - started,
+                "load": {"uptime_start": uptime_start, "uptime_end": uptime_end,
+                         "note": "the machine's 2 cores are shared with other agents' jobs; see the load averages"}}
+    write_summary(args.out, machine, settings, step_records, observed)
     return 0
+
+
+def per_step_of(step_records: list[dict]) -> dict:
+    """{trainer: [that trainer's step records, in step order]}."""
+    per_step = {}
+    for record in sorted((r for r in step_records if r["kind"] == "step"), key=lambda r: r["step"]):
+        per_step.setdefault(record["trainer"], []).append(record)
+    return per_step
+
+
+def write_summary(path: str, machine: dict, settings: dict, step_records: list[dict], observed: dict,
+                  **extra) -> None:
+    """The result file (bench/records.py): the step records and, as summary, what was observed and the medians."""
+    from bench.records import write_result
+
+    summary = dict(observed, **summarize(per_step_of(step_records)), **extra)
+    write_result(path, "trainer_overhead", WHAT, machine=machine, settings=settings, records=step_records,
+                 summary=summary)
+    report(summary)
 
 
 def summarize(per_step: dict) -> dict:
@@ -287,17 +303,18 @@ def report(result: dict) -> None:
 
 
 def resummarize(path: str) -> int:
-    """Recompute the summary of a stored run from its per-step measurements (nothing is re-measured)."""
+    """Recompute the summary of a stored run (bench/records.py's schema) from its step records; nothing is
+    re-measured."""
     import json
 
-    from bench.machine import save_json
-
     with open(path) as handle:
-        result = json.load(handle)
-    result.update(summarize(result["per_step"]))
-    result["summarized_by"] = "--resummarize (medians recomputed from per_step; nothing re-measured)"
-    save_json(path, result)
-    report(result)
+        stored = json.load(handle)
+    if "schema" not in stored:
+        raise SystemExit(f"{path}: written before bench/records.py's schema (its per_step has no step records); "
+                         "rerun the benchmark")
+    keep = {key: value for key, value in stored["summary"].items() if key in OBSERVED}
+    write_summary(path, stored["machine"], stored["settings"], stored["records"], keep,
+                  summarized_by="--resummarize (medians recomputed from the step records; nothing re-measured)")
     return 0
 
 

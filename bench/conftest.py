@@ -29,17 +29,18 @@ def write_results():
     yield
     if not RESULTS:
         return
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine, write_result
 
     from . import test_bench_cpu
 
     out_dir = os.environ.get("RHYTHM_BENCH_OUT", "bench/results")
-    machine = describe()
+    machine = describe_machine()
     for suite, rows in RESULTS.items():
-        summary = test_bench_cpu.SUMMARIES[suite](rows)
-        save_json(os.path.join(out_dir, f"{suite}_pytest.json"),
-                  dict(summary, rows=rows, machine=machine, runner="pytest bench --benchmark-only",
-                       **contention_note(machine)))
+        what, settings, summary = test_bench_cpu.SUMMARIES[suite](rows)
+        write_result(os.path.join(out_dir, f"{suite}_pytest.json"), f"{suite}_pytest", what, machine=machine,
+                     settings=dict(settings, runner="pytest bench --benchmark-only"),
+                     records=[{"kind": "measurement", **row} for row in rows],
+                     summary=dict(summary, **contention_note(machine)))
 
 
 def contention_note(machine: dict) -> dict:

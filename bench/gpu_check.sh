@@ -57,9 +57,9 @@ fi
 
 status=0
 SECONDS=0
-record() {  # step rc seconds box: one JSON line beside the python steps' records
-    printf '{"step": "%s", "kind": "step_done", "rc": %d, "seconds": %d, "box_s": %d}\n' "$1" "$2" "$3" "$4" \
-        >>"$OUT/results.jsonl"
+record() {  # step rc seconds box: one record beside the python steps' (bench/records.py, the one schema)
+    $PY bench/records.py emit "$1" step_done "rc=$2" "seconds=$3" "box_s=$4" >/dev/null \
+        || echo "== $1: its step_done record could not be written (bench/records.py failed)"
 }
 run_step() {  # run_step STEP [--log FILE] CMD...: CMD until the step's deadline; records and reports its exit
     local step=$1; shift
@@ -105,8 +105,8 @@ if ! run_step preflight $PY bench/gpu_preflight.py "${DRYFLAG[@]}"; then
     exit 1
 fi
 
-run_step warm $PY bench/bench_gpu_kernels.py --warm --step warm "${DRYFLAG[@]}"
-run_step smoke $PY bench/bench_gpu_kernels.py --smoke --step smoke "${DRYFLAG[@]}"
+run_step warm $PY bench/gpu_warm.py --step warm "${DRYFLAG[@]}"
+run_step smoke $PY bench/gpu_smoke.py --step smoke "${DRYFLAG[@]}"
 
 if [ "$DRY" = 1 ]; then LONG=(64:96); SHORT=(64:64 192/128:48); else LONG=(128:8192 128:32768 64:8192 64:32768); SHORT=(128:2048 64:2048 192/128:2048); fi
 left=$(( DEADLINE[bench_long] - SECONDS ))

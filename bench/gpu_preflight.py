@@ -21,6 +21,8 @@ import sys
 import sysconfig
 import time
 
+from records import Stream, describe_machine      # siblings: bench/ is sys.path[0] for this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 
 
@@ -129,22 +131,9 @@ def main() -> None:
                         ("imports", check_imports), ("triton_cache_dir", check_cache_dir)):
         results[name] = check()
     import torch
-    import triton
 
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
-                "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                "pytest": importlib.util.find_spec("pytest") is not None}
-    try:
-        import transformers
-
-        versions["transformers"] = transformers.__version__
-    except ImportError:
-        versions["transformers"] = None
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        versions.update(gpu=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
-                        sm_count=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
-    elif not args.dry_run:
+    machine = dict(describe_machine(), pytest=importlib.util.find_spec("pytest") is not None)
+    if not torch.cuda.is_available() and not args.dry_run:
         results["cuda"] = (False, "torch sees no CUDA device (torch.cuda.is_available() is False)")
     if "cuda" not in results:
         try:
@@ -153,12 +142,11 @@ def main() -> None:
             results["tiny_launch"] = (False, f"{type(exc).__name__}: {str(exc)[:400]}")
     for name, (ok, message) in results.items():
         print(f"  {'ok  ' if ok else 'FAIL'} {name:17s} {message}", flush=True)
-    record = {"step": "preflight", "kind": "preflight", "versions": versions,
-              "checks": {name: {"ok": ok, "message": message} for name, (ok, message) in results.items()}}
-    print(json.dumps(versions))
+    checks = {name: {"ok": ok, "message": message} for name, (ok, message) in results.items()}
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "results.jsonl"), "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        Stream(os.environ["OUT"], "preflight").emit("preflight", machine=machine, checks=checks)
+    else:
+        print(json.dumps(machine))
     failed = [name for name, (ok, _) in results.items() if not ok]
     if failed:
         print(f"preflight failed: {', '.join(failed)}", flush=True)

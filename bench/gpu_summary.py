@@ -65,10 +65,10 @@ def main() -> None:
         if os.path.exists(path):
             with open(path) as handle:
                 e2e = json.load(handle)
-            parts = [f"{key} {e2e[key]['time_s']:.3f} s" for key in ("scorer", "sdpa_full_forward",
-                                                                     "eager_output_attentions")
-                     if isinstance(e2e.get(key), dict) and "time_s" in e2e[key]]
-            print(f"end_to_end T={e2e.get('length')} on {e2e.get('device')}: {', '.join(parts) or 'no timing'}")
+            parts = [f"{r['method']} {r['time_s']:.3f} s" for r in e2e.get("records", []) if "time_s" in r]
+            device = e2e.get("machine", {}).get("gpu", "cpu")
+            print(f"end_to_end T={e2e.get('settings', {}).get('length')} on {device}: "
+                  f"{', '.join(parts) or 'no timing'}")
 
 
 if __name__ == "__main__":

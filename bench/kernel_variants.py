@@ -81,7 +81,9 @@ def record_launches(job: Job) -> list[tuple]:
     from rhythm_kernels import triton_influence, triton_stats
     from rhythm_kernels.segments import influence_counts, segments_from_mask
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from rhythm_kernels.triton_common import interpreting
+
+    if interpreting():
         raise RuntimeError("record_launches needs the compiler path: unset TRITON_INTERPRET")
     os.environ["RHYTHM_TRITON_AUTOTUNE"] = "1" if job.autotune else "0"
     q, k, v = _inputs(job)
@@ -226,3 +228,39 @@ def run_job(job: Job, mode: str, arch: int = 90) -> list[dict]:
         return warm_on_device(job) if mode == "device" else compile_for_arch(job, arch)
     except Exception as exc:  # noqa: BLE001 - a worker reports, never kills the pool
         return [{"variant": job.label, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}]
+
+
+def compile_jobs(jobs, mode: str, arch: int, n_workers: int, stream, report_path: str) -> list[dict]:
+    """Run ``run_job`` over ``jobs`` in ``n_workers`` spawned processes; emit each report as a ``compile``
+    record into ``stream`` as it completes and rewrite ``report_path`` (a result file, bench/records.py) after
+    each. Returns the reports."""
+    import concurrent.futures
+    import multiprocessing
+
+    import triton
+
+    from records import write_result
+
+    reports = []
+    where = "on this GPU, the runtime's path" if mode == "device" else f"for sm_{arch} without a GPU"
+
+    def save():
+        write_result(report_path, "kernel_variants", f"the kernel variants compiled {where}",
+                     settings={"mode": mode, "arch": arch, "triton": triton.__version__},
+                     records=[{"kind": "compile", **report} for report in reports], quiet=True)
+
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(run_job, job, mode, arch): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                done = future.result()
+            except Exception as exc:  # noqa: BLE001 - a crashed worker (BrokenProcessPool) is a failed variant
+                done = [{"variant": futures[future].label, "ok": False, "error": f"{type(exc).__name__}: {exc}"}]
+            for report in done:
+                reports.append(report)
+                stream.emit("compile", **report)
+            save()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)         # an error here must not wait for the queue
+    return reports

@@ -17,6 +17,10 @@ import math
 import torch
 
 METRICS = ("lse", "distance", "waad")
+# What every GPU-check step checks at: W of WAAD and the two horizons of FAI (H_hi None = to the end).
+WINDOW = 10
+BAND = (10, 100)
+FULL = (10, None)
 
 
 def horizon_counts(length: int, response_start: int, horizon: tuple, device) -> torch.Tensor:

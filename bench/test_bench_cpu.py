@@ -97,8 +97,8 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _metrics_summary(rows: list[dict]) -> dict:
-    """time and memory ratios torch backend / eager maps per T (medians of this run)."""
+def _metrics_summary(rows: list[dict]) -> tuple[str, dict, dict]:
+    """(what, settings, summary): time and memory ratios torch backend / eager maps per T (medians of this run)."""
     by = {(r["method"], r["T"]): r for r in rows}
     ratios = []
     for length in sorted({r["T"] for r in rows}):
@@ -106,24 +106,26 @@ def _metrics_summary(rows: list[dict]) -> dict:
         if ours and eager:
             ratios.append({"T": length, "time_ratio": ours["seconds"]["median"] / eager["seconds"]["median"],
                            "memory_ratio": ours["extra_peak_rss_mib"] / max(eager["extra_peak_rss_mib"], 1e-9)})
-    return {"benchmark": "attention_metrics torch backend vs eager maps, one SmolLM2-135M layer (pytest-benchmark)",
-            "shape": {"B": 1, "Hq": HQ, "Hkv": HKV, "D": DIM, "dtype": "float32",
-                      "window": bench_cpu_metrics.WINDOW, "horizon": bench_cpu_metrics.HORIZON,
-                      "response_start": "T/4"},
-            "ratios_same_run": ratios}
+    settings = dict(bench_cpu_metrics.settings(MEMORY_LIMIT_GIB),
+                    time="pytest-benchmark rounds in this process, after a warm-up round",
+                    memory="extra peak RSS of a fresh child process (the plain script's measurement)")
+    return bench_cpu_metrics.WHAT + " (pytest-benchmark)", settings, {"ratios_same_run": ratios}
 
 
-def _credit_summary(rows: list[dict]) -> dict:
-    """slowest strategy over one layer's metrics (minimum of the rounds: the least contended run)."""
+def _credit_summary(rows: list[dict]) -> tuple[str, dict, dict]:
+    """(what, settings, summary): slowest strategy over one layer's metrics (minimum of the rounds: the least
+    contended run)."""
     credit = [r for r in rows if r["method"] != "metrics"]
     metrics = [r for r in rows if r["method"] == "metrics"]
-    summary = {"benchmark": "credit_multipliers per strategy vs attention_metrics of one layer (pytest-benchmark)",
-               "credit_shape": {"B": CREDIT_B, "T": CREDIT_T}}
+    settings = {"credit_shape": bench_credit.credit_shape(CREDIT_B, CREDIT_T),
+                "metrics_shape": bench_credit.metrics_shape(CREDIT_T),
+                "time": "pytest-benchmark rounds in this process, after a warm-up round"}
+    summary = {}
     if credit and metrics:
         slowest = max(credit, key=lambda r: r["seconds"]["min"])
         summary["slowest_strategy"] = slowest["method"]
         summary["slowest_credit_over_metrics"] = slowest["seconds"]["min"] / metrics[0]["seconds"]["min"]
-    return summary
+    return bench_credit.WHAT + " (pytest-benchmark)", settings, summary
 
 
 SUMMARIES = {"cpu_metrics": _metrics_summary, "credit_cpu": _credit_summary}

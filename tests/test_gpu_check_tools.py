@@ -135,3 +135,40 @@ print('same')
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0 and "same" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The one record schema (bench/records.py)
+# --------------------------------------------------------------------------------------------------------
+def test_result_file_and_stream_share_one_schema(tmp_path, monkeypatch):
+    import records
+
+    path = tmp_path / "r.json"
+    records.write_result(str(path), "demo", "a demo", settings={"T": 8}, records=[{"kind": "measurement", "ms": 1.0}],
+                         summary={"ratio": 0.5}, quiet=True)
+    stored = json.loads(path.read_text())
+    assert list(stored) == ["schema", "benchmark", "what", "utc", "machine", "settings", "records", "summary"]
+    assert stored["schema"] == records.SCHEMA and {"torch", "cpu_count", "cuda_available"} <= set(stored["machine"])
+    with pytest.raises(ValueError, match="without a 'kind'"):
+        records.write_result(str(path), "demo", "a demo", settings={}, records=[{"ms": 1.0}], quiet=True)
+
+    stream = records.Stream(str(tmp_path), "bench")
+    stream.emit("machine", **records.describe_machine())
+    stream.emit("bench", method="x", ms=2.0)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert records.main(["emit", "cuda_tests", "step_done", "rc=0", "seconds=3", "box_s=60"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["schema"], r["benchmark"], r["step"], r["kind"]) for r in lines] == [
+        (records.SCHEMA, "gpu_check", "bench", "machine"), (records.SCHEMA, "gpu_check", "bench", "bench"),
+        (records.SCHEMA, "gpu_check", "cuda_tests", "step_done")]
+    assert lines[2]["rc"] == 0 and lines[2]["box_s"] == 60                      # values parsed as JSON
+    summary = json.loads(pathlib.Path(stream.write_result("s.json", "demo", settings={}, kinds=("bench",)))
+                         .read_text())
+    assert [r["method"] for r in summary["records"]] == ["x"] and summary["machine"]["torch"] == torch.__version__
+
+
+def test_bench_scripts_write_json_only_through_records():
+    """One module writes benchmark results: no other bench/ script dumps JSON itself."""
+    bench = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    writers = [p.name for p in bench.glob("*.py") if p.name != "records.py" and "json.dump(" in p.read_text()]
+    assert not writers, f"these bench scripts write JSON themselves instead of bench/records.py: {writers}"
