@@ -103,7 +103,7 @@ class PassSpec(NamedTuple):
 
 
 class LaunchPlan(NamedTuple):
-    """How to launch a pass: ``plan.kernel[plan.grid(per_block)](..., **plan.constexprs, **plan.meta)``."""
+    """How to launch a pass: ``plan.kernel[plan.grid(per_row)](..., **plan.constexprs, **plan.meta)``."""
 
     kernel: object          # the JITFunction, or its autotuner
     meta: dict              # the fixed config ({} when autotuning)
@@ -112,7 +112,7 @@ class LaunchPlan(NamedTuple):
     off_small: int          # first row of the small block size's rows (table_off_small)
     off_large: int          # first row of the large one's (the same rows when there is one size)
     constexprs: dict        # HEAD_DIM, D_PAD, UPCAST, PRESCALE, DOT_PREC, SMALL_BLOCK (and V_DIM, DV_PAD)
-    block_key: str
+    block_key: str          # the config key of the table's block size (PassSpec.block_key)
 
     @property
     def programs(self) -> int:
