@@ -2,14 +2,17 @@
 # GRPO with attention-rhythm credit in verl 0.9 (in the style of verl's examples/grpo_trainer/*.sh).
 #
 #   bash examples/verl_rhythm_grpo.sh                          # train (GPUs, vLLM, the GSM8K parquet files)
-#   bash examples/verl_rhythm_grpo.sh --cfg job                # print the composed config (rhythm block
-#                                                              # included) and exit: checks the command anywhere
+#   bash examples/verl_rhythm_grpo.sh --cfg job                # check and print the composed config (rhythm
+#                                                              # block included) and exit: runs anywhere
 #   bash examples/verl_rhythm_grpo.sh +rhythm.strategy=random  # any override: verl's or the rhythm block's
 #
 # The data: verl's examples/data_preprocess/gsm8k.py writes $HOME/data/gsm8k/{train,test}.parquet.
-# The rhythm block (+rhythm.<key>=...; keys = rhythm.integrations.config.RhythmCreditConfig's fields and
-# `enable`) is part of verl's own run config, logged with it; the trainer refuses unknown keys or values
-# before any worker starts. Works with verl's default v1 trainer and with trainer.use_v1=False.
+# The rhythm block (rhythm.<key>=..., with or without a leading + or ++; keys =
+# rhythm.integrations.config.RhythmCreditConfig's fields and `enable`) is part of verl's own run config,
+# logged with it; your overrides of it replace the defaults below. rhythm.integrations.verl.launch composes
+# verl's config with every override first and refuses an unknown key or value (one line, exit 2) before
+# verl starts - with --cfg job too; Hydra flags (--cfg job, ...) may stand anywhere. Works with verl's
+# default v1 trainer and with trainer.use_v1=False.
 set -euo pipefail
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}
 DATA=${DATA:-$HOME/data/gsm8k}
@@ -19,7 +22,7 @@ PYTHON=${PYTHON:-python3}
 # Every process that imports verl (driver, Ray workers) installs the hooks.
 export VERL_USE_EXTERNAL_MODULES=rhythm.integrations.verl.plugin
 
-"$PYTHON" -m verl.trainer.main_ppo \
+exec "$PYTHON" -m rhythm.integrations.verl.launch \
     algorithm.adv_estimator=grpo \
     algorithm.use_kl_in_reward=False \
     data.train_files="$DATA/train.parquet" \

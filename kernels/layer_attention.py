@@ -24,31 +24,33 @@ from dataclasses import dataclass
 
 import torch
 
-from .segments import is_bool, is_integer
+from .segments import FLOAT32_MAX, FLOAT32_TINY, INDEX_LIMIT, is_bool, is_integer
 
 
 def _positive_int(name: str, value) -> int | None:
-    """None, or an int >= 1 (Python or numpy integers; bools refused)."""
+    """None, or an int in [1, 2**62] (Python or numpy integers; bools refused)."""
     if value is None:
         return None
     if not is_integer(value):
         raise TypeError(f"LayerAttention.{name} must be None or an int >= 1, got {value!r} "
                         f"({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"LayerAttention.{name} must be None or an int >= 1, got {value!r}")
+    if not 1 <= value <= INDEX_LIMIT:
+        raise ValueError(f"LayerAttention.{name} must be None or an int >= 1 (at most 2**62), got {value!r}")
     return int(value)
 
 
 def _positive_float(name: str, value) -> float | None:
-    """None, or a finite float > 0 (Python or numpy numbers; bools refused)."""
+    """None, or a float in float32's normal range [2**-126, 3.4e38] (Python or numpy numbers; bools refused):
+    the kernels divide by it in float32."""
     if value is None:
         return None
     if is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"LayerAttention.{name} must be None or a finite float > 0, got {value!r} "
                         f"({type(value).__name__})")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"LayerAttention.{name} must be None or a finite float > 0, got {value!r}")
+    if not math.isfinite(value) or not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(f"LayerAttention.{name} must be None or a finite float > 0 in float32's normal range "
+                         f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}], got {value!r}")
     return value
 
 

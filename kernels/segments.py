@@ -127,6 +127,14 @@ class Segments:
         return Segments.from_spans(spans, self.shape, self.start.device)
 
 
+# Value ranges shared by every check of a window / chunk / horizon (int) and of a scale / softcap (float):
+# positions are int64 (t - s + w must not overflow), and the kernels compute in float32 (a softcap or scale
+# outside float32's normal range would become 0 or inf there).
+INDEX_LIMIT = 2 ** 62
+FLOAT32_TINY = 2.0 ** -126
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def is_bool(x) -> bool:
     """A Python or numpy bool (numpy's is named ``bool_``, ``bool`` in numpy 2), without importing numpy."""
     return isinstance(x, bool) or (type(x).__module__ == "numpy" and type(x).__name__ in ("bool", "bool_"))

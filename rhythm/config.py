@@ -25,7 +25,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from rhythm_kernels.segments import is_bool, is_integer
+from rhythm_kernels.segments import FLOAT32_MAX, INDEX_LIMIT, is_bool, is_integer
 
 # The strategies' names; what each reads is rhythm.credit.gamma.STRATEGY_TABLE (checked to agree).
 STRATEGIES = ("local", "global", "coupled", "random", "entropy")
@@ -35,7 +35,6 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 CREDIT_PASSES = ("fused", "scorer")
 SEED_LIMIT = 2 ** 64          # torch.Generator.manual_seed takes seeds in [0, 2**64)
 # gamma is float32 and reaches 1 + (1 + alpha)(gamma_amp - 1) <= 2 gamma_amp - 1: keep it a finite float32.
-FLOAT32_MAX = 3.4028234663852886e38
 GAMMA_AMP_MAX = FLOAT32_MAX / 4
 
 
@@ -110,12 +109,15 @@ def _sequence(x) -> list:
 
 
 def horizon(x) -> tuple[int, int | None]:
-    """(H_lo, H_hi): H_lo int >= 0, H_hi None (to the end) or an int >= H_lo."""
+    """(H_lo, H_hi): H_lo int in [0, 2**62], H_hi None (to the end) or an int in [H_lo, 2**62]; an ordered
+    pair (a set has no order)."""
+    if isinstance(x, (set, frozenset)):
+        raise _Bad
     pair = _sequence(x)
     if len(pair) != 2:
         raise _Bad
-    h_lo = integer(0)(pair[0])
-    h_hi = None if pair[1] is None else integer(h_lo)(pair[1])
+    h_lo = integer(0, INDEX_LIMIT + 1)(pair[0])
+    h_hi = None if pair[1] is None else integer(h_lo, INDEX_LIMIT + 1)(pair[1])
     return h_lo, h_hi
 
 
@@ -174,8 +176,10 @@ KNOBS: dict[str, Knob] = _knobs(
          real(0.0, 1.0), "float"),
     Knob("k", 3, "an int >= 1", "look-back window (tokens) of locally dominated anchors", integer(1), "int"),
     Knob("seed", 0, "an int in [0, 2**64)", "seed of the random baseline", integer(0, SEED_LIMIT), "int"),
-    Knob("window", 10, "an int >= 1", "W of WAAD: attention distances are clipped at W", integer(1), "int"),
-    Knob("horizon", (10, 100), "a pair (H_lo, H_hi): H_lo an int >= 0, H_hi None (to the end) or an int >= H_lo",
+    Knob("window", 10, "an int >= 1 (at most 2**62)", "W of WAAD: attention distances are clipped at W",
+         integer(1, INDEX_LIMIT + 1), "int"),
+    Knob("horizon", (10, 100), "a pair (H_lo, H_hi): H_lo an int >= 0, H_hi None (to the end) or an int >= H_lo "
+         "(both at most 2**62)",
          "FAI horizon: rows t with s + H_lo <= t <= s + H_hi attend to s (both inclusive)",
          horizon, "tuple[int, int | None]"),
     Knob("head_fraction", 0.3, "a number in (0, 1]",
@@ -323,14 +327,22 @@ def _text_parser(knob: Knob) -> Callable[[str], Any]:
     return parse
 
 
-def _horizon_end(text: str):
-    if text.lower() in ("end", "none"):
+def horizon_from_text(text: str) -> int | None:
+    """One horizon bound written as text (a command line, a YAML string): 'end' / 'none' / 'null' (any case)
+    -> None (to the end of the sequence), an integer -> int; ValueError otherwise. The one text parser of
+    ``horizon`` (the CLI's ``--horizon``, TRL's ``--rhythm_horizon``); the knob's check does the rest."""
+    text = text.strip()
+    if text.lower() in ("end", "none", "null"):
         return None
+    return int(text)
+
+
+def _horizon_end(text: str):
     try:
-        value = int(text)
+        value = horizon_from_text(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an int or 'end', got {text!r}") from None
-    if value < 0:
+    if value is not None and value < 0:
         raise argparse.ArgumentTypeError(f"must be an int >= 0 or 'end', got {text!r}")
     return value
 

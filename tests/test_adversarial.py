@@ -20,8 +20,12 @@ import torch
 
 import rhythm
 from rhythm import (RhythmScorer, ScorerConfig, attention_metrics, credit_multipliers, entropy_selection,
-                    random_selection, rhythm_selection, shape_advantages)
+                    head_to_layer, random_selection, rhythm_selection, sample_layers, select_head_groups,
+                    shape_advantages, token_signals, top_q_mask, trainer_response_mask)
 from rhythm.integrations.config import RhythmCreditConfig
+from rhythm_kernels.segments import Segments
+
+CPU = torch.device("cpu")
 
 PACKAGE_DIRS = (Path(rhythm.__file__).resolve().parent, Path(__file__).resolve().parents[1] / "kernels")
 
@@ -107,6 +111,43 @@ BAD_CALLS = {
                         "backend"),
     "metrics q rank 3": (lambda: attention_metrics(torch.rand(2, 8, 4), torch.rand(2, 8, 4)), "q"),
     "metrics GQA": (lambda: attention_metrics(torch.rand(1, 3, 8, 4), torch.rand(1, 2, 8, 4)), "heads"),
+    # issue 19 item 9: overflow in the advantages' dtype; a layout leaving a batch row without a sequence
+    "shape_advantages fp16 overflow": (lambda: shape_advantages(torch.full((2, 12), 6e4, dtype=torch.float16),
+                                                                torch.full((2, 12), 2.0)), "overflows torch.float16"),
+    "segments leave a row": (lambda: attention_metrics(torch.rand(2, 2, 8, 4), torch.rand(2, 1, 8, 4),
+                                                       segments=Segments.from_spans([(0, 0, 8, 0)], (2, 8), CPU)),
+                             "without a sequence"),
+    # issue 19 item 10: the other public entry points check their arguments too
+    "top_q_mask q=0": (lambda: top_q_mask(W, M, 0), "q must be"),
+    "top_q_mask q=2": (lambda: top_q_mask(W, M, 2), "q must be"),
+    "top_q_mask q=nan": (lambda: top_q_mask(W, M, math.nan), "q must be"),
+    "top_q_mask nan scores": (lambda: top_q_mask(torch.where(M, math.nan, W), M, 0.4), "scores"),
+    "top_q_mask eligible float": (lambda: top_q_mask(W, M.float(), 0.4), "eligible"),
+    "rhythm_selection validate='yes'": (lambda: rhythm_selection(W, F, M, V, validate="yes"), "validate"),
+    "select_head_groups nan": (lambda: select_head_groups(torch.tensor([[1.0, math.nan, 2.0]])), "d holds NaN"),
+    "select_head_groups fraction": (lambda: select_head_groups(torch.rand(1, 4), 1.5), "fraction"),
+    "token_signals groups": (lambda: token_signals(torch.rand(1, 4, 6), torch.rand(1, 4, 6), "groups"), "groups"),
+    "token_signals head 9 of 4": (lambda: token_signals(torch.rand(1, 4, 6), torch.rand(1, 4, 6), rhythm.HeadGroups(
+        torch.tensor([[9]]), torch.tensor([[0]]))), "head index 9"),
+    "head_to_layer float": (lambda: head_to_layer(torch.tensor([1.5]), 4), "index"),
+    "head_to_layer heads_per_layer": (lambda: head_to_layer(3, np.float64(4)), "heads_per_layer"),
+    "sample_layers 2.5": (lambda: sample_layers(2.5), "num_layers"),
+    "trainer_response_mask True": (lambda: trainer_response_mask(M, True), "response_length"),
+    "trainer_response_mask 2.5": (lambda: trainer_response_mask(M, 2.5), "response_length"),
+    "trainer_response_mask list": (lambda: trainer_response_mask(M.tolist(), 2), "attention_mask"),
+    "metrics validate='yes'": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4),
+                                                         validate="yes"), "validate"),
+    "ScorerConfig horizon={1, 2}": (lambda: ScorerConfig(horizon={1, 2}), "ScorerConfig.horizon"),
+    "metrics window=2**70": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4),
+                                                       window=2 ** 70), "window"),
+    "metrics horizon 2**70": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4),
+                                                        horizon=(0, 2 ** 70)), "horizon"),
+    "LayerAttention sliding_window=2**70": (lambda: rhythm.LayerAttention(sliding_window=2 ** 70), "sliding_window"),
+    "LayerAttention chunk_size=2**70": (lambda: rhythm.LayerAttention(chunk_size=2 ** 70), "chunk_size"),
+    "LayerAttention softcap=1e-320": (lambda: rhythm.LayerAttention(softcap=1e-320), "softcap"),
+    "metrics scale=1e-320": (lambda: attention_metrics(torch.rand(1, 2, 8, 4), torch.rand(1, 1, 8, 4),
+                                                       scale=1e-320), "scale"),
+    "Credit window=2**70": (lambda: RhythmCreditConfig(window=2 ** 70), "RhythmCreditConfig.window"),
 }
 
 
@@ -142,6 +183,9 @@ SCORER_BAD = {
     "layers out of range": (lambda s, ids, r: RhythmScorer(s.model, layers=[7]), "layers"),
     "module without config": (lambda s, ids, r: RhythmScorer(torch.nn.Linear(2, 2)), "config"),
     "not a module": (lambda s, ids, r: RhythmScorer("gpt2"), "model"),
+    # issue 19 item 10: a typo or a foreign knob in RhythmScores.selection overrides is refused, not ignored
+    "selection qq": (lambda s, ids, r: s.score(ids, None, r).selection(qq=0.3), "qq"),
+    "selection alpha": (lambda s, ids, r: s.score(ids, None, r).selection(alpha=0.3), "alpha"),
 }
 
 
@@ -256,3 +300,34 @@ def test_verl_env_config_refused_clearly(monkeypatch, text, words):
     with pytest.raises(Exception) as info:
         verl_hooks.config_from_env()
     _assert_clear(info.value, words)
+
+
+# ---- issue 19 item 8: only documented values switch the verl credit --------------------------------------------
+
+@pytest.mark.parametrize("value, enabled", [("", True), ("1", True), ("On", True), ("yes", True), ("0", False),
+                                            ("off", False), (" FALSE ", False), ("no", False)])
+def test_verl_credit_switch_documented_values(monkeypatch, value, enabled):
+    from rhythm.integrations.verl import hooks as verl_hooks
+
+    monkeypatch.setenv(verl_hooks.ENABLE_ENV, value)
+    monkeypatch.delenv(verl_hooks.CONFIG_ENV, raising=False)
+    assert (verl_hooks.auto_config() is not None) == enabled
+    assert (verl_hooks.resolve_config({"rhythm": {"strategy": "local"}}) is not None) == enabled
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enable", "o n"])
+def test_verl_credit_switch_refuses_other_values(monkeypatch, value):
+    from rhythm.integrations.verl import hooks as verl_hooks
+
+    monkeypatch.setenv(verl_hooks.ENABLE_ENV, value)
+    for call in (verl_hooks.auto_config, lambda: verl_hooks.resolve_config({"rhythm": {}})):
+        with pytest.raises(Exception) as info:
+            call()
+        _assert_clear(info.value, "$RHYTHM_CREDIT must be")
+        assert repr(value) in str(info.value)
+
+
+def test_shape_advantages_fp16_in_range_stays_fp16():
+    adv = torch.full((1, 3), 3e4, dtype=torch.float16)
+    out = shape_advantages(adv, torch.tensor([[1.0, 2.0, 1.0]]), sign="positive")
+    assert out.dtype == torch.float16 and out.tolist() == [[3e4, 6e4, 3e4]]

@@ -68,7 +68,7 @@ def test_numpy_scalars_and_lists_are_normalised():
 
 def test_assignment_is_checked_too():
     cfg = ScorerConfig()
-    with pytest.raises(C.ConfigError, match=r"ScorerConfig.window must be an int >= 1, got -3"):
+    with pytest.raises(C.ConfigError, match=r"ScorerConfig.window must be an int >= 1 \(at most 2\*\*62\), got -3"):
         cfg.window = -3
     assert cfg.window == 10
     with pytest.raises(C.ConfigError, match="ScorerConfig.q"):
@@ -125,7 +125,7 @@ def test_prefixed_dataclass_fields():
     assert [f.name for f in dataclasses.fields(derived)][:3] == ["lr", "rhythm_strategy", "rhythm_sign"]
     cfg = C.from_prefixed(obj, RhythmCreditConfig)
     assert (cfg.q, cfg.strategy, cfg.window, cfg.micro_batch_size) == (0.2, "global", 10, None)
-    with pytest.raises(C.ConfigError, match=r"^TrainerConfig.rhythm_window must be an int >= 1, got -3$"):
+    with pytest.raises(C.ConfigError, match=r"^TrainerConfig.rhythm_window must be an int >= 1 \(at most 2\*\*62\), got -3$"):
         C.from_prefixed(derived(rhythm_window=-3), RhythmCreditConfig)
 
 
@@ -159,3 +159,21 @@ def test_describe_lists_every_knob_and_the_docs_are_current():
     assert all(f"| `{name}` |" in table for name in C.KNOBS)
     docs = (Path(__file__).resolve().parents[1] / "docs" / "settings.md").read_text(encoding="utf-8")
     assert table in docs, "docs/settings.md: paste the current rhythm.config.describe() table"
+
+
+def test_one_horizon_text_parser():
+    """rhythm.config.horizon_from_text is the one text reading of a horizon bound: the CLI's --horizon and TRL's
+    --rhythm_horizon agree on every spelling."""
+    pytest.importorskip("trl")
+    from rhythm.integrations.trl import _horizon_from_text
+
+    texts = ["10", " 7 ", "end", "END", "none", "null", "0"]
+    want = [10, 7, None, None, None, None, 0]
+    assert [C.horizon_from_text(t) for t in texts] == want
+    assert list(_horizon_from_text(texts)) == want
+    parser = argparse.ArgumentParser()
+    C.add_arguments(parser, ["horizon"])
+    for text, value in zip(texts, want):
+        assert parser.parse_args(["--horizon", "0", text]).horizon == [0, value]
+    with pytest.raises(ValueError):
+        C.horizon_from_text("ten")

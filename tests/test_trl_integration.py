@@ -470,3 +470,48 @@ def test_settings_from_rhythm_grpo_config(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="rhythm_config"):
         RhythmGRPOTrainer(model=model, reward_funcs=length_reward, args=RhythmGRPOConfig(**options), train_dataset=ds,
                           processing_class=tokenizer, rhythm_config=RhythmCreditConfig())
+
+
+def test_plain_grpo_trainer_refuses_a_rhythm_config(tokenizer, tmp_path):
+    """Issue 19 item 7: a plain GRPOTrainer given a RhythmGRPOConfig would train plain GRPO without a word."""
+    from rhythm.integrations.trl import RhythmGRPOConfig
+
+    args = RhythmGRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                            max_completion_length=20, max_steps=1, report_to="none", use_cpu=True, bf16=False)
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    for how in ("keyword", "positional"):
+        with pytest.raises(TypeError, match="RhythmGRPOTrainer"):
+            if how == "keyword":
+                GRPOTrainer(model=tiny_model(tokenizer), reward_funcs=length_reward, args=args, train_dataset=ds,
+                            processing_class=tokenizer)
+            else:
+                GRPOTrainer(tiny_model(tokenizer), length_reward, args, train_dataset=ds, processing_class=tokenizer)
+
+
+def test_capture_refusals_at_construction(tokenizer, tmp_path):
+    """Issue 19 item 7: an architecture the capture refuses, or a layer list the model does not have, fails when
+    the trainer is built - not after the first generation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rhythm.capture.architectures import UnsupportedModelError
+
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=256,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    generated = []
+    original = GRPOTrainer._generate_and_score_completions
+    try:
+        GRPOTrainer._generate_and_score_completions = lambda self, inputs: generated.append(1) or original(self, inputs)
+        with pytest.raises(UnsupportedModelError, match="gpt2"):
+            RhythmGRPOTrainer(model=gpt2, reward_funcs=length_reward, args=grpo_args(tmp_path), train_dataset=ds,
+                              processing_class=tokenizer)
+        with pytest.raises(ValueError, match="layers"):
+            RhythmGRPOTrainer(model=tiny_model(tokenizer), reward_funcs=length_reward, args=grpo_args(tmp_path),
+                              train_dataset=ds, processing_class=tokenizer,
+                              rhythm_config=RhythmCreditConfig(layers=[7]))
+        # the baselines read no attention: any causal LM is fine
+        RhythmGRPOTrainer(model=gpt2, reward_funcs=length_reward, args=grpo_args(tmp_path), train_dataset=ds,
+                          processing_class=tokenizer, rhythm_config=RhythmCreditConfig(strategy="random"))
+    finally:
+        GRPOTrainer._generate_and_score_completions = original
+    assert not generated

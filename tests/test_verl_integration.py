@@ -233,8 +233,10 @@ def test_scorer_skips_rows_whose_advantages_are_zero(model, ray_trainer, monkeyp
 
 
 def test_run_script_composes_a_config_the_hooks_accept(tmp_path):
-    """examples/verl_rhythm_grpo.sh as documented, with `--cfg job` (verl's Hydra prints the composed run config
-    and exits): the rhythm block is in verl's own config, and the hooks accept it and the run mode."""
+    """examples/verl_rhythm_grpo.sh as documented: `--cfg job` anywhere (here first), and the documented
+    override `+rhythm.strategy=random` replacing the script's default (Hydra alone fails with "an item is
+    already at rhythm.strategy"); verl's Hydra prints the composed run config and exits, and the hooks accept
+    its rhythm block and run mode."""
     import os
     import subprocess
 
@@ -244,14 +246,50 @@ def test_run_script_composes_a_config_the_hooks_accept(tmp_path):
     from rhythm.integrations.verl import hooks as verl_hooks
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(["bash", os.path.join(root, "examples", "verl_rhythm_grpo.sh"), "--cfg", "job"],
+    result = subprocess.run(["bash", os.path.join(root, "examples", "verl_rhythm_grpo.sh"), "--cfg", "job",
+                             "+rhythm.strategy=random", "rhythm.q=0.3"],
                             env=dict(os.environ, PYTHON=sys.executable), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     if result.returncode != 0 and "No module named" in result.stderr:
         pytest.skip(f"verl's main_ppo does not import here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-2000:]
     config = OmegaConf.create(yaml.safe_load(result.stdout))
     rhythm = verl_hooks.resolve_config(config)
     verl_hooks.check_run_mode(config, rhythm)
-    assert (rhythm.strategy, rhythm.sign, rhythm.horizon) == ("coupled", "both", (10, 100))
+    assert (rhythm.strategy, rhythm.q, rhythm.sign, rhythm.horizon) == ("random", 0.3, "both", (10, 100))
     assert config.actor_rollout_ref.model.external_lib == "rhythm.integrations.verl.plugin"
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["+rhythm.qq=0.3"], "did you mean 'q'"),
+    (["rhythm.strategy=anchors"], "strategy must be one of"),
+    (["++rhythm.horizon=[100,10]"], "horizon must be"),
+    (["+rhythm.credit_pass=scorer"], "fused pass only"),
+    (["actor_rollout_ref.actor.strategy=megatron"], "FSDP/FSDP2"),
+    (["no_such_group.key=1"], "does not compose"),
+])
+def test_launcher_checks_the_rhythm_block_at_compose_time(capsys, monkeypatch, overrides, words):
+    """The run script's launcher composes verl's config with the overrides and checks the rhythm block and
+    the run mode before verl starts (with --cfg job too): one line, exit 2, nothing launched."""
+    pytest.importorskip("hydra")
+    import os
+
+    from rhythm.integrations.verl import launch
+
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"launched {a}"))
+    assert launch.main(["+rhythm.strategy=coupled", *overrides, "--cfg", "job"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rhythm: error:") and words in err, err
+
+
+def test_launcher_normalises_overrides_and_moves_hydra_flags():
+    from rhythm.integrations.verl.launch import LaunchError, split_arguments
+
+    overrides, flags = split_arguments(["--cfg", "job", "+rhythm.strategy=coupled", "data.x=1", "+rhythm.q=0.4",
+                                        "++rhythm.strategy=random", "rhythm.q=0.3", "--resolve", "-p=pkg"])
+    assert overrides == ["+rhythm.strategy=random", "data.x=1", "+rhythm.q=0.3"]
+    assert flags == ["--cfg", "job", "--resolve", "-p=pkg"]
+    with pytest.raises(LaunchError, match="--config-name"):
+        split_arguments(["--config-name", "other"])
+    with pytest.raises(LaunchError, match="needs a value"):
+        split_arguments(["x=1", "--cfg"])

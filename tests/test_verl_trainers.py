@@ -425,16 +425,16 @@ def test_v1_trainer_without_hooked_workers_fails_loudly(model, hooks, v1, monkey
         _v1_step(v1, model, monkeypatch, rhythm={"strategy": "coupled", **{"window": 4, "horizon": [2, 8]}})
 
 
-def test_a_separate_scorer_pass_is_refused_in_verl(hooks):
-    """A config asking for the separate scorer pass (credit_pass != "fused") fails clearly: verl records in the
-    actor's forward only."""
-    import types
-
-    config = types.SimpleNamespace(needs_scorer=True, credit_pass="scorer")
-    with pytest.raises(ValueError, match="credit_pass='scorer'"):
-        hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, config)
-    hooks.check_run_mode({"actor_rollout_ref": {"actor": {"strategy": "fsdp"}}}, types.SimpleNamespace(
-        needs_scorer=True, credit_pass="fused"))
+def test_a_separate_scorer_pass_is_refused_in_verl(hooks, monkeypatch):
+    """credit_pass is a TRL setting: in verl's block (or $RHYTHM_CREDIT_CONFIG) "fused" is accepted and anything
+    else refused with what to do - the check fires from the real config path, before any worker starts."""
+    monkeypatch.delenv("RHYTHM_CREDIT_CONFIG", raising=False)
+    with pytest.raises(ValueError, match="fused pass only"):
+        hooks.resolve_config({"rhythm": {"strategy": "coupled", "credit_pass": "scorer"}})
+    monkeypatch.setenv("RHYTHM_CREDIT_CONFIG", '{"credit_pass": "scorer"}')
+    with pytest.raises(ValueError, match="fused pass only"):
+        hooks.config_from_env()
+    assert hooks.resolve_config({"rhythm": {"strategy": "local", "credit_pass": "fused"}}).strategy == "local"
 
 
 def _random_oracle(rows, seed=5):

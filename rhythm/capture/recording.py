@@ -156,6 +156,19 @@ def _module_config_list(model: torch.nn.Module) -> list:
     return configs
 
 
+def check_capturable(model: torch.nn.Module) -> list:
+    """Refuse (UnsupportedModelError) a model the capture cannot record: no transformers config with an
+    attention implementation, or a (sub-)config whose type the capture was not taught about. Returns the
+    model's configs (outermost first). ``Capture`` runs it on entry; trainers run it at construction."""
+    configs = _module_config_list(model)
+    if not configs:
+        raise UnsupportedModelError(
+            f"model ({type(model).__name__}) has no transformers config with an attention implementation"
+        )
+    check_model(model, configs)
+    return configs
+
+
 def is_registered(name: str) -> bool:
     """Whether an attention function or mask function is registered under ``name`` (for tests)."""
     from transformers.masking_utils import AttentionMaskInterface
@@ -202,12 +215,7 @@ class Capture:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
-        configs = _module_config_list(self.model)
-        if not configs:
-            raise UnsupportedModelError(
-                f"model ({type(self.model).__name__}) has no transformers config with an attention implementation"
-            )
-        check_model(self.model, configs)
+        configs = check_capturable(self.model)
         # Other layers keep what the model can run: sdpa, or the model's own eager function when it was loaded
         # eager or does not support sdpa (e.g. softcapping models). The mask function follows the delegate.
         original = configs[0]._attn_implementation

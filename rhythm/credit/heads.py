@@ -8,9 +8,12 @@ which is the tie-break of docs/definitions.md section 3.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from rhythm_kernels.segments import is_bool, is_integer
 
 
 def sample_layers(num_layers: int) -> list[int]:
@@ -19,8 +22,9 @@ def sample_layers(num_layers: int) -> list[int]:
     lo = floor(L/3), hi = floor(2L/3), layer_i = lo + (i * (hi - lo)) // 4 for i = 0..4.
     L = 36 -> [12, 15, 18, 21, 24]; L = 30 -> [10, 12, 15, 17, 20]; L = 3 -> [1, 2].
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 3:
+    if not is_integer(num_layers) or num_layers < 3:
         raise ValueError(f"num_layers must be an int >= 3, got {num_layers!r}")
+    num_layers = int(num_layers)
     lo, hi = num_layers // 3, (2 * num_layers) // 3
     return sorted({lo + (i * (hi - lo)) // 4 for i in range(5)})
 
@@ -81,8 +85,13 @@ def head_to_layer(index, heads_per_layer: int, layers: list[int] | None = None):
 
     layer = layers[index // heads_per_layer] if ``layers`` is given, else the slot index // heads_per_layer.
     """
-    if isinstance(heads_per_layer, bool) or not isinstance(heads_per_layer, int) or heads_per_layer < 1:
+    if not is_integer(heads_per_layer) or heads_per_layer < 1:
         raise ValueError(f"heads_per_layer must be an int >= 1, got {heads_per_layer!r}")
+    if isinstance(index, torch.Tensor):
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise ValueError(f"index must be an int or an integer tensor of flat head indices, got {_describe(index)}")
+    elif not is_integer(index):
+        raise ValueError(f"index must be an int or an integer tensor of flat head indices, got {index!r}")
     slot, head = index // heads_per_layer, index % heads_per_layer
     if layers is None:
         return slot, head
@@ -111,6 +120,8 @@ def select_head_groups(d: torch.Tensor, fraction: float = 0.3) -> HeadGroups:
     if d.shape[1] == 0:
         raise ValueError("d must hold at least one head (n_heads >= 1)")
     n_sel = group_size(d.shape[1], fraction)
+    if d.numel() and not bool(torch.isfinite(d).all()):   # NaN would sort anywhere
+        raise ValueError("d holds NaN or Inf (mean response distances are finite)")
     # H_loc: sort by (d, index) -- a stable ascending sort keeps index order among equal d.
     local = torch.sort(d, dim=1, stable=True).indices[:, :n_sel]
     # H_glob: sort by (-d, index) -- a stable ascending sort of -d.
@@ -155,12 +166,18 @@ def token_signals(waad: torch.Tensor, fai: torch.Tensor, groups: HeadGroups) -> 
         raise ValueError(f"waad and fai must have one shape [B, n_heads, T], got {tuple(waad.shape)} and "
                          f"{tuple(fai.shape)}")
     batch, n_heads, length = waad.shape
+    if not isinstance(groups, HeadGroups):
+        raise TypeError(f"groups must be a rhythm.HeadGroups, got {type(groups).__name__}")
     groups = groups.broadcast(batch)
     for name, idx in (("groups.local", groups.local), ("groups.global_", groups.global_)):
         if idx.dim() != 2 or idx.dtype != torch.long or idx.numel() == 0:
             raise ValueError(f"{name} must be a non-empty long tensor [B, n_sel], got {_describe(idx)}")
         if idx.device != waad.device:
             raise ValueError(f"{name} must be on the device of waad ({waad.device}), got {idx.device}")
+    low, high = torch.stack([torch.minimum(groups.local.min(), groups.global_.min()),
+                             torch.maximum(groups.local.max(), groups.global_.max())]).tolist()
+    if low < 0 or high >= n_heads:
+        raise ValueError(f"groups hold head index {low if low < 0 else high}, outside [0, n_heads = {n_heads})")
 
     def group_mean(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         index = idx[:, :, None].expand(batch, idx.shape[1], length)
@@ -170,7 +187,7 @@ def token_signals(waad: torch.Tensor, fai: torch.Tensor, groups: HeadGroups) -> 
 
 
 def _check_fraction(fraction) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    if is_bool(fraction) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
 
 

@@ -46,7 +46,8 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
         sign: "both" (default) | "positive" (A >= 0 only, paper v1) | "negative" (A < 0 only).
     Returns:
         float [B, T] in the dtype of ``advantages``.
-    Raises ValueError when gamma holds NaN, Inf or a negative value (one host sync).
+    Raises ValueError when gamma holds NaN, Inf or a negative value, or when a finite advantage times gamma
+    does not fit the advantages' dtype (float16: 6e4 * 2) (one host sync).
     """
     sign = check("sign", sign)
     for name, x in (("advantages", advantages), ("gamma", gamma)):
@@ -64,24 +65,31 @@ def shape_advantages(advantages: torch.Tensor, gamma: torch.Tensor, sign: str = 
                          f"(the shape of gamma), got {list(advantages.shape)}")
     if advantages.device != gamma.device:
         raise ValueError(f"advantages must be on the device of gamma ({gamma.device}), got {advantages.device}")
-    _check_gamma_values(gamma)
     compute = torch.promote_types(advantages.dtype, torch.float32)
     adv = advantages.expand(batch, length)
     shaped = (adv.to(compute) * gamma.detach().to(compute)).to(advantages.dtype)
-    if sign == "both":
-        return shaped
-    allowed = adv >= 0 if sign == "positive" else adv < 0
-    return torch.where(allowed, shaped, adv)
+    if sign != "both":
+        allowed = adv >= 0 if sign == "positive" else adv < 0
+        shaped = torch.where(allowed, shaped, adv)
+    _check_values(gamma, adv, shaped)
+    return shaped
 
 
-def _check_gamma_values(gamma: torch.Tensor) -> None:
-    """gamma must be finite and >= 0 everywhere (one host sync): NaN would poison the advantages, a negative
-    value would flip their sign."""
+def _check_values(gamma: torch.Tensor, adv: torch.Tensor, shaped: torch.Tensor) -> None:
+    """One host sync: gamma finite and >= 0 everywhere (NaN would poison the advantages, a negative value would
+    flip their sign), and no finite advantage turned infinite (A * gamma beyond the advantages' dtype: float16
+    ends at 65504)."""
     bad = ~torch.isfinite(gamma) | (gamma < 0)
-    if bool(bad.any()):
+    overflow = torch.isinf(shaped) & torch.isfinite(adv)
+    flags = torch.stack([bad.any(), overflow.any()]).tolist()
+    if flags[0]:
         b, t = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"gamma must be finite and >= 0 (credit multipliers; 1 = unchanged), got "
                          f"{float(gamma[b, t])} at [{b}, {t}] ({int(bad.sum())} bad value(s))")
+    if flags[1]:
+        b, t = (int(i) for i in overflow.nonzero()[0])
+        raise ValueError(f"advantages * gamma overflows {adv.dtype} at [{b}, {t}] ({float(adv[b, t])} * "
+                         f"{float(gamma[b, t])}; {int(overflow.sum())} value(s)): pass float32 advantages")
 
 
 def rows_needing_credit(advantages: torch.Tensor, sign: str = "both") -> torch.Tensor:

@@ -44,6 +44,7 @@ with ``credit_pass="scorer"`` DeepSpeed ZeRO-3 and FSDP.
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import field, make_dataclass
 
@@ -51,8 +52,9 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
-from rhythm.capture.recording import Capture
-from rhythm.config import CREDIT_KNOBS, CREDIT_PASSES, ConfigError, check, dataclass_fields, default, from_prefixed
+from rhythm.capture.recording import Capture, check_capturable
+from rhythm.config import (CREDIT_KNOBS, CREDIT_PASSES, ConfigError, check, dataclass_fields, default, from_prefixed,
+                           horizon_from_text)
 from rhythm.credit.gamma import compute_gamma, gamma_metrics, gamma_sums, sequence_starts, trainer_row_ids
 from rhythm.credit.shaping import rows_needing_credit, shape_advantages
 from rhythm.scoring.scorer import RhythmScorer, to_response_tensor
@@ -91,16 +93,17 @@ def _rhythm_fields() -> list:
 
 
 def _horizon_from_text(value):
-    """``--rhythm_horizon 10 end`` arrives as ['10', 'end']: ints and None ('end' / 'none'); other values are
-    left for the knob's check to refuse."""
+    """``--rhythm_horizon 10 end`` arrives as ['10', 'end']: each text item through the one parser
+    (:func:`rhythm.config.horizon_from_text`); items it cannot read are left for the knob's check to refuse."""
     if not isinstance(value, (list, tuple)):
         return value
     out = []
     for item in value:
-        if isinstance(item, str) and item.strip().lower() in ("end", "none", "null"):
-            item = None
-        elif isinstance(item, str) and item.strip().lstrip("-").isdigit():
-            item = int(item)
+        if isinstance(item, str):
+            try:
+                item = horizon_from_text(item)
+            except ValueError:
+                pass
         out.append(item)
     return tuple(out)
 
@@ -208,6 +211,12 @@ class RhythmGRPOTrainer(GRPOTrainer):
         self._rhythm_scorer: RhythmScorer | None = None
         self._rhythm_calls = 0
         self._rhythm_job: dict | None = None     # what the next policy log-prob forward records (see _record)
+        if rhythm_config.needs_scorer:
+            # The capture's refusals (an untaught architecture, a layer list the model does not have) now, not
+            # after the first generation.
+            policy = self._rhythm_policy()
+            check_capturable(policy)
+            RhythmScorer(policy, **rhythm_config.scorer_kwargs(self.args.per_device_train_batch_size))  # the layers
 
     # -- where credit happens ------------------------------------------------------------------------------------
     def _rhythm_active(self, mode: str) -> bool:
@@ -420,6 +429,29 @@ class RhythmGRPOTrainer(GRPOTrainer):
             self._metrics[mode][name].append(value)
         self._metrics[mode]["rhythm/frac_rows_measured"].append(float(sums[3]) / max(float(sums[4]), 1.0))
         self._metrics[mode]["rhythm/added_time_s"].append(seconds)
+
+
+def _refuse_plain_trainer(init):
+    """``GRPOTrainer.__init__`` -> the same, refusing a :class:`RhythmGRPOConfig` unless the trainer is a
+    :class:`RhythmGRPOTrainer`: a plain GRPOTrainer would ignore the rhythm_* fields and train plain GRPO
+    without a word. Installed once, when this module is imported (the only way to get a RhythmGRPOConfig)."""
+    if getattr(init, "__rhythm_wrapped__", False):
+        return init
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if isinstance(grpo_args, RhythmGRPOConfig) and not isinstance(self, RhythmGRPOTrainer):
+            raise TypeError(f"{type(self).__name__} got a RhythmGRPOConfig but does not apply the rhythm credit (it "
+                            "would train plain GRPO): use rhythm.integrations.trl.RhythmGRPOTrainer, or a plain "
+                            "trl.GRPOConfig for plain GRPO")
+        init(self, *args, **kwargs)
+
+    __init__.__rhythm_wrapped__ = True
+    return __init__
+
+
+GRPOTrainer.__init__ = _refuse_plain_trainer(GRPOTrainer.__init__)
 
 
 def _chunk_kwargs(kwargs: dict, chunk: slice, batch: int) -> dict:

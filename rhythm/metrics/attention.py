@@ -83,7 +83,7 @@ def attention_metrics(q, k, v=None, *, window=10, horizon=(10, 100), scale=None,
             really uses; None = plain causal softmax.
     """
     validation.check_qkv(q, k, v)
-    window, horizon = validation.check_options(window, horizon, scale, backend)
+    window, horizon = validation.check_options(window, horizon, scale, backend, validate)
     batch, heads, length, dim = q.shape
     attention_mask = validation.as_mask_tensor(attention_mask, q.device)
     for name, x in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens),

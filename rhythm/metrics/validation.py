@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from rhythm_kernels.segments import FLOAT32_MAX, FLOAT32_TINY, is_bool
+
 from rhythm.config import KNOBS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,15 +62,18 @@ def check_finite_on(real: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{name} holds NaN or Inf values on real (non-padding) positions")
 
 
-def check_options(window, horizon, scale, backend) -> tuple[int, tuple[int, int | None]]:
-    """window, horizon and backend follow ``rhythm.config`` (Python or numpy integers, never bools);
-    returns (window, horizon) as Python ints."""
+def check_options(window, horizon, scale, backend, validate=True) -> tuple[int, tuple[int, int | None]]:
+    """window, horizon and backend follow ``rhythm.config`` (Python or numpy integers, never bools), scale a
+    float in float32's normal range, validate a bool; returns (window, horizon) as Python ints."""
     window = KNOBS["window"].check(window)
     horizon = KNOBS["horizon"].check(horizon)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
-                              or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"scale must be None or a finite float > 0, got {scale!r}")
+    if scale is not None and (is_bool(scale) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
+                              or not FLOAT32_TINY <= scale <= FLOAT32_MAX):
+        raise ValueError(f"scale must be None or a finite float > 0 in float32's normal range "
+                         f"[{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.3g}] (the scores are float32), got {scale!r}")
     KNOBS["backend"].check(backend)
+    if not is_bool(validate):
+        raise TypeError(f"validate must be a bool (True or False), got {validate!r}")
     return window, horizon
 
 
@@ -115,3 +120,7 @@ def check_segments(segments, batch: int, length: int, device: torch.device) -> N
     if tuple(segments.shape) != (batch, length):
         raise ValueError(f"segments describe a layout of shape (B, T) = {tuple(segments.shape)}, but q has "
                          f"B = {batch}, T = {length}")
+    missing = sorted(set(range(batch)) - {span.row for span in segments.spans})
+    if missing:   # such a row would come back all zeros, as if it were padding
+        raise ValueError(f"segments leave batch row(s) {missing[:8]} of B = {batch} without a sequence: every row "
+                         "of q needs at least one segment")

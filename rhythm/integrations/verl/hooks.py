@@ -67,6 +67,7 @@ ENABLE_ENV = "RHYTHM_CREDIT"
 REQUEST_KEY = "rhythm_credit"  # what the driver adds to the actor's compute_log_prob batch (JSON)
 HYDRA_KEY = "rhythm"           # the block of verl's Hydra config
 SUPPORTED_STRATEGIES = ("fsdp", "fsdp2")
+_ON = ("", "1", "on", "true", "yes")    # unset or empty: on
 _OFF = ("0", "off", "false", "no")
 
 
@@ -85,15 +86,37 @@ def config_from_env() -> RhythmCreditConfig:
     return _build_config(values, f"${CONFIG_ENV}")
 
 
+def credit_enabled() -> bool:
+    """``$RHYTHM_CREDIT``: unset, empty, 1 / on / true / yes = on; 0 / off / false / no = off (any case);
+    anything else is refused (a typo must not decide whether a run trains with the credit)."""
+    raw = os.environ.get(ENABLE_ENV, "")
+    value = raw.strip().lower()
+    if value in _OFF:
+        return False
+    if value in _ON:
+        return True
+    raise ValueError(f"${ENABLE_ENV} must be unset, 1/on/true/yes (credit on) or 0/off/false/no (credit off), "
+                     f"got {raw!r}")
+
+
 def auto_config() -> RhythmCreditConfig | None:
     """The environment's config, or None when ``$RHYTHM_CREDIT`` turns the credit off."""
-    if os.environ.get(ENABLE_ENV, "").strip().lower() in _OFF:
+    if not credit_enabled():
         return None
     return config_from_env()
 
 
 def _build_config(values, where: str) -> RhythmCreditConfig:
-    """The one definition of the knobs (rhythm.config) checks names, types and ranges."""
+    """The one definition of the knobs (rhythm.config) checks names, types and ranges. ``credit_pass`` (a
+    TRL setting) is accepted as "fused" only: verl's hooks record inside the actor's own forward."""
+    if isinstance(values, dict) and "credit_pass" in values:
+        values = dict(values)
+        credit_pass = values.pop("credit_pass")
+        if credit_pass != "fused":
+            raise ValueError(f"{where}: credit_pass={credit_pass!r} - verl records the metrics inside the actor's "
+                             "old-log-prob forward, the fused pass only ('fused' or no key); a separate scorer pass "
+                             "is RhythmScorer + compute_rhythm_gamma in a trainer of your own (docs/integrations.md, "
+                             "manual pieces)")
     return RhythmCreditConfig.from_mapping(values, where=where)
 
 
@@ -101,7 +124,7 @@ def resolve_config(trainer_config=None) -> RhythmCreditConfig | None:
     """The run's config: the ``rhythm`` block of verl's Hydra config when present, else the environment's.
     None when the credit is off (``rhythm.enable=false`` or ``RHYTHM_CREDIT=0``)."""
     block = _get(trainer_config, HYDRA_KEY) if trainer_config is not None else None
-    if os.environ.get(ENABLE_ENV, "").strip().lower() in _OFF:
+    if not credit_enabled():
         return None
     if block is None:
         return config_from_env()
@@ -129,11 +152,6 @@ def check_run_mode(trainer_config, config: RhythmCreditConfig | None) -> None:
                          "credit off (rhythm.enable=false / RHYTHM_CREDIT=0)")
     if not config.needs_scorer:
         return
-    credit_pass = getattr(config, "credit_pass", "fused")
-    if credit_pass != "fused":
-        raise ValueError(f"rhythm.credit_pass={credit_pass!r}: in verl the metrics are recorded inside the actor's "
-                         "old-log-prob forward (credit_pass=fused); a separate scorer pass is not wired into verl's "
-                         "trainers - use the manual pieces (compute_rhythm_gamma) for it")
     strategy = _get(trainer_config, "actor_rollout_ref", "actor", "strategy")
     if strategy is not None and strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(f"rhythm credit records inside the FSDP/FSDP2 engine's forward; "
@@ -166,12 +184,25 @@ def _trainer_config(trainer) -> RhythmCreditConfig | None:
     return config
 
 
+def _wrapper(make):
+    """Decorator for the ``wrap_*`` functions below: ``make(fn)`` returns the replacement of verl's ``fn``; the
+    decorated ``wrap_*(fn)`` returns ``fn`` itself when it is already wrapped (idempotent), else the replacement
+    with ``fn``'s name, docstring and attributes (verl's ``register`` dispatch marks) and two marks of its own:
+    ``__rhythm_wrapped__`` and ``__rhythm_original__`` (what :func:`uninstall` restores)."""
+    @functools.wraps(make)
+    def wrap(fn):
+        if getattr(fn, "__rhythm_wrapped__", False):
+            return fn
+        replacement = functools.wraps(fn)(make(fn))
+        replacement.__rhythm_wrapped__ = True
+        replacement.__rhythm_original__ = fn
+        return replacement
+    return wrap
+
+
+@_wrapper
 def wrap_trainer_init(fn):
     """``__init__`` of a trainer -> validate the config and the mode first, keep the config on the trainer."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def __init__(self, *args, **kwargs):
         trainer_config = kwargs.get("config", args[0] if args else None)
         config = resolve_config(trainer_config)
@@ -179,8 +210,6 @@ def wrap_trainer_init(fn):
         self.__dict__["_rhythm_config"] = config
         fn(self, *args, **kwargs)
 
-    __init__.__rhythm_wrapped__ = True
-    __init__.__rhythm_original__ = fn
     return __init__
 
 
@@ -226,14 +255,11 @@ def _pop_request(data):
     return json.loads(value) if isinstance(value, str) else dict(value)
 
 
+@_wrapper
 def wrap_compute_log_prob(fn):
     """``ActorRolloutRefWorker.compute_log_prob`` -> the same method, recording the metrics inside its forward
     and returning ``rhythm_gamma`` with the log-probs when the batch carries the driver's request
     (idempotent; keeps verl's ``register`` attributes, which the worker group dispatches by)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def compute_log_prob(self, data, *args, **kwargs):
         request = _pop_request(data)  # before the engine sees the batch
         if request is None:
@@ -255,8 +281,6 @@ def wrap_compute_log_prob(fn):
             metrics["rhythm/credit_time_s"] = stats.get("credit_time_s", 0.0)
         return output
 
-    compute_log_prob.__rhythm_wrapped__ = True
-    compute_log_prob.__rhythm_original__ = fn
     return compute_log_prob
 
 
@@ -266,13 +290,10 @@ def _request(config: RhythmCreditConfig) -> str:
     return json.dumps({"config": config.to_dict()})
 
 
+@_wrapper
 def wrap_compute_old_log_prob(fn):
     """``RayPPOTrainer._compute_old_log_prob`` -> the same, with ``rhythm_gamma`` [B, R_len] in the returned
     ``DataProto`` (recorded by the actor workers, or computed here for random / entropy)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def _compute_old_log_prob(self, batch, *args, **kwargs):
         config = _trainer_config(self)
         if config is None:
@@ -319,8 +340,6 @@ def wrap_compute_old_log_prob(fn):
         out.meta_info["rhythm_sign"] = config.sign  # DataProto.union carries it to compute_advantage
         return result
 
-    _compute_old_log_prob.__rhythm_wrapped__ = True
-    _compute_old_log_prob.__rhythm_original__ = fn
     return _compute_old_log_prob
 
 
@@ -330,13 +349,10 @@ _NO_WORKER_GAMMA = ("the actor workers returned no rhythm_gamma: install the hoo
                     "(rhythm.enable=false / RHYTHM_CREDIT=0)")
 
 
+@_wrapper
 def wrap_compute_advantage(fn):
     """``compute_advantage`` -> the estimator (fresh advantages: the batch's shaped mark is cleared), then the
     gamma post-multiply when the batch carries ``rhythm_gamma`` - exactly once per call (idempotent)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def compute_advantage(data, *args, **kwargs):
         clear_shaped(data)
         data = fn(data, *args, **kwargs)
@@ -345,20 +361,15 @@ def wrap_compute_advantage(fn):
             apply_rhythm_gamma(data, sign=sign)
         return data
 
-    compute_advantage.__rhythm_wrapped__ = True
-    compute_advantage.__rhythm_original__ = fn
     return compute_advantage
 
 
 # ---- v1 driver: PPOTrainer._compute_old_log_prob, _compute_advantage ------------------------------------------
 
+@_wrapper
 def wrap_v1_compute_old_log_prob(fn):
     """v1 ``PPOTrainer._compute_old_log_prob(batch: KVBatchMeta, metrics)`` -> the same, with the request in
     ``batch.extra_info`` for the actor's call only (the attention strategies)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def _compute_old_log_prob(self, batch, *args, **kwargs):
         config = _trainer_config(self)
         if config is None or not config.needs_scorer:
@@ -373,8 +384,6 @@ def wrap_v1_compute_old_log_prob(fn):
             extra.pop(REQUEST_KEY, None)
         return result
 
-    _compute_old_log_prob.__rhythm_wrapped__ = True
-    _compute_old_log_prob.__rhythm_original__ = fn
     return _compute_old_log_prob
 
 
@@ -433,13 +442,10 @@ def v1_shape_advantages(tq, batch, config: RhythmCreditConfig, *, row_ids) -> di
     return gamma_metrics(gamma_sums(gamma, mask))
 
 
+@_wrapper
 def wrap_v1_compute_advantage(fn):
     """v1 ``PPOTrainer._compute_advantage(batch, metrics)`` -> the estimator, then gamma applied once to the
     advantages it wrote (:func:`v1_shape_advantages`)."""
-    if getattr(fn, "__rhythm_wrapped__", False):
-        return fn
-
-    @functools.wraps(fn)
     def _compute_advantage(self, batch, metrics, *args, **kwargs):
         config = _trainer_config(self)
         result = fn(self, batch, metrics, *args, **kwargs)
@@ -453,8 +459,6 @@ def wrap_v1_compute_advantage(fn):
         metrics["rhythm/shaping_time_s"] = time.perf_counter() - start
         return result
 
-    _compute_advantage.__rhythm_wrapped__ = True
-    _compute_advantage.__rhythm_original__ = fn
     return _compute_advantage
 
 
