@@ -6,6 +6,9 @@
     rhythm score --input rollouts.jsonl|- --output out.jsonl|out.parquet|- [--model PATH]
         batch scoring of rollouts into per-token signals and gammas; resumable by row id
         (:mod:`rhythm.app.score`, which has the Python API).
+    rhythm probe [--model PATH] [--prompts builtin|FILE] [--n N] [--out reports/probe/]
+        the paper's tests of the rhythm on the model (docs/probe.md, :mod:`rhythm.app.probe`): JSON of every
+        trial and an HTML page.
 
 Every credit / scorer flag (--window, --horizon, --q, ...) comes from :mod:`rhythm.config`. Conventions:
 a user error is one line on stderr and exit code 2, found before any model loads; progress bars only on a
@@ -245,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--block-rows", type=_positive_int, default=None,
                    help="rows per block: one output file, and what is redone when a worker dies (default: 64)")
     s.set_defaults(func=cmd_score)
+    from rhythm.app.probe.command import add_parser as add_probe
+
+    add_probe(sub, _add_common, _add_chat_template, _positive_int)
     return parser
 
 

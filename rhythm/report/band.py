@@ -115,3 +115,30 @@ class QKCapture(Capture):
             self.layer_attention[int(layer)] = describe_layer(module)
         return super()._attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def capture_qk(model, scorer, ids: list[int], prompt_length: int, *, stop_after_last: bool = True):
+    """One pass over one sequence (prompt + response token ids) recording the scorer's sampled layers with a
+    :class:`QKCapture`: (records {layer: AttentionMetrics}, qk {layer: (query, key, scale)} on the CPU,
+    {layer: LayerAttention}, the forward's output). stop_after_last=False lets the model finish, and the
+    output then holds its logits; otherwise it is None."""
+    from rhythm.capture.recording import CaptureContext
+
+    device = scorer.device
+    length = len(ids)
+    config = scorer.config
+    context = CaptureContext(layers=tuple(scorer.layers), response_start=torch.tensor([prompt_length], device=device),
+                             window=config.window, horizon=tuple(config.horizon), backend=config.backend,
+                             stop_after_last=stop_after_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), QKCapture(model) as capture:
+            records = capture.run(context, input_ids=torch.tensor([ids], device=device),
+                                  position_ids=torch.arange(length, device=device)[None])
+            qk = {layer: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in capture.qk[layer])
+                  for layer in scorer.layers}
+            layers = dict(capture.layer_attention)
+    finally:
+        model.train(was_training)
+    return records, qk, layers, context.output

@@ -71,27 +71,11 @@ def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_l
     horizon's lags, by key column, response rows only) from one early-stopped pass over the sequence alone
     that keeps q and k of the sampled layers and their attention descriptions
     (:class:`rhythm.report.band.QKCapture`)."""
-    import torch
+    from rhythm.report.band import capture_qk, group_band
 
-    from rhythm.report.band import QKCapture, group_band
-    from rhythm.capture.recording import CaptureContext
-
-    device = scorer.device
-    length = len(ids)
     config = scorer.config
-    context = CaptureContext(layers=tuple(scorer.layers), response_start=torch.tensor([prompt_length], device=device),
-                             window=config.window, horizon=tuple(config.horizon), backend=config.backend)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), QKCapture(model) as capture:
-            records = capture.run(context, input_ids=torch.tensor([ids], device=device),
-                                  position_ids=torch.arange(length, device=device)[None])
-            qk = {layer: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in capture.qk[layer])
-                  for layer in scorer.layers}
-            layers = dict(capture.layer_attention)
-    finally:
-        model.train(was_training)
+    length = len(ids)
+    records, qk, layers, _ = capture_qk(model, scorer, ids, prompt_length)
     lse = {layer: records[layer].lse.cpu() for layer in scorer.layers}
     h_lo, h_hi = config.horizon
     last = length - 1 if h_hi is None else min(h_hi, length - 1)

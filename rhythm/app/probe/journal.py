@@ -1,0 +1,69 @@
+"""The probe's journal ``DIR/probe_trials.jsonl``: one JSON record per prompt, appended and fsynced as each
+group of prompts finishes, so an interrupted run loses at most the group it was running.
+
+Resume: the settings are stored next to the journal (``probe_trials.jsonl.settings.json``) and a resume
+must match them (the rule of ``rhythm score``, :func:`rhythm.app.output.check_stored_settings`). A last line
+without its newline is kept when it is a complete record and cut off when it is torn (a killed write: that
+prompt runs again); any other unreadable line is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class ProbeError(ValueError):
+    """A probe that cannot run or resume (the message says why and what to do)."""
+
+
+def _record(line: bytes):
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) and "id" in obj and "prompt" in obj else None
+
+
+class Journal:
+    """``records``: id -> record of the prompts already probed."""
+
+    def __init__(self, path: Path, settings: dict):
+        from rhythm.app.output import OutputError, check_stored_settings
+
+        self.path = Path(path)
+        try:
+            check_stored_settings(self.path, settings,
+                                  has_rows=self.path.exists() and self.path.stat().st_size > 0)
+        except OutputError as e:
+            raise ProbeError(f"--out: {e}") from None
+        self.records: dict = {}
+        data = self.path.read_bytes() if self.path.exists() else b""
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            keep = _record(data[cut:]) is not None
+            with self.path.open("ab" if keep else "rb+") as f:
+                if keep:
+                    f.write(b"\n")
+                else:
+                    f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+            data = data + b"\n" if keep else data[:cut]
+        for number, line in enumerate(data.split(b"\n")[:-1], start=1):
+            if not line.strip():
+                continue
+            record = _record(line)
+            if record is None:
+                raise ProbeError(f"{self.path}:{number}: not a complete probe record (the file was edited or "
+                                 "corrupted); delete that line or the file, or choose another --out")
+            self.records[record["id"]] = record
+
+    def append(self, records: list[dict]) -> None:
+        """Write finished records (one JSON line each) and make them durable before returning."""
+        text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.update({r["id"]: r for r in records})
