@@ -213,7 +213,8 @@ PROMPTS = [Prompt(f"p{i}", text) for i, text in enumerate([
 @pytest.fixture(scope="module")
 def probed(tiny):
     model, tokenizer = tiny
-    return run_probe(model, tokenizer, PROMPTS, settings=ProbeSettings(k=2, max_new_tokens=40, batch_size=8))
+    return run_probe(model, tokenizer, PROMPTS, settings=ProbeSettings(k=2, min_after=8, max_new_tokens=40,
+                                                                        batch_size=8))
 
 
 def test_replay_reproduces_the_original_exactly(probed, tiny):
@@ -250,7 +251,7 @@ def test_the_token_replaced_is_the_one_chosen(probed, tiny):
             logits = model(ids).logits[0].double()
         p = len(prompt_ids)
         fai, valid = record["signals"]["fai"], record["signals"]["fai_valid"]
-        eligible = [j for j, v in enumerate(valid) if v and j < len(response) - 1]
+        eligible = [j for j, v in enumerate(valid) if v and j + 8 <= len(response) - 1]   # min_after = 8
         for t in record["trials"]:
             j = t["position"]
             assert t["original_id"] == response[j]

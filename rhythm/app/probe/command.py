@@ -15,6 +15,8 @@ def add_parser(sub, add_common, add_chat_template, positive_int):
     p.add_argument("--n", type=positive_int, default=None, help="probe the first N prompts (default: all)")
     p.add_argument("--trials", type=positive_int, default=2,
                    help="perturbation trials of each kind (high-FAI, low-FAI, random) per response (default: 2)")
+    p.add_argument("--min-after", type=positive_int, default=32,
+                   help="a perturbed position needs at least this many response tokens after it (default: 32)")
     p.add_argument("--max-new-tokens", type=positive_int, default=160, help="response length cap (default: 160)")
     p.add_argument("--batch-size", type=positive_int, default=32,
                    help="sequences per generation batch (default: 32); prompts run, and are written, in groups of "
@@ -65,8 +67,8 @@ def cmd_probe(args) -> int:
 
     try:   # the cheap checks first: the prompts file, then the model's path and config
         prompts, source = load_prompts(args.prompts)
-        settings = ProbeSettings(k=args.trials, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 seed=args.seed, chat_template=args.chat_template)
+        settings = ProbeSettings(k=args.trials, min_after=args.min_after, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, seed=args.seed, chat_template=args.chat_template)
     except (PromptError, ProbeError) as e:
         raise UsageError(str(e)) from None
     if args.n is not None:

@@ -210,6 +210,9 @@ def probe_html(result: dict) -> str:
             "Wilcoxon p-values are two-sided (Wilcoxon exact for up to 50 non-zero differences, normal "
             "approximation above); coupling p-values are the exact tail of the permutation baseline (anchors "
             "placed uniformly at random among the tokens with a valid FAI). Definitions: docs/probe.md.")
+    where = summary["perturbation"]["positions"]
+    note += " Mean position of the perturbed tokens (fraction of the response) and mean FAI: " + "; ".join(
+        f"{kind} {_f(v['mean'], 2)}, FAI {_f(v['mean_fai'], 4)}" for kind, v in where.items()) + "."
     skipped = "".join(f"<li>{_e(s['id'])}: {_e(s['reason'])}</li>" for s in summary["skipped"])
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>rhythm probe</title>"
             f"<style>{_CSS}</style></head><body><h1>rhythm probe: does the preplan-and-anchor rhythm exist in "

@@ -20,7 +20,8 @@ from rhythm.app.probe.journal import Journal, ProbeError
 from rhythm.app.probe.prompts import Prompt
 from rhythm.app.probe.summary import summarize
 from rhythm.app.probe.text import jaccard
-from rhythm.app.probe.trials import analyse, coupling_counts, entropy_stats, plan_trials, trial_seed, waad_peaks
+from rhythm.app.probe.trials import (analyse, coupling_counts, eligible_positions, entropy_stats, plan_trials,
+                                     trial_seed, waad_peaks)
 
 JOURNAL = "probe_trials.jsonl"
 RESULT = "probe.json"
@@ -29,20 +30,22 @@ PAGE = "probe.html"
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """k: trials of each kind per response. max_new_tokens: response length cap. batch_size: rows per
+    """k: trials of each kind per response. min_after: response tokens an eligible position must have after
+    it (:mod:`rhythm.app.probe.trials`). max_new_tokens: response length cap. batch_size: rows per
     generation batch; the prompts go in groups of ``group_size`` (batch_size // (3k + 1), at least 1), so one
     group's 3k + 1 continuations per response fill one batch, and each group's records are written when it
     finishes. seed: the random control's positions and the bootstrap. chat_template: prompts go through the
     tokenizer's chat template as one user message."""
 
     k: int = 2
+    min_after: int = 32
     max_new_tokens: int = 160
     batch_size: int = 32
     seed: int = 0
     chat_template: bool = True
 
     def __post_init__(self):
-        for name in ("k", "max_new_tokens", "batch_size"):
+        for name in ("k", "min_after", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ProbeError(f"ProbeSettings.{name} must be an int >= 1, got {value!r}")
@@ -66,14 +69,13 @@ def _decode(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _record(prompt: Prompt, prompt_ids, response_ids, signals, trials, tokenizer) -> dict:
+def _record(prompt: Prompt, prompt_ids, response_ids, signals, trials, tokenizer, min_after: int) -> dict:
     record = {"id": prompt.id, "prompt": prompt.text, "prompt_tokens": len(prompt_ids),
               "response": _decode(tokenizer, response_ids), "response_ids": response_ids, "skipped": None,
               "trials": trials, "coupling": None, "entropy": None, "heads": None}
     if signals is None:
         record["skipped"] = "empty response"
         return record
-    n = len(response_ids)
     eligible = [bool(v) for v in signals["fai_valid"]]
     peaks = waad_peaks(signals["waad"])
     anchors = [bool(a) for a in signals["anchor"]]
@@ -85,8 +87,8 @@ def _record(prompt: Prompt, prompt_ids, response_ids, signals, trials, tokenizer
         "heads": signals["heads"],
     })
     if trials is None:
-        record["skipped"] = (f"{sum(e and j < n - 1 for j, e in enumerate(eligible))} eligible tokens (valid FAI, "
-                             f"not the last), fewer than 2k")
+        record["skipped"] = (f"{sum(eligible_positions(eligible, min_after))} eligible tokens (valid FAI, at least "
+                             f"{min_after} tokens after), fewer than 2 x trials")
     return record
 
 
@@ -102,7 +104,8 @@ def _group(model, tokenizer, scorer, prompts: list[Prompt], settings: ProbeSetti
     plans = []
     for prompt, p_ids, r_ids in zip(prompts, prompt_ids, responses):
         signals = analyse(model, tokenizer, scorer, p_ids, r_ids) if r_ids else None
-        trials = plan_trials(signals, r_ids, settings.k, trial_seed(settings.seed, prompt.id)) if signals else None
+        trials = (plan_trials(signals, r_ids, settings.k, trial_seed(settings.seed, prompt.id), settings.min_after)
+                  if signals else None)
         plans.append((signals, trials))
     t2 = time.perf_counter()
     rows, budgets, where = [], [], []
@@ -126,7 +129,7 @@ def _group(model, tokenizer, scorer, prompts: list[Prompt], settings: ProbeSetti
         t["jaccard"] = jaccard(t["original_after"], t["continuation"])
     records = []
     for prompt, p_ids, r_ids, (signals, trials) in zip(prompts, prompt_ids, responses, plans):
-        records.append(_record(prompt, p_ids, r_ids, signals, trials, tokenizer))
+        records.append(_record(prompt, p_ids, r_ids, signals, trials, tokenizer, settings.min_after))
         if bar is not None:
             bar(1)
     return records

@@ -109,6 +109,11 @@ def summarize(records: list[dict], *, seed: int = 0) -> dict:
                                          "random_vs_low": ("random", "low")}.items()}
     perturbation["high_vs_low_by_prompt"] = paired_summary(*_per_prompt(with_trials, "high", "low"), seed=seed)
     perturbation["replay"] = {"n": len(replays), "identical": sum(1 for t in replays if t["identical"])}
+    perturbation["positions"] = {kind: {"mean": _mean([t["position"] / len(r["response_ids"]) for r in with_trials
+                                                       for t in r["trials"] if t["kind"] == kind]),
+                                        "mean_fai": _mean([t["fai"] for r in with_trials for t in r["trials"]
+                                                           if t["kind"] == kind])}
+                                 for kind in ("high", "low", "random")}
     entropy_rows = [r["entropy"] for r in records if r.get("entropy")]
     both = [e for e in entropy_rows if e["peaks"] is not None and e["others"] is not None]
     rhos = [e["spearman"] for e in entropy_rows if e["spearman"] is not None]

@@ -3,8 +3,9 @@ against entropy, and the per-head distances with their attention-sink share.
 
 Positions are response indices j (the token at absolute position P + j, P the prompt length).
 
-- **Eligible** tokens: response tokens with a valid FAI (docs/definitions.md section 2) that are not the last
-  one (something must follow to compare).
+- **Eligible** tokens: response tokens with a valid FAI (docs/definitions.md section 2) followed by at least
+  ``min_after`` response tokens (something to compare; it also keeps the trials off the response's last
+  tokens, whose FAI averages only a few rows and whose continuations are only a few words).
 - **Perturbation trials** (paper Table 1): ``high`` = the k eligible tokens of largest FAI, ``low`` = the k
   of smallest FAI (ties to the lower position in both), ``random`` = k eligible tokens drawn with a
   generator seeded by (seed, prompt id), and one ``replay`` at the first ``high`` position that keeps the
@@ -135,11 +136,15 @@ def replacement(logits: torch.Tensor, original: int) -> int:
     return second if first == original else first
 
 
-def plan_trials(signals: dict, response_ids: list[int], k: int, seed: str) -> list[dict] | None:
+def eligible_positions(fai_valid: list[bool], min_after: int) -> list[bool]:
+    n = len(fai_valid)
+    return [bool(v) and j + min_after <= n - 1 for j, v in enumerate(fai_valid)]
+
+
+def plan_trials(signals: dict, response_ids: list[int], k: int, seed: str, min_after: int) -> list[dict] | None:
     """The trials of one response (without continuations): kind, rank, position j, original, replacement
     token ids, FAI at j. None when the response has fewer than 2k eligible tokens."""
-    n = len(response_ids)
-    eligible = [bool(v) and j < n - 1 for j, v in enumerate(signals["fai_valid"])]
+    eligible = eligible_positions(signals["fai_valid"], min_after)
     chosen = choose_positions(signals["fai"], eligible, k, seed)
     if chosen is None:
         return None
