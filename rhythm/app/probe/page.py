@@ -209,7 +209,8 @@ def probe_html(result: dict) -> str:
             "so the per-trial rows count dependent pairs; the per-prompt row is the conservative test. Sign and "
             "Wilcoxon p-values are two-sided (Wilcoxon exact for up to 50 non-zero differences, normal "
             "approximation above); coupling p-values are the exact tail of the permutation baseline (anchors "
-            "placed uniformly at random among the tokens with a valid FAI). Definitions: docs/probe.md.")
+            "placed uniformly at random among the tokens with a valid FAI); the per-offset p-values are not corrected for "
+            "the number of offsets. Definitions: docs/probe.md.")
     where = summary["perturbation"]["positions"]
     note += " Mean position of the perturbed tokens (fraction of the response) and mean FAI: " + "; ".join(
         f"{kind} {_f(v['mean'], 2)}, FAI {_f(v['mean_fai'], 4)}" for kind, v in where.items()) + "."
