@@ -354,3 +354,19 @@ def test_cli_probe_refuses_bad_input_before_loading(tmp_path, capsys):
     assert "neither 'builtin' nor an existing file" in capsys.readouterr().err
     assert cli.main(["probe", "--trials", "0"]) == 2
     assert "--trials" in capsys.readouterr().err
+
+
+def test_summary_and_page_without_any_trial():
+    """Every prompt skipped (empty responses): the statistics say n = 0 and the page still renders."""
+    from rhythm.app.probe.page import probe_html
+    from rhythm.app.probe.summary import summarize
+
+    records = [{"id": i, "prompt": "<x>", "prompt_tokens": 3, "response": "", "response_ids": [],
+                "skipped": "empty response", "trials": None, "coupling": None, "entropy": None, "heads": None}
+               for i in range(2)]
+    summary = summarize(records)
+    assert summary["perturbation"]["high_vs_low"]["n"] == 0 and summary["perturbation"]["high_vs_low"]["sign_p"] == 1.0
+    assert summary["coupling"]["waad_peaks"]["near"]["lift"] is None and summary["heads"] == {"responses": 0}
+    page = probe_html({"settings": {"probe": {"k": 2}, "scorer": {}, "model": "m"}, "summary": summary,
+                       "records": records})
+    assert "empty response" in page and "&lt;x&gt;" in page and page.count("data:image/png") == 1
