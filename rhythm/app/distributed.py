@@ -138,8 +138,8 @@ def _run(ray, settings, files, folder, record, blocks, options, console, report)
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=options.address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=not console.quiet)
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=not console.quiet,
+                 logging_level=logging.ERROR if console.quiet else logging.WARNING)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False          # our own bar (rows), on a terminal only
