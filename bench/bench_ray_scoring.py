@@ -12,7 +12,9 @@ worker loads the model itself), and the steady rate: the output is sampled every
 the part files) and the rows written after the first sample that saw any are divided by the time from that
 sample to the end (start-up excluded).
 
-    python bench/bench_ray_scoring.py [--rows 48] [--out bench/results/ray_scoring_cpu.json]
+    python bench/bench_ray_scoring.py [--rows 48] [--model DIR] [--out bench/results/ray_scoring_cpu.json]
+
+The result is a ``rhythm-bench/1`` file (bench/records.py): one record of kind "run" per way.
 """
 from __future__ import annotations
 
@@ -101,45 +103,49 @@ def main() -> None:
     parser.add_argument("--response", type=int, default=160)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--block-rows", type=int, default=4)
+    parser.add_argument("--model", default=None, help="a local model instead of the bundled SmolLM2")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ray_scoring_cpu.json"))
     args = parser.parse_args()
     import ray
-    import transformers
 
-    from bench.machine import describe, save_json
+    from bench.records import describe_machine, write_result
     from rhythm.app.common import ModelSource
 
-    machine = dict(describe(), transformers=transformers.__version__, ray=ray.__version__)
-    vocab, _ = ModelSource(None).limits()
+    machine = dict(describe_machine(), ray=ray.__version__)
+    vocab, _ = ModelSource(args.model).limits()
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     src = work / "in.jsonl"
     _input(src, args.rows, args.prompt, args.response, vocab)
-    common = ["--input", str(src), "--quiet", "--micro-batch-size", str(args.micro_batch_size)]
+    common = ["--input", str(src), "--quiet", "--micro-batch-size", str(args.micro_batch_size),
+              *(["--model", args.model] if args.model else [])]
     runs = []
     wall, samples = _command(["score", *common, "--output", str(work / "single.jsonl")],
                              _jsonl_rows(work / "single.jsonl"))
-    runs.append({"way": "rhythm score (one process)", "wall_s": round(wall, 2),
+    runs.append({"kind": "run", "way": "rhythm score (one process)", "wall_s": round(wall, 2),
                  "rows_per_s": round(args.rows / wall, 3), **_steady(samples)})
     print(runs[-1], flush=True)
     for workers in (1, 2):
         out = work / f"ray{workers}"
         wall, samples = _command(["score", *common, "--output", str(out), "--ray", "--workers", str(workers),
                                   "--block-rows", str(args.block_rows)], _part_rows(out))
-        runs.append({"way": f"rhythm score --ray --workers {workers}", "wall_s": round(wall, 2),
+        runs.append({"kind": "run", "way": f"rhythm score --ray --workers {workers}", "wall_s": round(wall, 2),
                      "rows_per_s": round(args.rows / wall, 3), **_steady(samples),
                      "parts": len(list(out.glob("part-*.parquet"))),
                      "max_abs_diff_vs_one_process": _check(out, work / "single.jsonl")})
         print(runs[-1], flush=True)
     machine["load_average_at_end"] = os.getloadavg()
-    save_json(args.out, {
-        "benchmark": "rhythm score --ray vs rhythm score, bundled SmolLM2-135M-Instruct (GGUF, float32), CPU",
-        "input": {"rows": args.rows, "prompt_tokens": args.prompt, "response_tokens": args.response,
-                  "micro_batch_size": args.micro_batch_size, "block_rows": args.block_rows,
-                  "strategies": "coupled,local,global"},
-        "notes": "each way is one command in a fresh process, wall time including start-up (every Ray worker "
-                 "loads the model itself); Ray workers: 1 CPU and 1 torch thread each; the one-process command "
-                 "uses torch's default threads",
-        "machine": machine, "runs": runs})
+    write_result(args.out, "ray_scoring",
+                 f"rhythm score --ray (1 and 2 workers) vs rhythm score, {args.model or 'bundled SmolLM2-135M'}, CPU",
+                 settings={"model": args.model or "bundled SmolLM2-135M-Instruct (GGUF, float32)", "rows": args.rows,
+                           "prompt_tokens": args.prompt, "response_tokens": args.response,
+                           "micro_batch_size": args.micro_batch_size, "block_rows": args.block_rows,
+                           "strategies": "coupled,local,global",
+                           "method": "each way is one command in a fresh process, wall time including start-up "
+                                     "(every Ray worker loads the model itself); Ray workers: 1 CPU and 1 torch "
+                                     "thread each; the one-process command uses torch's default threads"},
+                 records=runs, machine=machine,
+                 summary={"max_abs_diff_vs_one_process": max(r.get("max_abs_diff_vs_one_process", 0.0)
+                                                             for r in runs)})
 
 
 if __name__ == "__main__":

@@ -145,12 +145,17 @@ def test_rows_equal_the_single_process_output(local_ray, tiny_model_dir, tok, tm
 
 
 def _worker_pids():
+    """The ScoreWorker actors of this test's Ray instance (its processes descend from this one: ray.init
+    started the raylet that starts the workers), never those of another Ray on the machine."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if any("ScoreWorker" in part for part in proc.info["cmdline"] or ()):
-            pids.append(proc.info["pid"])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("ScoreWorker" in part for part in proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:     # ended meanwhile
+            continue
     return pids
 
 
