@@ -3,8 +3,10 @@
 For Llama, Qwen3 (windows above max_window_layers), Mistral (window on every layer), Gemma 2 (alternating
 windows + logit softcapping), Gemma 3 (alternating windows), Qwen2-MoE (use_sliding_window with
 max_window_layers: the window reaches attention only through the mask), GPT-OSS (alternating windows + sinks),
-PhiMoE (window only through the mask) and Llama 4 (attention_chunk_size on the RoPE layers), with left
-padding, right padding and a packed row: the metrics the capture records must equal the ones read off the
+PhiMoE (window only through the mask) and Llama 4 (attention_chunk_size on the RoPE layers), and the issue-20
+architectures (OLMo 2/3, Qwen3-MoE, the Qwen3-Next / Qwen3.5 hybrids, DeepSeek-V3 MLA, SmolLM3 NoPE layers, Phi-3
+and GLM-4-MoE partial rotary, Granite's attention_multiplier, Cohere 2, EXAONE 4, Seed-OSS, Ministral 3's
+per-position query scaling), with left padding, right padding and a packed row: the metrics the capture records must equal the ones read off the
 model's eager maps (``output_attentions=True``) by the brute force below, within docs/definitions.md section 7,
 with the torch backend, and with Triton (under the interpreter on CPU) for a subset.
 
@@ -36,7 +38,16 @@ LENGTH = 56
 # GPT-OSS builds its masks without position_ids (transformers 5.x): its own attention runs across the boundaries
 # of a packed row, so a packed layout disagrees with the model and must be refused.
 MODEL_ATTENDS_ACROSS_PACKED_SEQUENCES = {("gpt_oss", "packed")}
+# Hybrids: transformers' torch path of their gated-DeltaNet layers ignores packed boundaries -> refused.
+HYBRIDS = {"qwen3_next", "qwen3_5"}
 KINDS = ["llama", "qwen3", "mistral", "gemma2", "gemma3", "qwen2_moe", "gpt_oss", "phimoe", "llama4"]
+NEW_KINDS = ["olmo2", "olmo3", "qwen3_moe", "qwen3_next", "qwen3_5", "deepseek_v3", "smollm3", "phi3", "glm4_moe",
+             "granite", "cohere2", "exaone4", "seed_oss", "ministral3"]
+HYBRID_SAMPLED = (1, 3)   # the hybrids' softmax-attention layers are 1, 3, 5 (full_attention_interval=2)
+
+
+def sampled(kind: str) -> tuple[int, ...]:
+    return HYBRID_SAMPLED if kind in HYBRIDS else SAMPLED
 
 
 # ---- nine tiny architectures ------------------------------------------------------------------------------------
@@ -84,6 +95,8 @@ def tiny_model(kind: str):
                                                no_rope_layer_interval=2, num_local_experts=2, num_experts_per_tok=1,
                                                intermediate_size_mlp=64, interleave_moe_layer_step=2)
         cls = transformers.Llama4ForCausalLM
+    elif kind in NEW_KINDS:
+        config, cls = new_architecture_config(kind, common)
     else:
         raise ValueError(kind)
     config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
@@ -93,6 +106,55 @@ def tiny_model(kind: str):
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, config.num_attention_heads))
     return model
+
+
+def new_architecture_config(kind: str, common: dict):
+    """(config, model class) of the issue-20 architectures; each mechanism sized to bite (SPAN-position windows,
+    a scaling far from head_dim**-0.5, query scaling that grows within a row, half-width rotary)."""
+    t = transformers
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    hybrid = dict(common, num_hidden_layers=6, head_dim=8, full_attention_interval=2, linear_num_key_heads=2,
+                  linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    routed = dict(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                  moe_intermediate_size=32)
+    if kind == "olmo2":
+        return t.Olmo2Config(**common), t.Olmo2ForCausalLM
+    if kind == "olmo3":     # sliding layers 0, 1; full 2, 3
+        return (t.Olmo3Config(**common, sliding_window=SPAN, layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2),
+                t.Olmo3ForCausalLM)
+    if kind == "qwen3_moe":  # use_sliding_window: the window on every layer
+        return t.Qwen3MoeConfig(**common, **moe, head_dim=8, use_sliding_window=True, sliding_window=SPAN), t.Qwen3MoeForCausalLM
+    if kind == "qwen3_next":  # gated DeltaNet on 0, 2, 4; softmax attention (gated output, rotary 1/4) on 1, 3, 5
+        return t.Qwen3NextConfig(**hybrid, **moe, shared_expert_intermediate_size=32), t.Qwen3NextForCausalLM
+    if kind == "qwen3_5":
+        return t.Qwen3_5TextConfig(**hybrid), t.Qwen3_5ForCausalLM
+    if kind == "deepseek_v3":  # MLA: q/k head dim 8 + 4, v head dim 6; YaRN mscale in the scaling
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+        return (t.DeepseekV3Config(**dict(common, num_key_value_heads=4), **routed, q_lora_rank=16, kv_lora_rank=16,
+                                   qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, rope_parameters=rope),
+                t.DeepseekV3ForCausalLM)
+    if kind == "smollm3":   # no_rope_layers [1, 0, 1, 0]: the NoPE layers 1, 3 slide
+        return (t.SmolLM3Config(**common, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True,
+                                sliding_window=SPAN), t.SmolLM3ForCausalLM)
+    if kind == "phi3":      # the window on every layer; rotary on half of each head
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        return t.Phi3Config(**common, sliding_window=SPAN, pad_token_id=0, rope_parameters=rope), t.Phi3ForCausalLM
+    if kind == "glm4_moe":  # partial_rotary_factor 0.5 (its default), q/k norms
+        return t.Glm4MoeConfig(**common, **routed, head_dim=8, use_qk_norm=True), t.Glm4MoeForCausalLM
+    if kind == "granite":   # scaling = attention_multiplier instead of head_dim**-0.5 = 0.35
+        return t.GraniteConfig(**common, attention_multiplier=0.6), t.GraniteForCausalLM
+    if kind == "cohere2":   # sliding layers 0, 2 (RoPE); full layers 1, 3 (NoPE)
+        return t.Cohere2Config(**common, sliding_window=SPAN, sliding_window_pattern=2), t.Cohere2ForCausalLM
+    if kind == "exaone4":   # sliding layers 0, 2 (RoPE); full layers 1, 3 (NoPE)
+        return t.Exaone4Config(**common, sliding_window=SPAN, sliding_window_pattern=2), t.Exaone4ForCausalLM
+    if kind == "seed_oss":
+        return t.SeedOssConfig(**common, head_dim=8), t.SeedOssForCausalLM
+    if kind == "ministral3":  # q scaled by 1 + beta log(1 + floor(position / 8)) before the call; window everywhere
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
+                "original_max_position_embeddings": 8}
+        return t.Ministral3Config(**common, head_dim=8, sliding_window=SPAN, rope_parameters=rope), t.Ministral3ForCausalLM
+    raise ValueError(kind)
 
 
 # ---- batch layouts, brute force -----------------------------------------------------------------------------------
@@ -164,8 +226,10 @@ def eager_run(model, inputs):
             c._attn_implementation_internal = saved[key]
         AttentionInterface._global_mapping.pop(name)
         AttentionMaskInterface._global_mapping.pop(name)
-    for layer, (weights, _) in seen.items():
-        assert out.attentions[layer] is weights, "output_attentions returns the eager function's maps"
+    # output_attentions holds one map per softmax-attention layer, in layer order (a hybrid's other layers have none)
+    assert len(out.attentions) == len(seen)
+    for index, layer in enumerate(sorted(seen)):
+        assert out.attentions[index] is seen[layer][0], "output_attentions returns the eager function's maps"
     return seen
 
 
@@ -203,8 +267,8 @@ def real_positions(segments, batch_size: int) -> torch.Tensor:
     return real
 
 
-def capture(model, inputs, context_kwargs, backend="torch", stop_after_last=True):
-    context = CaptureContext(layers=SAMPLED, window=WAAD_WINDOW, horizon=HORIZON, backend=backend,
+def capture(model, inputs, context_kwargs, backend="torch", stop_after_last=True, layers=SAMPLED):
+    context = CaptureContext(layers=layers, window=WAAD_WINDOW, horizon=HORIZON, backend=backend,
                              stop_after_last=stop_after_last, **context_kwargs)
     with torch.no_grad(), Capture(model) as cap:
         records = cap.run(context, **inputs)
@@ -221,10 +285,14 @@ def check_against_eager(kind, layout, backend):
         _, start, end, _ = segments[1]
         assert attn[0, :, start:end, :start].sum().item() > 0.1, "the model's own attention crosses the packed boundary"
         return
-    records, _ = capture(model, inputs, context_kwargs, backend=backend)
+    if kind in HYBRIDS and layout == "packed":
+        with pytest.raises(UnsupportedModelError, match="packed rows are refused.*linear_attention"):
+            capture(model, inputs, context_kwargs, backend=backend, layers=sampled(kind))
+        return
+    records, _ = capture(model, inputs, context_kwargs, backend=backend, layers=sampled(kind))
     maps = eager_run(model, inputs)
     real = real_positions(segments, inputs["input_ids"].shape[0])[:, None, :].expand(-1, 4, -1)
-    for layer in SAMPLED:
+    for layer in sampled(kind):
         attn, logits = maps[layer]
         want = brute_force(attn, logits, segments, LENGTH)
         for name in ("distance", "waad", "lse", "fai"):
@@ -236,14 +304,15 @@ def check_against_eager(kind, layout, backend):
 
 # ---- capture vs eager maps ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, layout", list(itertools.product(KINDS, ["left", "right", "packed"])) +
+@pytest.mark.parametrize("kind, layout", list(itertools.product(KINDS + NEW_KINDS, ["left", "right", "packed"])) +
                          [("qwen2", "left")])
 def test_capture_matches_eager_maps(kind, layout):
     check_against_eager(kind, layout, "torch")
 
 
 @pytest.mark.parametrize("kind, layout", [("gemma2", "left"), ("gpt_oss", "left"), ("llama4", "right"),
-                                          ("qwen2_moe", "packed")])
+                                          ("qwen2_moe", "packed"), ("olmo3", "packed"), ("qwen3_5", "left"),
+                                          ("ministral3", "right")])
 def test_capture_matches_eager_maps_triton(kind, layout):
     """The Triton kernels (under the interpreter on CPU) on softcap + window, sinks + window, chunks, and a
     mask-only window on a packed row."""
@@ -267,13 +336,13 @@ def test_mechanisms_bite():
     assert (1 - attn[0].sum(-1)).max().item() > 0.1, "gpt_oss: the sinks should take a share of the rows"
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + NEW_KINDS)
 def test_full_forward_matches_the_model(kind):
     """Non-sampled layers keep their own windowed/chunked masks (the capture registers sdpa's or eager's mask
     function under its name) and softcap/sinks (eager delegate): the full forward's logits equal the model's."""
     model = tiny_model(kind)
     inputs, context_kwargs, segments = batch("left")
-    _, context = capture(model, inputs, context_kwargs, stop_after_last=False)
+    _, context = capture(model, inputs, context_kwargs, stop_after_last=False, layers=sampled(kind))
     with torch.no_grad():
         want = model(**inputs, use_cache=False).logits
     real = real_positions(segments, 3)
@@ -298,10 +367,13 @@ def _run(model, layers=(1,), length=16, **inputs):
 
 
 def test_unknown_architecture_is_refused_before_any_forward():
-    model = _small(transformers.Phi3Config, transformers.Phi3ForCausalLM, pad_token_id=0)
+    """BLOOM (ALiBi: a position bias added to the logits) is not taught."""
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=3,
+                                                                    n_head=4)).eval()
     calls = []
-    model.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    with pytest.raises(UnsupportedModelError, match="'phi3'.*not one the capture was taught"):
+    model.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(UnsupportedModelError, match="'bloom'.*not one the capture was taught"):
         _run(model)
     assert calls == []
 

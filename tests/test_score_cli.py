@@ -424,17 +424,17 @@ def test_untaught_architecture_refused_before_the_model_loads(tiny_model_dir, tm
     load (score) or a token is generated (analyze)."""
     import shutil
 
-    model = tmp_path / "olmo"
+    model = tmp_path / "bloom"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="olmo2", architectures=["Olmo2ForCausalLM"])
+    config.update(model_type="bloom", architectures=["BloomForCausalLM"])
     (model / "config.json").write_text(json.dumps(config))
     src = tmp_path / "in.jsonl"
     _write(src, [{"id": 1, "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]}])
     assert cli.main(_args(model, src, tmp_path / "o.jsonl")) == 2
-    assert "model type 'olmo2'" in _error(capsys)
+    assert "model type 'bloom'" in _error(capsys)
     assert cli.main(["analyze", "--model", str(model), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
-    assert "model type 'olmo2'" in _error(capsys)
+    assert "model type 'bloom'" in _error(capsys)
 
 
 def test_parquet_int_ids_beyond_int64_refused_before_scoring(tiny_model_dir, tmp_path, no_model_load, capsys):  # noqa: F811

@@ -16,6 +16,14 @@ cross-checked three ways before any number is kept:
    description implies on the batch layout (window, chunk, padding, packed segments), on device; the capture
    checks the flags once at the end of the pass.
 
+Hybrid architectures (Qwen3-Next, Qwen3.5) interleave softmax-attention layers with layers of another kind
+(gated DeltaNet, typed ``linear_attention``) that never call the attention function: :func:`attention_layers`
+names the softmax-attention layers, the only ones the scorer may sample (docs/definitions.md section 3).
+
+Scaling and rotary variants need no rule here: a multiplier instead of 1/sqrt(D) (Granite), YaRN's mscale
+(DeepSeek-V3) arrive as the call's ``scaling``; partial rotary, NoPE layers and per-position query scaling
+(Ministral 3) are applied to q and k before the call, so the metrics see them already.
+
 Anything else raises :class:`UnsupportedModelError` naming the mechanism and the model type.
 """
 from __future__ import annotations
@@ -48,6 +56,12 @@ class Architecture:
     softcap: ``config.attn_logit_softcapping`` is applied, passed as ``softcap=`` (Gemma 2). Where False, a
         configured softcap is refused (Gemma 3's modeling code does not apply it: config and code disagree).
     sinks: the module holds ``sinks`` [Hq], passed as ``s_aux=`` (GPT-OSS).
+    other_layers: layer types (``config.layer_types``) that are not softmax attention and never reach the
+        attention function (hybrids: ``linear_attention``, Qwen3-Next's and Qwen3.5's gated DeltaNet). They are
+        never sampled.
+    packed_rows: packed rows (several sequences in one row) are exact. False where the other layers carry
+        their state across the packed boundaries (transformers' torch path of gated DeltaNet ignores
+        ``position_ids`` resets and ``cu_seq_lens``), so a sequence's attention depends on its neighbours.
     """
 
     windows: str = "none"
@@ -55,6 +69,11 @@ class Architecture:
     chunks: bool = False
     softcap: bool = False
     sinks: bool = False
+    other_layers: frozenset = frozenset()
+    packed_rows: bool = True
+
+
+_HYBRID = dict(other_layers=frozenset({"linear_attention"}), packed_rows=False)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -68,6 +87,21 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma3_text": Architecture(windows="layer_types", window_kwarg=True),
     "gpt_oss": Architecture(windows="layer_types", window_kwarg=True, sinks=True),
     "llama4_text": Architecture(chunks=True),
+    # issue 20: the architectures RL users train in 2026 (transformers 5.24 modeling code read for each)
+    "olmo2": Architecture(),
+    "olmo3": Architecture(windows="layer_types", window_kwarg=True),
+    "qwen3_moe": Architecture(windows="every_layer", window_kwarg=True),
+    "qwen3_next": Architecture(**_HYBRID),
+    "qwen3_5_text": Architecture(**_HYBRID),
+    "deepseek_v3": Architecture(),          # MLA: q/k head dim qk_nope + qk_rope, v head dim v_head_dim
+    "smollm3": Architecture(windows="layer_types", window_kwarg=True),
+    "phi3": Architecture(windows="every_layer", window_kwarg=True),
+    "glm4_moe": Architecture(),
+    "granite": Architecture(),
+    "cohere2": Architecture(windows="layer_types", window_kwarg=True),
+    "exaone4": Architecture(windows="layer_types", window_kwarg=True),
+    "seed_oss": Architecture(),
+    "ministral3": Architecture(windows="every_layer", window_kwarg=True),
 }
 
 # Keywords an attention call may carry, and why each is safe. Anything else is refused: an unknown keyword
@@ -81,6 +115,37 @@ UNDERSTOOD_KWARGS = frozenset(_CROSS_CHECKED | _LAYOUT | _NO_EFFECT)
 
 def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
+
+
+def attention_layers(config) -> list[int] | None:
+    """The 0-based indices of a hybrid model's softmax-attention layers: every layer whose
+    ``config.layer_types`` entry is not one of its architecture's ``other_layers``.
+
+    config: the model's (text) config. Returns None where every layer is softmax attention (and for a model
+    type the capture was not taught: the capture refuses that model before any number anyway)."""
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    layer_types = getattr(config, "layer_types", None)
+    if arch is None or not arch.other_layers or layer_types is None:
+        return None
+    num_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    if len(layer_types) < num_layers:
+        raise UnsupportedModelError(f"model type {config.model_type!r}: config.layer_types names "
+                                    f"{len(layer_types)} layers for num_hidden_layers = {num_layers}")
+    return [i for i in range(num_layers) if layer_types[i] not in arch.other_layers]
+
+
+def check_layout(module: torch.nn.Module, segments: Segments) -> None:
+    """Refuse packed rows on an architecture whose non-attention layers do not see the packed boundaries.
+
+    module: a sampled layer's attention module (its ``config`` names the architecture)."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    rows = [row for row, _, _, _ in segments.host]
+    if not ARCHITECTURES[model_type].packed_rows and len(set(rows)) != len(rows):
+        raise UnsupportedModelError(
+            f"model type {model_type!r}: packed rows are refused: its {sorted(ARCHITECTURES[model_type].other_layers)} "
+            "layers carry their recurrent state across the packed boundaries (transformers' torch path ignores "
+            "position_ids resets and cu_seq_lens), so each sequence's attention would depend on its neighbours; "
+            "score a padded batch (verl: use_remove_padding=False)")
 
 
 def check_model(model: torch.nn.Module, configs: list) -> None:
@@ -131,6 +196,9 @@ def describe_layer(module: torch.nn.Module) -> LayerAttention:
                                     "for causal attention only")
     layer_types = getattr(config, "layer_types", None)
     layer_type = layer_types[layer] if layer_types is not None else FULL
+    if layer_type in arch.other_layers:
+        raise UnsupportedModelError(f"{where} is a {layer_type!r} layer, not softmax attention: only the "
+                                    "softmax-attention layers of a hybrid model can be sampled")
     if layer_type not in (FULL, SLIDING, CHUNKED):
         raise UnsupportedModelError(f"{where} has layer type {layer_type!r}, which is not softmax attention the "
                                     "capture can describe")

@@ -61,7 +61,8 @@ from rhythm.capture import flash
 
 from rhythm.metrics import validation
 from rhythm.metrics.attention import AttentionMetrics, attention_metrics
-from rhythm.capture.architectures import UnsupportedModelError, check_call, check_model, describe_layer, mask_disagreement
+from rhythm.capture.architectures import (UnsupportedModelError, check_call, check_layout, check_model, describe_layer,
+                                          mask_disagreement)
 
 _NAME_PREFIX = "rhythm_capture"
 _counter = itertools.count()
@@ -312,6 +313,7 @@ class Capture:
         if context.layout is None:
             # The batch layout is the same for every sampled layer: read it (one host sync) once per pass.
             context.layout = self._layout(context, query, kwargs)
+            check_layout(module, context.layout)
         disagreement = mask_disagreement(attention_mask, description, context.layout, query.shape[2])
         if disagreement is not None:
             context.mask_checks.append((layer, disagreement))
@@ -348,6 +350,7 @@ class Capture:
                 attention_mask = attention_mask.index_select(0, rows)
         if context.layout is None:
             context.layout = self._layout(context, q, kwargs)
+            check_layout(module, context.layout)
         disagreement = mask_disagreement(attention_mask, description, context.layout, q.shape[2])
         if disagreement is not None:
             context.mask_checks.append((layer, disagreement))

@@ -16,17 +16,35 @@ import torch
 from rhythm_kernels.segments import is_bool, is_integer
 
 
-def sample_layers(num_layers: int) -> list[int]:
-    """The five evenly spaced middle-third layers (0-based, deduplicated, sorted).
+def sample_layers(num_layers: int, attention_layers=None) -> list[int]:
+    """Five evenly spaced softmax-attention layers of the middle third (0-based, deduplicated, sorted).
 
-    lo = floor(L/3), hi = floor(2L/3), layer_i = lo + (i * (hi - lo)) // 4 for i = 0..4.
-    L = 36 -> [12, 15, 18, 21, 24]; L = 30 -> [10, 12, 15, 17, 20]; L = 3 -> [1, 2].
+    lo = floor(L/3), hi = floor(2L/3); the candidates c_0 < ... < c_{n-1} are the attention layers in
+    [lo, hi] (every layer there unless ``attention_layers`` names a hybrid's softmax-attention layers);
+    layer_i = c_{(i * (n - 1)) // 4} for i = 0..4. With every layer a candidate, c_j = lo + j and this is
+    lo + (i * (hi - lo)) // 4. L = 36 -> [12, 15, 18, 21, 24]; L = 30 -> [10, 12, 15, 17, 20]; L = 3 -> [1, 2];
+    L = 48 with attention on every fourth layer (3, 7, ..., 47) -> [19, 23, 27, 31].
+
+    attention_layers: iterable of layer indices in [0, L), or None (every layer is softmax attention).
+    Raises ValueError when no attention layer lies in the middle third (pass the layers explicitly).
     """
     if not is_integer(num_layers) or num_layers < 3:
         raise ValueError(f"num_layers must be an int >= 3, got {num_layers!r}")
     num_layers = int(num_layers)
     lo, hi = num_layers // 3, (2 * num_layers) // 3
-    return sorted({lo + (i * (hi - lo)) // 4 for i in range(5)})
+    if attention_layers is None:
+        candidates = list(range(lo, hi + 1))
+    else:
+        attention_layers = sorted({int(x) for x in attention_layers})
+        if attention_layers and (attention_layers[0] < 0 or attention_layers[-1] >= num_layers):
+            raise ValueError(f"attention_layers must lie in [0, {num_layers}), got {attention_layers}")
+        candidates = [x for x in attention_layers if lo <= x <= hi]
+        if not candidates:
+            raise ValueError(f"no softmax-attention layer lies in the middle third [{lo}, {hi}] of the "
+                             f"{num_layers} layers (attention layers: {attention_layers}); pass layers=... "
+                             "explicitly")
+    n = len(candidates)
+    return sorted({candidates[(i * (n - 1)) // 4] for i in range(5)})
 
 
 def mean_response_distance(distance: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from rhythm_kernels.segments import Segments, Span, segments_from_cu_seqlens, se
     trainer_response_mask
 
 from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
+from rhythm.capture.architectures import attention_layers
 from rhythm.capture.recording import Capture, CaptureContext, cu_seqlens_from_position_ids
 from rhythm.credit.gamma import compute_gamma
 from rhythm.credit.heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
@@ -226,16 +227,22 @@ class RhythmScorer:
         self.heads_per_layer = int(getattr(text_config, "num_attention_heads", 0) or 0)
         if self.heads_per_layer < 1:
             raise ValueError(f"model config ({type(text_config).__name__}) has no num_attention_heads")
+        # A hybrid's softmax-attention layers (the only ones with attention to sample), None = every layer.
+        attention = attention_layers(text_config)
         if self.config.layers is None:
             if self.num_layers < 3:
                 raise ValueError(f"the model has {self.num_layers} layer(s); the middle-third layer sampling "
                                  "(docs/definitions.md section 3) needs "
                                  "at least 3 (pass layers=... explicitly)")
-            self.layers = sample_layers(self.num_layers)
+            self.layers = sample_layers(self.num_layers, attention)
         else:
             self.layers = sorted({int(x) for x in self.config.layers})
             if not self.layers or self.layers[0] < 0 or self.layers[-1] >= self.num_layers:
                 raise ValueError(f"layers must be non-empty indices in [0, {self.num_layers}), got {self.config.layers}")
+            other = [x for x in self.layers if attention is not None and x not in attention]
+            if other:
+                raise ValueError(f"layers {other} are not softmax-attention layers of this hybrid model (its "
+                                 f"attention layers: {attention}); only those can be sampled")
         self.fixed_groups = self.config.fixed_groups
 
     @property
