@@ -29,20 +29,18 @@ transformers = pytest.importorskip("transformers")
 
 from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError  # noqa: E402
 from tests.oracle_check import assert_within_spec7  # noqa: E402
+from tests.tiny_architectures import HYBRIDS, NEW_KINDS, SPAN, new_architecture_config  # noqa: E402
 
 VOCAB = 128
-SPAN = 12                 # sliding window / attention chunk of every tiny model
+# SPAN (tests/tiny_architectures.py): sliding window / attention chunk of every tiny model
 WAAD_WINDOW, HORIZON = 6, (2, 12)
 SAMPLED = (1, 2)          # one layer of each type in the alternating models; layer 0 (windowed) and 3 are not sampled
 LENGTH = 56
 # GPT-OSS builds its masks without position_ids (transformers 5.x): its own attention runs across the boundaries
 # of a packed row, so a packed layout disagrees with the model and must be refused.
 MODEL_ATTENDS_ACROSS_PACKED_SEQUENCES = {("gpt_oss", "packed")}
-# Hybrids: transformers' torch path of their gated-DeltaNet layers ignores packed boundaries -> refused.
-HYBRIDS = {"qwen3_next", "qwen3_5"}
+# Hybrids (HYBRIDS): transformers' torch path of their gated-DeltaNet layers ignores packed boundaries -> refused.
 KINDS = ["llama", "qwen3", "mistral", "gemma2", "gemma3", "qwen2_moe", "gpt_oss", "phimoe", "llama4"]
-NEW_KINDS = ["olmo2", "olmo3", "qwen3_moe", "qwen3_next", "qwen3_5", "deepseek_v3", "smollm3", "phi3", "glm4_moe",
-             "granite", "cohere2", "exaone4", "seed_oss", "ministral3"]
 HYBRID_SAMPLED = (1, 3)   # the hybrids' softmax-attention layers are 1, 3, 5 (full_attention_interval=2)
 
 
@@ -96,7 +94,7 @@ def tiny_model(kind: str):
                                                intermediate_size_mlp=64, interleave_moe_layer_step=2)
         cls = transformers.Llama4ForCausalLM
     elif kind in NEW_KINDS:
-        config, cls = new_architecture_config(kind, common)
+        config, cls = new_architecture_config(kind, **common)
     else:
         raise ValueError(kind)
     config._attn_implementation = "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
@@ -106,55 +104,6 @@ def tiny_model(kind: str):
             for layer in model.model.layers:
                 layer.self_attn.sinks.copy_(torch.linspace(-1.0, 2.0, config.num_attention_heads))
     return model
-
-
-def new_architecture_config(kind: str, common: dict):
-    """(config, model class) of the issue-20 architectures; each mechanism sized to bite (SPAN-position windows,
-    a scaling far from head_dim**-0.5, query scaling that grows within a row, half-width rotary)."""
-    t = transformers
-    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    hybrid = dict(common, num_hidden_layers=6, head_dim=8, full_attention_interval=2, linear_num_key_heads=2,
-                  linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
-    routed = dict(n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                  moe_intermediate_size=32)
-    if kind == "olmo2":
-        return t.Olmo2Config(**common), t.Olmo2ForCausalLM
-    if kind == "olmo3":     # sliding layers 0, 1; full 2, 3
-        return (t.Olmo3Config(**common, sliding_window=SPAN, layer_types=["sliding_attention"] * 2 + ["full_attention"] * 2),
-                t.Olmo3ForCausalLM)
-    if kind == "qwen3_moe":  # use_sliding_window: the window on every layer
-        return t.Qwen3MoeConfig(**common, **moe, head_dim=8, use_sliding_window=True, sliding_window=SPAN), t.Qwen3MoeForCausalLM
-    if kind == "qwen3_next":  # gated DeltaNet on 0, 2, 4; softmax attention (gated output, rotary 1/4) on 1, 3, 5
-        return t.Qwen3NextConfig(**hybrid, **moe, shared_expert_intermediate_size=32), t.Qwen3NextForCausalLM
-    if kind == "qwen3_5":
-        return t.Qwen3_5TextConfig(**hybrid), t.Qwen3_5ForCausalLM
-    if kind == "deepseek_v3":  # MLA: q/k head dim 8 + 4, v head dim 6; YaRN mscale in the scaling
-        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-                "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
-        return (t.DeepseekV3Config(**dict(common, num_key_value_heads=4), **routed, q_lora_rank=16, kv_lora_rank=16,
-                                   qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, rope_parameters=rope),
-                t.DeepseekV3ForCausalLM)
-    if kind == "smollm3":   # no_rope_layers [1, 0, 1, 0]: the NoPE layers 1, 3 slide
-        return (t.SmolLM3Config(**common, pad_token_id=0, no_rope_layer_interval=2, use_sliding_window=True,
-                                sliding_window=SPAN), t.SmolLM3ForCausalLM)
-    if kind == "phi3":      # the window on every layer; rotary on half of each head
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-        return t.Phi3Config(**common, sliding_window=SPAN, pad_token_id=0, rope_parameters=rope), t.Phi3ForCausalLM
-    if kind == "glm4_moe":  # partial_rotary_factor 0.5 (its default), q/k norms
-        return t.Glm4MoeConfig(**common, **routed, head_dim=8, use_qk_norm=True), t.Glm4MoeForCausalLM
-    if kind == "granite":   # scaling = attention_multiplier instead of head_dim**-0.5 = 0.35
-        return t.GraniteConfig(**common, attention_multiplier=0.6), t.GraniteForCausalLM
-    if kind == "cohere2":   # sliding layers 0, 2 (RoPE); full layers 1, 3 (NoPE)
-        return t.Cohere2Config(**common, sliding_window=SPAN, sliding_window_pattern=2), t.Cohere2ForCausalLM
-    if kind == "exaone4":   # sliding layers 0, 2 (RoPE); full layers 1, 3 (NoPE)
-        return t.Exaone4Config(**common, sliding_window=SPAN, sliding_window_pattern=2), t.Exaone4ForCausalLM
-    if kind == "seed_oss":
-        return t.SeedOssConfig(**common, head_dim=8), t.SeedOssForCausalLM
-    if kind == "ministral3":  # q scaled by 1 + beta log(1 + floor(position / 8)) before the call; window everywhere
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.5,
-                "original_max_position_embeddings": 8}
-        return t.Ministral3Config(**common, head_dim=8, sliding_window=SPAN, rope_parameters=rope), t.Ministral3ForCausalLM
-    raise ValueError(kind)
 
 
 # ---- batch layouts, brute force -----------------------------------------------------------------------------------
@@ -324,7 +273,8 @@ def test_mechanisms_bite():
     see, the softcap changes logits, the sinks take a share of every row."""
     _, _, segments = batch("left")
     for kind, layer in [("qwen3", 2), ("mistral", 1), ("gemma2", 2), ("gemma3", 2), ("qwen2_moe", 2),
-                        ("gpt_oss", 2), ("phimoe", 1), ("llama4", 2)]:
+                        ("gpt_oss", 2), ("phimoe", 1), ("llama4", 2), ("olmo3", 1), ("qwen3_moe", 2), ("smollm3", 1),
+                        ("phi3", 2), ("cohere2", 2), ("exaone4", 2), ("ministral3", 1)]:
         inputs, _, segments = batch("left")
         attn, logits = eager_run(tiny_model(kind), inputs)[layer]
         b, start, end, _ = segments[0]
@@ -334,6 +284,25 @@ def test_mechanisms_bite():
     assert logits.abs().max().item() > 1.5, "gemma2: logits should reach the softcap (2.0)"
     attn, _ = eager_run(tiny_model("gpt_oss"), batch("left")[0])[1]
     assert (1 - attn[0].sum(-1)).max().item() > 0.1, "gpt_oss: the sinks should take a share of the rows"
+
+
+def test_scaling_and_rotary_variants_bite():
+    """The tiny configs exercise what happens before or inside the call (the eager-map comparison above is what
+    proves the capture honours it): a scaling other than head_dim**-0.5, query scaling that grows along the
+    row, rotary on part of each head only, NoPE layers among the sampled ones."""
+    attn = lambda kind, layer: tiny_model(kind).model.layers[layer].self_attn  # noqa: E731
+    assert attn("granite", 1).scaling == 0.6 and 8 ** -0.5 < 0.36
+    assert attn("deepseek_v3", 1).scaling > 1.05 * 12 ** -0.5, "YaRN mscale should scale the logits"
+    from transformers.models.ministral3.modeling_ministral3 import get_llama_4_attn_scale
+    rope = tiny_model("ministral3").config.rope_parameters
+    scale = get_llama_4_attn_scale(torch.arange(LENGTH)[None], rope["llama_4_scaling_beta"],
+                                   rope["original_max_position_embeddings"])
+    assert scale[0, 0, 0, 0] == 1 and scale[0, 0, -1, 0] > 1.9
+    for kind, head_dim in [("phi3", 8), ("glm4_moe", 8), ("qwen3_next", 8), ("qwen3_5", 8)]:
+        rotated = 2 * tiny_model(kind).model.rotary_emb.inv_freq.numel()
+        assert rotated < head_dim, f"{kind}: rotary on {rotated} of {head_dim} dims"
+    assert not attn("smollm3", 1).use_rope and attn("smollm3", 2).use_rope       # sampled: a NoPE and a RoPE layer
+    assert attn("cohere2", 1).sliding_window is None and not attn("exaone4", 1).is_sliding   # NoPE, full
 
 
 @pytest.mark.parametrize("kind", KINDS + NEW_KINDS)
