@@ -19,6 +19,32 @@ def test_sample_layers(num_layers, expected):
     assert sample_layers(num_layers) == expected
 
 
+def test_sample_layers_every_layer_rule_unchanged():
+    """With every layer a softmax-attention layer (explicitly or None) the rule is lo + (i (hi - lo)) // 4."""
+    for n in range(3, 130):
+        lo, hi = n // 3, 2 * n // 3
+        old = sorted({lo + (i * (hi - lo)) // 4 for i in range(5)})
+        assert sample_layers(n) == old == sample_layers(n, range(n)), n
+
+
+@pytest.mark.parametrize("num_layers, attention, expected", [
+    (48, range(3, 48, 4), [19, 23, 27, 31]),   # Qwen3-Next-80B: 4 attention layers in [16, 32], all taken
+    (32, range(3, 32, 4), [11, 15, 19]),       # Qwen3.5-9B-like: [10, 21] holds 11, 15, 19
+    (60, range(1, 60, 2), [21, 25, 29, 33, 39]),  # 10 candidates 21..39 in [20, 40]: c_0, c_2, c_4, c_6, c_9
+    (6, [1, 3, 5], [3]),                        # the tiny hybrid of the tests
+])
+def test_sample_layers_hybrid(num_layers, attention, expected):
+    """docs/definitions.md section 3: layer_i = c_((i (n - 1)) // 4) over the n attention layers in [lo, hi]."""
+    assert sample_layers(num_layers, attention) == expected
+
+
+def test_sample_layers_hybrid_without_middle_attention_layer():
+    with pytest.raises(ValueError, match=r"no softmax-attention layer lies in the middle third \[2, 4\]"):
+        sample_layers(6, [0, 5])
+    with pytest.raises(ValueError, match="attention_layers must lie in"):
+        sample_layers(6, [1, 6])
+
+
 @pytest.mark.parametrize("bad", [2, 0, -5, 3.0, True, "36"])
 def test_sample_layers_rejects(bad):
     with pytest.raises(ValueError, match="num_layers"):

@@ -58,6 +58,9 @@ def oracle_scores(model, ids, layers, segments, attention_mask=None, position_id
     segments: [(row, start, end, response_start)]. Returns rows [n_seq, L] (segment-aligned), the groups
     (local, global_ index lists) and per-token waad / fai float64 [n_seq, width]."""
     maps = eager_attentions(model, ids, attention_mask, position_ids)
+    # one map per softmax-attention layer, in layer order (a hybrid's linear-attention layers have none)
+    layer_types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(maps)
+    maps = dict(zip([i for i, kind in enumerate(layer_types) if kind != "linear_attention"], maps))
     per_layer = [maps_metrics(maps[layer], segments, horizon=horizon) for layer in layers]
     stack = {name: torch.cat([m[name] for m in per_layer], dim=1) for name in ("distance", "waad", "fai")}
     rows = {name: [] for name in ("distance", "waad", "fai", "response", "fai_valid")}
@@ -407,3 +410,41 @@ def test_trainer_response_mask_checks_its_length():
         with pytest.raises(ValueError, match="response_length must be an int in"):
             trainer_response_mask(mask, bad)
     assert trainer_response_mask(mask, 0).sum() == 0
+
+
+# ---- hybrid models: only softmax-attention layers are sampled (docs/definitions.md section 3) -------------------
+
+def test_hybrid_samples_attention_layers_only_and_matches_eager():
+    """Qwen3.5 (6 layers: gated DeltaNet on 0, 2, 4; softmax attention on 1, 3, 5): the middle third [2, 4]
+    holds one attention layer, 3, and that is what is sampled (the every-layer rule would take 2, 3, 4: two
+    DeltaNet layers). The signals equal the eager-maps oracle's; output_attentions holds one map per attention
+    layer, in layer order (the oracle maps them to layer indices from config.layer_types)."""
+    from tests.tiny_architectures import tiny_architecture
+
+    model = tiny_architecture("qwen3_5", VOCAB)
+    attention = [i for i, kind in enumerate(model.config.layer_types) if kind == "full_attention"]
+    assert attention == [1, 3, 5]
+    ids, mask = padded_batch("left", length=48)
+    response = response_suffix(mask, [20, 25, 14])
+    scores = RhythmScorer(model, micro_batch_size=2, horizon=(2, 12)).score(ids, mask, response)
+    assert scores.layers == [3]
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    assert len(eager_attentions(model, ids, mask, position_ids)) == len(attention)
+    starts = torch.tensor([48 - n for n in [20, 25, 14]])
+    segments = brute_force_layout(*ids.shape, mask, starts)
+    check_against_oracle(scores, model, ids, segments, horizon=(2, 12), attention_mask=mask,
+                         position_ids=position_ids)
+
+
+def test_hybrid_refuses_linear_layers_and_packed_rows():
+    from rhythm.capture.architectures import UnsupportedModelError
+    from tests.tiny_architectures import tiny_architecture
+
+    model = tiny_architecture("qwen3_next", VOCAB)
+    with pytest.raises(ValueError, match=r"layers \[2\] are not softmax-attention layers.*\[1, 3, 5\]"):
+        RhythmScorer(model, layers=[2, 3])
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(3))
+    response = torch.zeros(1, 30, dtype=torch.bool)
+    response[0, 10:15] = response[0, 25:] = True
+    with pytest.raises(UnsupportedModelError, match="packed rows are refused"):
+        RhythmScorer(model).score(ids, None, response, cu_seqlens=torch.tensor([0, 15, 30]))
