@@ -471,3 +471,35 @@ def test_score_job_per_micro_batch_equals_the_command(tiny_model_dir, tok, tmp_p
     got = job.score_rows(parsed[:2]) + job.score_rows(parsed[2:4]) + job.score_rows(parsed[4:])
     assert got == _read(dst)
     assert ScoreJob(settings).score_rows(parsed) == got      # one call: the same micro-batches
+
+
+# ---- issue 20: `rhythm score` and `rhythm analyze` on architectures beyond Llama ---------------------------------
+
+@pytest.mark.parametrize("kind", ["olmo3", "qwen3_moe", "qwen3_5", "deepseek_v3"])
+def test_score_and_analyze_other_architectures(tiny_model_dir, tok, tmp_path, kind):  # noqa: F811
+    """A saved tiny OLMo 3 / Qwen3-MoE / Qwen3.5 (hybrid) / DeepSeek-V3 (MLA) with the test tokenizer: `rhythm
+    score` rows equal RhythmScorer on each row alone (bitwise, one row per micro-batch), and `rhythm analyze`
+    writes its report naming the sampled layers (the hybrid's: its softmax-attention layer 3 only)."""
+    import shutil
+
+    from tests.tiny_architectures import tiny_architecture
+
+    path = tmp_path / kind
+    shutil.copytree(tiny_model_dir, path)
+    (path / "model.safetensors").unlink()
+    tiny_architecture(kind, len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id).save_pretrained(path)
+    rows = _token_rows(tok, 3)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, rows)
+    strategies = ["coupled", "local", "global"]
+    assert cli.main(_args(path, src, dst, "--micro-batch-size", "1", "--strategies", ",".join(strategies))) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+    assert model.config.model_type == ("qwen3_5_text" if kind == "qwen3_5" else kind)
+    assert _columns_match(_read(dst), _expected_columns(model, rows, strategies), atol=0.0)
+    out = tmp_path / "report"
+    assert cli.main(["analyze", "--model", str(path), "--max-new-tokens", "12", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "rhythm.json").read_text())
+    want = [3] if kind == "qwen3_5" else [1, 2]     # 6 layers with attention on 1, 3, 5; else 4 layers -> [1, 2]
+    assert data["layers"] == want and len(data["waad"]) == len(data["tokens"]) > 0
+    assert (out / "rhythm.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")

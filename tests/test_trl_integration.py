@@ -515,3 +515,25 @@ def test_capture_refusals_at_construction(tokenizer, tmp_path):
     finally:
         GRPOTrainer._generate_and_score_completions = original
     assert not generated
+
+
+# ---- issue 20: architectures beyond Llama on the fused path ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["olmo3", "qwen3_moe", "qwen3_5", "deepseek_v3"])
+def test_fused_path_on_other_architectures(tokenizer, tmp_path, record_parent, loss_spy, kind):
+    """OLMo 3 (sliding layers), Qwen3-MoE (window on every layer), Qwen3.5 (hybrid: only its softmax-attention
+    layers sampled), DeepSeek-V3 (MLA, q/k head dim 12 != v head dim 6): one GRPO step on the fused path, and the
+    advantages at the loss equal A_row x gamma of a fresh RhythmScorer on the generating weights."""
+    from tests.tiny_architectures import tiny_architecture
+
+    model = tiny_architecture(kind, len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              tie_word_embeddings=False)
+    model.train()
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS})
+    trainer = RhythmGRPOTrainer(model=model, reward_funcs=length_reward, args=grpo_args(tmp_path, max_steps=1),
+                                train_dataset=ds, processing_class=tokenizer,
+                                rhythm_config=RhythmCreditConfig(strategy="coupled", **SMALL), credit_pass="fused")
+    trainer.train()
+    amplified, tokens, _ = check_shaped(loss_spy, record_parent)
+    assert tokens > 0 and 0 < amplified < tokens

@@ -469,3 +469,30 @@ def test_random_baseline_follows_the_one_rule_in_both_drivers(model, hooks, ray_
         torch.testing.assert_close(shaped[i], base[i] * want[i, :RESPONSE_LENS[b]], rtol=0, atol=0)
     tokens = sum(RESPONSE_LENS[b] for b in V1_ROWS)
     assert metrics["rhythm/frac_amplified"] == float((want > 1).sum()) / tokens
+
+
+# ---- issue 20: architectures beyond Llama ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["olmo3", "qwen3_moe", "qwen3_5", "deepseek_v3"])
+def test_worker_records_gamma_on_other_architectures(hooks, kind):
+    """The actor's compute_log_prob with gamma on OLMo 3, Qwen3-MoE, Qwen3.5 (hybrid) and DeepSeek-V3 (MLA):
+    rhythm_gamma equals the separate-pass scorer's, log-probs unchanged. verl's remove-padding layout packs the
+    rows, which the hybrid refuses (its DeltaNet layers would carry state across the boundaries): padded there."""
+    from verl.workers.engine_workers import ActorRolloutRefWorker
+
+    from rhythm.capture.architectures import UnsupportedModelError
+    from tests.tiny_architectures import HYBRIDS, tiny_architecture
+
+    model = tiny_architecture(kind, 97)
+    if kind in HYBRIDS:
+        packed = engine_worker(model, use_remove_padding=True)
+        with pytest.raises(UnsupportedModelError, match="packed rows are refused.*use_remove_padding=False"):
+            ActorRolloutRefWorker.compute_log_prob(packed, _no_padding(verl_batch(), CFG))
+    worker = engine_worker(model, use_remove_padding=kind not in HYBRIDS)
+    plain = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
+    fused = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch(), CFG))
+    torch.testing.assert_close(fused["log_probs"].values(), plain["log_probs"].values(), rtol=0, atol=1e-5)
+    lengths = verl_batch().batch["attention_mask"][:, -R_MAX:].sum(-1)
+    gamma = response_gamma(fused["rhythm_gamma"], lengths, R_MAX)
+    torch.testing.assert_close(gamma, per_row_gamma(model, verl_batch(), CFG), rtol=0, atol=0)
+    assert bool((gamma > 1).any())
