@@ -29,7 +29,8 @@ def test_fa2_matches_sdpa(window):
     q = torch.randn(2, 8, 128, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     k = torch.randn(2, 2, 128, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(2, 2, 128, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
-    assert flash.usable(q, None, 0.0, {"sliding_window": window})
+    assert flash.usable(q, None, 0.0, {"sliding_window": window}, v)
+    assert not flash.usable(q, None, 0.0, {}, v[..., :32])               # MLA-like D_v != D_qk: the delegate's
     t = torch.arange(128, device="cuda")
     visible = t[None, :] <= t[:, None]
     if window:

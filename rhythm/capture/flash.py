@@ -7,6 +7,7 @@ layers run ``flash_attn_func`` instead of SDPA:
 - query on CUDA in fp16 / bf16 (FA2's dtypes), no attention dropout;
 - no mask reached the layer: the mask function (SDPA's) skipped it, so the batch is plain causal attention
   over whole rows (no padding, no packed boundaries, no custom pattern);
+- one head dim for q, k and v (FA2 takes no v head dim of its own: MLA's D_v != D_qk goes to the delegate);
 - nothing FA2 does not take: no sinks (``s_aux``), no position bias. A sliding window (``sliding_window``:
   t - s < w, FA2's ``window_size=(w - 1, 0)``) and logit softcapping (``softcap``) are passed through.
 
@@ -30,10 +31,13 @@ def available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def usable(query: torch.Tensor, attention_mask, dropout: float, kwargs: dict) -> bool:
-    """True when FA2 computes this (non-sampled) layer's attention exactly as the model's own function would."""
+def usable(query: torch.Tensor, attention_mask, dropout: float, kwargs: dict, value: torch.Tensor | None = None) -> bool:
+    """True when FA2 computes this (non-sampled) layer's attention exactly as the model's own function would.
+
+    value: the layer's v [B, Hkv, T, D_v] (None: taken to have q's head dim)."""
     return (available() and query.is_cuda and query.dtype in _FA2_DTYPES and attention_mask is None
-            and not dropout and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS))
+            and not dropout and all(kwargs.get(name) is None for name in _UNSUPPORTED_KWARGS)
+            and (value is None or value.shape[-1] == query.shape[-1]))
 
 
 def attention(query, key, value, *, scaling: float | None, sliding_window: int | None = None,

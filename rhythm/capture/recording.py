@@ -330,7 +330,7 @@ class Capture:
 
     def _passthrough(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
         """The attention of a layer whose output we do not compute: flash-attn where usable, else the delegate."""
-        if flash.usable(query, attention_mask, dropout, kwargs):   # FA2 where it imports (rhythm.capture.flash)
+        if flash.usable(query, attention_mask, dropout, kwargs, value):   # FA2 where it imports (rhythm.capture.flash)
             return flash.attention(query, key, value, scaling=scaling, sliding_window=kwargs.get("sliding_window"),
                                    softcap=kwargs.get("softcap")), None
         return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
