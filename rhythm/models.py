@@ -78,6 +78,26 @@ def load_model(path: str | os.PathLike | None = None, *, dtype=None, device: str
     return model.eval(), tokenizer
 
 
+def causal_lm_configs(config) -> list:
+    """The configs of the model ``load_model`` builds from a checkpoint's ``config`` (read without the weights).
+
+    ``AutoModelForCausalLM`` builds the checkpoint's own class, with every sub-config (a vision tower's
+    included), except where transformers maps a multimodal type to its text-only causal LM ("VLM
+    compatibility", e.g. ``qwen3_5`` -> ``Qwen3_5ForCausalLM``): that model holds the text config alone."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:   # several text configs (an encoder-decoder): not one text-only causal LM
+        text = config
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if text is not config and class_name is not None and class_name == MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(
+            getattr(text, "model_type", None)):
+        return [text]
+    subs = [getattr(config, key, None) for key in getattr(config, "sub_configs", {})]
+    return [config] + [c for c in subs if hasattr(c, "model_type")]
+
+
 def _drop_gguf_quantizer(model) -> None:
     """Detach the GGUF quantizer from a model whose weights transformers already de-quantised on load.
 

@@ -503,3 +503,37 @@ def test_score_and_analyze_other_architectures(tiny_model_dir, tok, tmp_path, ki
     want = [3] if kind == "qwen3_5" else [1, 2]     # 6 layers with attention on 1, 3, 5; else 4 layers -> [1, 2]
     assert data["layers"] == want and len(data["waad"]) == len(data["tokens"]) > 0
     assert (out / "rhythm.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_multimodal_checkpoint_loaded_text_only_is_scored(tiny_model_dir, tok, tmp_path, monkeypatch,  # noqa: F811
+                                                          capsys):
+    """A Qwen3.5 checkpoint as released (model type qwen3_5: text + vision configs): AutoModelForCausalLM loads
+    its text-only causal LM (transformers' "VLM compatibility"), which the capture describes, so `rhythm score`
+    accepts it; a Gemma 3 multimodal checkpoint loads with its vision tower and stays refused before the load."""
+    import shutil
+
+    path = tmp_path / "qwen3_5_vl"
+    shutil.copytree(tiny_model_dir, path)
+    (path / "model.safetensors").unlink()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                linear_key_head_dim=8, linear_value_head_dim=8, full_attention_interval=2)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    torch.manual_seed(0)
+    transformers.Qwen3_5ForConditionalGeneration(
+        transformers.Qwen3_5Config(text_config=text, vision_config=vision)).save_pretrained(path)
+    assert json.loads((path / "config.json").read_text())["model_type"] == "qwen3_5"
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 2))
+    assert cli.main(_args(path, src, dst)) == 0 and len(_read(dst)) == 2
+    gemma = tmp_path / "gemma3_vl"
+    shutil.copytree(tiny_model_dir, gemma)
+    (gemma / "model.safetensors").unlink()
+    transformers.Gemma3Config(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8)).save_pretrained(gemma)
+    loads = []
+    capsys.readouterr()
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1))
+    assert cli.main(_args(gemma, src, tmp_path / "g.jsonl")) == 2 and loads == []
+    assert "model type 'gemma3'" in _error(capsys)

@@ -119,13 +119,13 @@ class ModelSource:
         """Refuse a model type the capture was not taught about from its config, before the weights load or a
         token is generated (the capture refuses it again on the loaded model)."""
         from rhythm.capture.architectures import UnsupportedModelError, check_config_types
+        from rhythm.models import causal_lm_configs
 
         cfg = self.config()
         if cfg is None:
             return
-        subs = [getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {})]
         try:
-            check_config_types([cfg] + [c for c in subs if hasattr(c, "model_type")], f"checkpoint {self.label}")
+            check_config_types(causal_lm_configs(cfg), f"checkpoint {self.label}")
         except UnsupportedModelError as e:
             raise UsageError(str(e)) from None
 
