@@ -261,7 +261,7 @@ def test_capture_matches_eager_maps(kind, layout):
 
 @pytest.mark.parametrize("kind, layout", [("gemma2", "left"), ("gpt_oss", "left"), ("llama4", "right"),
                                           ("qwen2_moe", "packed"), ("olmo3", "packed"), ("qwen3_5", "left"),
-                                          ("ministral3", "right")])
+                                          ("ministral3", "right"), ("deepseek_v3", "left")])
 def test_capture_matches_eager_maps_triton(kind, layout):
     """The Triton kernels (under the interpreter on CPU) on softcap + window, sinks + window, chunks, and a
     mask-only window on a packed row."""
