@@ -186,7 +186,8 @@ KNOBS: dict[str, Knob] = _knobs(
          "size of the local and global head groups as a fraction of the sampled heads (ceil)",
          real(0.0, 1.0, low_open=True), "float"),
     Knob("layers", None, "None or a non-empty list of layer indices >= 0",
-         "sampled layer indices (None: the model's five evenly spaced middle-third layers)", layers,
+         "sampled layer indices (None: the model's five evenly spaced middle-third layers; a hybrid's "
+         "softmax-attention layers only, definitions section 3)", layers,
          "tuple[int, ...] | None"),
     Knob("grouping", "per_sequence", f"one of {GROUPINGS}",
          "head groups chosen per sequence, or fixed (computed once from the first batch with a response)",
