@@ -139,7 +139,7 @@ def check_layout(module: torch.nn.Module, segments: Segments) -> None:
 
     module: a sampled layer's attention module (its ``config`` names the architecture)."""
     model_type = getattr(getattr(module, "config", None), "model_type", None)
-    rows = [row for row, _, _, _ in segments.host]
+    rows = [span.row for span in segments.spans]
     if not ARCHITECTURES[model_type].packed_rows and len(set(rows)) != len(rows):
         raise UnsupportedModelError(
             f"model type {model_type!r}: packed rows are refused: its {sorted(ARCHITECTURES[model_type].other_layers)} "
