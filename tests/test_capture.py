@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError, is_registered  # noqa: E402
-from tests.oracle_check import brute_force_count, brute_force_layout, spec7_excess  # noqa: E402
+from tests.oracle_check import assert_within_spec7, brute_force_count, brute_force_layout  # noqa: E402
 
 WINDOW, HORIZON = 10, (10, 100)
 VOCAB = 128
@@ -86,12 +86,7 @@ def maps_metrics(attn: torch.Tensor, segments, window: int = WINDOW, horizon=HOR
     return out
 
 
-def assert_within_spec(name: str, got: torch.Tensor, want: torch.Tensor, where: str = "") -> float:
-    """Section 7 fp32 bounds (docs/definitions.md), elementwise; returns the worst absolute error."""
-    err = (got.double().cpu() - want.double().cpu()).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    assert spec7_excess(name, got, want) <= 0, f"{name}{where}: max error {worst:.3g} exceeds the section 7 bound"
-    return worst
+assert_within_spec = assert_within_spec7   # section 7, elementwise; returns the worst absolute error
 
 
 def padded_batch(kind: str, batch: int = 3, length: int = 48, seed: int = 1):
