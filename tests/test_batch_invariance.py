@@ -1,0 +1,116 @@
+"""Batch invariance (docs/definitions.md section 7): a sequence's metrics are bitwise the same whatever else is
+in the batch, however much padding surrounds it (left or right) and whether it is padded or packed.
+
+Each sequence is first computed alone (B = 1, no padding); then inside batches of 1, 2 and 4 sequences with
+left and right padding of several amounts, and packed (cu_seqlens) in two orders. Every output on its real
+positions must equal the alone result bit for bit: torch.equal, no tolerance. The torch backend and the
+Triton backend (under the interpreter without CUDA; tests/conftest.py sets TRITON_INTERPRET=1), and through
+``RhythmScorer.score`` on a tiny model (micro-batch sizes, padding, packing).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RHYTHM_TRITON_AUTOTUNE", "0")
+
+import rhythm  # noqa: E402
+from rhythm import RhythmScorer  # noqa: E402
+
+from tests.oracle_check import random_qkv  # noqa: E402
+from tests.test_capture import VOCAB, tiny_model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HQ, HKV, DIM = 4, 2, 40                  # D = 40: rows of 160 bytes, so padding shifts the alignment
+OUTPUTS = ("lse", "distance", "waad", "fai", "fai_valid")
+
+
+def sequences(lengths, seed=0):
+    """One (q, k, v, response offset) per length: q [Hq, n, D], k/v [Hkv, n, D]."""
+    result = []
+    for i, n in enumerate(lengths):
+        q, k, v = random_qkv(1, HQ, HKV, n, DIM, seed=seed + i, with_v=True, device=DEVICE)
+        result.append((q[0], k[0], v[0], n // 3))
+    return result
+
+
+def alone(seq, backend, **kwargs):
+    q, k, v, resp = seq
+    return rhythm.attention_metrics(q[None], k[None], v[None], response_start=resp, backend=backend, **kwargs)
+
+
+def padded(seqs, pads, side, backend, **kwargs):
+    """One batch row per sequence in a row of width max(n_i + pads_i): "left" puts the sequence at the row's
+    end, "right" at its start, "both" after pads_i padding positions. Padding holds other random values
+    (never read). Returns the metrics and each sequence's first real position."""
+    length = max(q.shape[1] + p for (q, _, _, _), p in zip(seqs, pads))
+    gen = torch.Generator().manual_seed(99)
+    noise = lambda heads: torch.randn(len(seqs), heads, length, DIM, generator=gen).to(DEVICE)  # noqa: E731
+    q, k, v = noise(HQ), noise(HKV), noise(HKV)
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool)
+    starts, response = [], []
+    for b, ((qs, ks, vs, resp), pad) in enumerate(zip(seqs, pads)):
+        n = qs.shape[1]
+        start = {"left": length - n, "right": 0, "both": pad}[side]
+        q[b, :, start:start + n], k[b, :, start:start + n], v[b, :, start:start + n] = qs, ks, vs
+        mask[b, start:start + n] = True
+        starts.append(start)
+        response.append(start + resp)
+    metrics = rhythm.attention_metrics(q, k, v, attention_mask=mask.to(DEVICE),
+                                       response_start=torch.tensor(response, device=DEVICE), backend=backend,
+                                       **kwargs)
+    return metrics, starts
+
+
+def packed(seqs, backend, **kwargs):
+    q = torch.cat([s[0] for s in seqs], dim=1)[None]
+    k = torch.cat([s[1] for s in seqs], dim=1)[None]
+    v = torch.cat([s[2] for s in seqs], dim=1)[None]
+    bounds = [0]
+    for s in seqs:
+        bounds.append(bounds[-1] + s[0].shape[1])
+    response = torch.tensor([a + s[3] for a, s in zip(bounds, seqs)], device=DEVICE)
+    metrics = rhythm.attention_metrics(q, k, v, cu_seqlens=torch.tensor(bounds, device=DEVICE),
+                                       response_start=response, backend=backend, **kwargs)
+    return metrics, bounds[:-1]
+
+
+def assert_same(ref, metrics, row, start, n, where):
+    for name in OUTPUTS:
+        got = getattr(metrics, name)[row, :, start:start + n]
+        assert torch.equal(got, getattr(ref, name)[0]), f"{name} differs bitwise {where}"
+    assert torch.equal(metrics.out[row, start:start + n], ref.out[0]), f"out differs bitwise {where}"
+
+
+LAYERS = {
+    "causal": None,
+    "window_softcap_sinks": rhythm.LayerAttention(sliding_window=24, softcap=30.0, sinks=torch.linspace(-1, 1, HQ)),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_metrics_bitwise_across_batches_padding_and_packing(backend, layer):
+    """Lengths straddle the block sizes (torch 16-256, Triton 32 under the interpreter); a layer with a window,
+    a softcap and sinks takes the masked paths."""
+    description = LAYERS[layer]
+    if description is not None:
+        description = rhythm.LayerAttention(sliding_window=24, softcap=30.0, sinks=description.sinks.to(DEVICE))
+    kwargs = dict(window=10, horizon=(3, 40), layer=description)
+    seqs = sequences([45, 70, 33, 96] if backend == "triton" else [45, 300, 33, 517])
+    refs = [alone(s, backend, **kwargs) for s in seqs]
+    # micro-batches of 1, 2 and 4 sequences, left / right padding of several amounts
+    for size, pads in ((1, [7]), (2, [0, 13]), (4, [3, 0, 31, 1])):
+        for side in ("left", "right", "both"):
+            for first in range(0, len(seqs), size):
+                group = list(range(first, min(first + size, len(seqs))))
+                metrics, starts = padded([seqs[i] for i in group], pads[:len(group)], side, backend, **kwargs)
+                for row, (i, start) in enumerate(zip(group, starts)):
+                    assert_same(refs[i], metrics, row, start, seqs[i][0].shape[1],
+                                f"(sequence {i}, micro-batch of {size}, {side} padding)")
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0]):
+        metrics, starts = packed([seqs[i] for i in order], backend, **kwargs)
+        for i, start in zip(order, starts):
+            assert_same(refs[i], metrics, 0, start, seqs[i][0].shape[1], f"(sequence {i}, packed {order})")
