@@ -1,7 +1,8 @@
 """What the two Triton passes share; each pass module keeps only its own loops, configs and block-table rows.
 
     interpreter   ``interpreting()``: the one TRITON_INTERPRET check; importing this module under the
-                  interpreter installs the numpy >= 2.4 fix (``_patch_interpreter_scalar_index``)
+                  interpreter installs the numpy >= 2.4 fix (``_patch_interpreter_scalar_index``) and the
+                  GPU's element-wise fp32 dot order (``_patch_interpreter_dot``)
     launch plan   ``launch_plan``: head-dim padding, the autotuned or the default / given config (the one rule
                   for when to autotune: ``autotunes``), the block table (sorted by work, cached on the device),
                   the dot precision and the interpreter's fp32 upcast, as the kernels' constexprs
@@ -53,8 +54,42 @@ def _patch_interpreter_scalar_index() -> None:
     interpreter._rhythm_scalar_index_patch = True
 
 
+def _patch_interpreter_dot() -> None:
+    """Interpreter-only: an fp32 ``tl.dot`` computed as the GPU's IEEE fp32 dot computes it, one fused
+    multiply-add per k in order, acc = fma(a[m, k], b[k, n], acc) for k = 0..K-1, instead of one numpy matmul.
+
+    Why: the influence pass recomputes the stats pass's S2 and needs it bitwise (A = 2^(S2 - m - log2 l), m one
+    of the row's own S2 values; an ulp of |S2| off is |S2| * 8e-8 relative in every A, 1.7e-4 at |S| = 1500).
+    The GPU's FMA dot gives every element from its two operand vectors alone. numpy's OpenBLAS does not with
+    some kernels (Haswell and Zen, chosen by the CPU or OPENBLAS_CORETYPE): an element's rounding depends on
+    its position in the tile and on which operand is which, so the two passes' S2 differed by an ulp and fai
+    missed section 7 by 10-100x at logits above a thousand on those machines. The fma is emulated in fp64
+    (the product of two fp32 values is exact there; the sum rounds once to fp64, then to fp32). Compiled
+    kernels are untouched; fp16/bf16 operands (none under the interpreter: UPCAST) keep numpy's matmul."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_rhythm_ordered_dot", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if not (a.data.dtype == b.data.dtype == d.data.dtype == np.float32):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a64, b64 = a.data.astype(np.float64), b.data.astype(np.float64)
+        acc = np.array(d.data, dtype=np.float32)
+        for i in range(a64.shape[-1]):
+            acc = (acc + a64[..., :, i, None] * b64[..., None, i, :]).astype(np.float32)
+        return interpreter.TensorHandle(acc, d.dtype.scalar)
+
+    builder.create_dot = create_dot
+    builder._rhythm_ordered_dot = True
+
+
 if interpreting():
     _patch_interpreter_scalar_index()
+    _patch_interpreter_dot()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,13 +293,25 @@ def _scores2(qk, scale2, PRESCALE: tl.constexpr):
 @triton.jit
 def _softcap2(s2, cap2, neg_two_over_cap):
     """Softcapping in base 2: cap * tanh(S / cap) in log2(e) units is cap2 * tanh(S2 / cap2), cap2 =
-    cap * log2(e). tanh|x| = (1 - e) / (1 + e), e = 2^(-2 log2(e) |x|) = 2^(|S2| * neg_two_over_cap)
-    (neg_two_over_cap = -2 log2(e) / cap2 = -2 / cap): only exp2, so the interpreter and the GPU run the same
-    formula. Its absolute error is a few fp32 ulps of 1 (times cap2 in the logit), also near 0 where 1 - e
-    loses relative precision: the softmax only sees absolute logit errors. Apply before masking (-inf -> -cap)."""
+    cap * log2(e); x = S2 / cap2 = S / cap. Two forms, each with a relative error of a few fp32 ulps of the
+    result (exp2 and arithmetic only, so the interpreter and the GPU run the same formula):
+
+        |x| <  1/4:  S2 * (tanh(x) / x),  tanh(x) / x = 1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835
+                     - 1382x^10/155925 (Taylor; the next term is 2e-10 at |x| = 1/4): for a huge cap the
+                     ratio is exactly 1 and S2' = S2
+        |x| >= 1/4:  sign(x) * cap2 * (1 - e) / (1 + e),  e = 2^(-2 log2(e) |x|) = 2^(|S2| * neg_two_over_cap)
+                     (neg_two_over_cap = -2 / cap), e <= 0.61 so 1 - e does not cancel
+
+    The single form (1 - e) / (1 + e) everywhere lost the relative precision of 1 - e near 0: an absolute
+    error of a few ulps of 1, times cap2 in the logit, so lse was 1.1e-4 off at a cap of 1e4 and 1.3e-2 at
+    1e6. Apply before masking (-inf -> -cap2)."""
+    x = s2 / cap2
+    x2 = x * x
+    ratio = 1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * (0.021869488536155203 + x2 * -0.008863235529902197))))
     e = tl.exp2(tl.abs(s2) * neg_two_over_cap)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(s2 < 0, -t, t) * cap2
+    return tl.where(x2 < 0.0625, s2 * ratio, tl.where(s2 < 0, -t, t) * cap2)
 
 
 @triton.jit
