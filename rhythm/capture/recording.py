@@ -295,6 +295,9 @@ class Capture:
         context = self._context
         layer = getattr(module, "layer_idx", None)
         if context is None or layer is None or int(layer) not in context.layers:
+            if context is not None and not context.metrics_only:
+                return self._per_sequence(context, module, query, key, value, attention_mask, dropout, scaling,
+                                          is_causal, kwargs)
             return self._passthrough(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
         layer = int(layer)
         if context.metrics_only:
@@ -335,6 +338,41 @@ class Capture:
                                    softcap=kwargs.get("softcap")), None
         return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+
+    def _per_sequence(self, context, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+        """A scoring pass's layer that is not sampled: the delegate (sdpa / the model's eager function) run on
+        each sequence alone, [1, H, n, D] with the sequence's own [1, 1, n, n] mask, so that no sequence's hidden
+        states, and hence no sampled layer's metrics, depend on what else is in the micro-batch or on its
+        padding (docs/definitions.md section 7, batch invariance). The mask is the model's own, cut to the
+        sequence (its window / chunks kept); where the model built none (no padding), the causal one the
+        model's mask would hold, in the same form, so that both cases take the same kernel. Padding rows of
+        the output are 0 (no real row reads them)."""
+        if context.layout is None:
+            context.layout = self._layout(context, query, kwargs)
+        delegate = self._delegate(module)
+        eager = delegate.__name__ != "sdpa_attention_forward"
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
+        for b, start, end, _ in context.layout.host:
+            piece = lambda x: x[b:b + 1, :, start:end].contiguous()  # noqa: E731
+            mask = self._sequence_mask(attention_mask, b, start, end, query, eager)
+            result, _ = delegate(module, piece(query), piece(key), piece(value), mask, dropout=dropout,
+                                 scaling=scaling, is_causal=is_causal, **kwargs)
+            out[b, start:end] = result[0]
+        return out, None
+
+    @staticmethod
+    def _sequence_mask(attention_mask, b, start, end, query, eager) -> torch.Tensor:
+        """[1, 1, n, n] mask of the sequence at [start, end) of batch row b: the model's 4-D mask cut to it, or
+        the causal mask (bool for sdpa; 0 / the dtype's min for an eager function) where the model built none."""
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            row = b if attention_mask.shape[0] > 1 else 0
+            return attention_mask[row:row + 1, :1, start:end, start:end].contiguous()
+        n = end - start
+        causal = torch.ones(n, n, dtype=torch.bool, device=query.device).tril_()[None, None]
+        if not eager:
+            return causal
+        return torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~causal, torch.finfo(query.dtype).min)
 
     def _record_beside(self, context, module, layer, query, key, value, attention_mask, scaling, is_causal, kwargs):
         """metrics_only: the per-head metrics of ``context.rows`` from detached q, k (no v: metrics-only pass).
