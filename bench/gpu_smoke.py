@@ -38,8 +38,12 @@ def smoke(dry_run: bool, cuda: bool, stream) -> int:
         make = lambda heads, d: (torch.randn(1, heads, length, d, generator=gen, device=device) * 1.5).to(dtype)  # noqa: E731
         q, k, v = make(q_heads, dim), make(kv_heads, dim), make(kv_heads, v_dim)
         horizons = {"band": BAND, "full": FULL}
+        # the fp64 reference, and the bound's second one: fp32 inputs, scores rounded to fp32 (section 7's
+        # conditioning reference); fp16/bf16, everything in the input dtype
+        second = dict(compute_dtype=torch.float64, scores_dtype=torch.float32) if dtype == torch.float32 else \
+            dict(compute_dtype=dtype)
         refs = [reference_metrics(q, k, scale=dim ** -0.5, window=WINDOW, horizons=horizons, response_start=resp,
-                                  compute_dtype=cd, v=v) for cd in (torch.float64, dtype)]
+                                  v=v, **extra) for extra in (dict(compute_dtype=torch.float64), second)]
         for name, horizon in horizons.items():
             entry = {"dtype": str(dtype), "T": length, "Hq": q_heads, "Hkv": kv_heads, "D": dim, "Dv": v_dim,
                      "response_start": resp, "horizon": horizon, "with_v": name == "band"}
@@ -51,7 +55,7 @@ def smoke(dry_run: bool, cuda: bool, stream) -> int:
                         f"fai:{name}": metrics.fai[0]}
                 if metrics.out is not None:
                     ours["out"] = metrics.out[0].transpose(0, 1)                    # [Hq, T, Dv]
-                entry["check"] = compare(ours, refs[0], None if dtype == torch.float32 else refs[1], dtype)
+                entry["check"] = compare(ours, refs[0], refs[1], dtype)
                 entry["ok"] = all(c["ok"] for c in entry["check"].values())
             except Exception as exc:  # noqa: BLE001
                 entry.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
