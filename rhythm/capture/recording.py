@@ -352,7 +352,7 @@ class Capture:
         delegate = self._delegate(module)
         eager = delegate.__name__ != "sdpa_attention_forward"
         out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-        for b, start, end, _ in context.layout.host:
+        for b, start, end, _ in context.layout.spans:
             piece = lambda x: x[b:b + 1, :, start:end].contiguous()  # noqa: E731
             mask = self._sequence_mask(attention_mask, b, start, end, query, eager)
             result, _ = delegate(module, piece(query), piece(key), piece(value), mask, dropout=dropout,
