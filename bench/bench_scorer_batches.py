@@ -95,7 +95,6 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/scorer_batches_cpu.json")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from bench.machine import save_json
 
     runs = []
     for round_ in range(args.rounds):
@@ -104,22 +103,31 @@ def main() -> None:
             result = dict(run_in_subprocess(tree.resolve(), args.repeats), code=label, round=round_)
             runs.append(result)
             print(json.dumps(result))
-            save_json(args.out, summary(runs, args))
-    save_json(args.out, summary(runs, args))
+            write(args.out, runs, args)
+    write(args.out, runs, args)
 
 
-def summary(runs: list, args) -> dict:
-    from bench.machine import describe
+WHAT = ("RhythmScorer.score, 8 left-padded sequences of 256-512 tokens in micro-batches of 4, the code before vs "
+        "after a change, each in a fresh subprocess")
+
+
+def write(path: str, runs: list, args, note: str | None = None) -> dict:
+    """The result file (bench/records.py schema): one measurement record per subprocess run."""
+    from bench.records import write_result
 
     best = {label: min((r["seconds"] for r in runs if r["code"] == label and not r.get("failed")), default=None)
             for label in (args.label_before, args.label_after)}
-    result = {"benchmark": "RhythmScorer.score, 8 left-padded sequences of 256-512 tokens, micro-batches of 4",
-              "model": "random-init Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads), fp32, sdpa",
-              "lengths": LENGTHS, "micro_batch_size": MICRO_BATCH, "machine": describe(), "runs": runs,
-              "best_seconds": best}
+    summary = {"best_seconds": best}
     if all(best.values()):
-        result["time_ratio_after_over_before"] = best[args.label_after] / best[args.label_before]
-    return result
+        summary["time_ratio_after_over_before"] = best[args.label_after] / best[args.label_before]
+    if note:
+        summary["note"] = note
+    settings = {"model": "random-init Llama of SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads), fp32, sdpa",
+                "lengths": LENGTHS, "micro_batch_size": MICRO_BATCH, "repeats": args.repeats,
+                "time": "min of the repeats after one warm-up call, in a fresh subprocess per run",
+                "exactness": "max abs difference of WAAD / FAI between micro-batches of 1 and of 4"}
+    return write_result(path, "scorer_batches", WHAT, settings=settings,
+                        records=[dict(r, kind="measurement") for r in runs], summary=summary)
 
 
 if __name__ == "__main__":
