@@ -349,6 +349,7 @@ class Capture:
         the output are 0 (no real row reads them)."""
         if context.layout is None:
             context.layout = self._layout(context, query, kwargs)
+            check_layout(module, context.layout)
         delegate = self._delegate(module)
         eager = delegate.__name__ != "sdpa_attention_forward"
         out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
