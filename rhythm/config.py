@@ -36,6 +36,8 @@ CREDIT_PASSES = ("fused", "scorer")
 SEED_LIMIT = 2 ** 64          # torch.Generator.manual_seed takes seeds in [0, 2**64)
 # gamma is float32 and reaches 1 + (1 + alpha)(gamma_amp - 1) <= 2 gamma_amp - 1: keep it a finite float32.
 GAMMA_AMP_MAX = FLOAT32_MAX / 4
+# logits / T stays a finite float32 for |logits| < FLOAT32_MAX * T = 3.4e32 at this floor (real logits are < 1e4).
+TEMPERATURE_MIN = 1e-6
 
 
 class ConfigError(ValueError, TypeError):
@@ -197,9 +199,10 @@ KNOBS: dict[str, Knob] = _knobs(
          "attention_metrics backend (auto: triton on CUDA, torch on CPU)", one_of(BACKENDS), "str", BACKENDS),
     Knob("validate", False, "a bool (True or False)",
          "check q/k/v of every sampled layer for NaN/Inf (one host sync per layer)", boolean, "bool"),
-    Knob("temperature", 1.0, "a finite number > 0",
+    Knob("temperature", 1.0, f"a finite number > 0, at least {TEMPERATURE_MIN:g} (logits / temperature must stay "
+         "finite in float32 for the entropy to be finite)",
          "sampling temperature of the rollouts (the entropy baseline reads softmax(logits / temperature))",
-         real(0.0, low_open=True), "float"),
+         real(TEMPERATURE_MIN), "float"),
     Knob("credit_pass", "fused", f"one of {CREDIT_PASSES}",
          "trainer adapters: where the metrics are recorded - fused (inside a forward the trainer runs anyway: "
          "no extra forward) or scorer (one extra no-grad early-exit forward per rollout batch)",

@@ -10,6 +10,7 @@ Two kinds of cases:
 """
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from pathlib import Path
@@ -331,3 +332,174 @@ def test_shape_advantages_fp16_in_range_stays_fp16():
     adv = torch.full((1, 3), 3e4, dtype=torch.float16)
     out = shape_advantages(adv, torch.tensor([[1.0, 2.0, 1.0]]), sign="positive")
     assert out.dtype == torch.float16 and out.tolist() == [[3e4, 6e4, 3e4]]
+
+
+# ---- the command line under faults: one line naming the file or row, exit 2, nothing written lost -----------------
+# (issues 19 item 4 and 26 items 3, 4). Each case once failed with a traceback, late, or blocked forever.
+
+CLI_CASES = {   # name -> (input rows as text lines, extra flags, what to plant beside the output, words of the error)
+    "row nested 5000 deep": (['{"prompt_ids": [1], "response_ids": [2], "x": ' + "[" * 5000 + "]" * 5000 + "}"],
+                             [], None, "in.jsonl:1: nested too deeply"),
+    "id of 5000 digits": (['{"id": ' + "7" * 5000 + ', "prompt_ids": [1], "response_ids": [2]}'], [], None,
+                          "in.jsonl:1: a number with more than"),
+    "NaN in a row": (['{"prompt_ids": [1], "response_ids": [2], "reward": NaN}'], [], None,
+                     "in.jsonl:1: not valid JSON (NaN is not JSON)"),
+    "settings file: a list": (None, [], ("settings", "[1, 2]"), "is not a settings file written by rhythm score"),
+    "settings file: a number": (None, [], ("settings", "5"), "is not a settings file written by rhythm score"),
+    "settings file: a string": (None, [], ("settings", '"x"'), "is not a settings file written by rhythm score"),
+    "settings file: settings a list": (None, [], ("settings", '{"format": 1, "settings": [1]}'),
+                                       "is not a settings file written by rhythm score"),
+    "settings file: a folder": (None, [], ("settings", None), "is a folder, not a regular file"),
+    "temperature 1e-300": (None, ["--temperature", "1e-300"], None, "--temperature: must be a finite number > 0, "
+                                                                     "at least 1e-06"),
+    "empty model folder": (None, ["--model", "{tmp}/empty"], ("mkdir", "empty"), "has no config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_faults_are_one_line_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from rhythm import models
+    from rhythm.app import cli
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    lines, flags, plant, words = CLI_CASES[case]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 3}')
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(lines or ['{"prompt_ids": [1], "response_ids": [2]}']) + "\n")
+    if plant and plant[0] == "settings":
+        target = tmp_path / "out.jsonl.settings.json"
+        target.mkdir() if plant[1] is None else target.write_text(plant[1])
+        dst.write_text("")
+    elif plant and plant[0] == "mkdir":
+        (tmp_path / plant[1]).mkdir()
+    argv = ["score", "--model", str(model), "--input", str(src), "--output", str(dst), "--quiet"]
+    argv += [f.format(tmp=tmp_path) for f in flags]
+    assert cli.main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and words in err[0] and err[0].startswith("rhythm"), err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """The saved tiny Llama of tests/test_cli.py."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.test_cli import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def test_corrupted_parquet_on_resume(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    from rhythm.app import cli
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    src.write_text('{"prompt_ids": [1], "response_ids": [2]}\n')
+    dst.write_bytes(b"PAR1" + b"\x00garbage" * 50)
+    assert cli.main(["score", "--model", str(model), "--input", str(src), "--output", str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{dst} is not a readable Parquet file" in err[0], err
+
+
+def _run_cli(argv, *, timeout=120, **kwargs):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *sys.path]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "rhythm.app.cli", *argv], env=env, timeout=timeout,
+                          capture_output=True, **kwargs)
+
+
+@pytest.mark.parametrize("fifo", ["out.jsonl", "out.jsonl.settings.json"])
+def test_a_fifo_as_output_or_settings_file_is_refused(tmp_path, fifo):
+    """Before: opening the FIFO blocked forever (the timeout turns that into a failure here)."""
+    import os
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt_ids": [1], "response_ids": [2]}\n')
+    os.mkfifo(tmp_path / fifo)
+    proc = _run_cli(["score", "--model", str(tmp_path / "model"), "--input", str(src), "--output",
+                     str(tmp_path / "out.jsonl")], timeout=60)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, err
+    assert "is a FIFO (named pipe), not a regular file" in err[0] and fifo in err[0]
+
+
+def _tiny_rows(model_dir, n):
+    import transformers
+
+    from tests.test_cli import CORPUS
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    return "".join(json.dumps({"id": f"r{i}", "prompt_ids": tok(CORPUS[i % 3]).input_ids[:6],
+                               "response_ids": tok(CORPUS[2]).input_ids[:20]}) + "\n" for i in range(n))
+
+
+def test_stdout_closed_early_exits_quietly(tiny_model_dir, tmp_path):  # noqa: F811
+    """`rhythm score --output - | head -c 200`: no BrokenPipeError traceback, the closed pipe's exit status."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(_tiny_rows(tiny_model_dir, 12))
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *sys.path]), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "rhythm.app.cli", "score", "--model", str(tiny_model_dir),
+                             "--input", str(src), "--output", "-", "--micro-batch-size", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = proc.stdout.read(200)
+    proc.stdout.close()                       # what `head -c 200` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and len(head) == 200
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_a_full_disk_keeps_the_rows_written_and_resumes(tiny_model_dir, tmp_path):  # noqa: F811
+    """A file size limit (`ulimit -f`) hit mid-run: one line naming the output, exit 2, the file cut back to
+    whole micro-batches; the same command then finishes with every id once and the same values."""
+    import resource
+
+    src, dst, ref = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    src.write_text(_tiny_rows(tiny_model_dir, 8))
+    argv = ["score", "--model", str(tiny_model_dir), "--input", str(src), "--quiet", "--micro-batch-size", "2"]
+    assert _run_cli(argv + ["--output", str(ref)]).returncode == 0
+    limit = len(ref.read_bytes()) // 2                # room for about half of the rows
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _run_cli(argv + ["--output", str(dst)], preexec_fn=small_files)
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, err
+    assert f"cannot write to {dst} (File too large)" in err[0] and "rows written before are kept" in err[0]
+    kept = dst.read_text()
+    assert kept.endswith("\n") and 0 < kept.count("\n") < 8 and kept.count("\n") % 2 == 0
+    assert _run_cli(argv + ["--output", str(dst)]).returncode == 0
+    assert sorted(dst.read_text().splitlines()) == sorted(ref.read_text().splitlines())
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root writes read-only files anyway")
+def test_a_read_only_output_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    from rhythm.app import cli
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    argv = ["score", "--model", str(tiny_model_dir), "--input", str(src), "--output", str(dst), "--quiet"]
+    src.write_text(_tiny_rows(tiny_model_dir, 1))
+    assert cli.main(argv) == 0
+    src.write_text(_tiny_rows(tiny_model_dir, 2))
+    dst.chmod(0o444)
+    assert cli.main(argv) == 2
+    assert "is not writable (read-only)" in capsys.readouterr().err

@@ -25,9 +25,13 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny LlamaForCausalLM with its tokenizer and chat template (offline, ~1 s)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+def save_tiny_model(path):
+    """Save the tiny random Llama (6 layers, 4 heads, 512 positions) and its BPE tokenizer into ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    path = tmp_path_factory.mktemp("tiny_llama")
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -144,3 +148,65 @@ def test_score_bad_rows(tiny_model_dir, tmp_path, capsys):
     assert "bad.jsonl:1: needs 'prompt' and 'response'" in capsys.readouterr().err
     assert cli.main(["score", "--input", str(src), "--output", str(tmp_path / "o.csv")]) == 2
     assert ".jsonl or .parquet" in capsys.readouterr().err
+
+
+# ---- analyze: checks before the model loads, stdin, sampling (issues 19 and 26) --------------------------------
+
+@pytest.fixture
+def no_load(monkeypatch):
+    from rhythm import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def _one_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["../../x", "sub/x", "..", "", "/tmp/x"])
+def test_analyze_name_is_a_plain_file_stem(tiny_model_dir, tmp_path, capsys, no_load, name):
+    out = tmp_path / "a" / "b" / "reports"
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--out", str(out), "--name", name]) == 2
+    assert "--name must be a plain file stem" in _one_error(capsys)
+    assert not list(tmp_path.rglob("x.*"))
+
+
+def test_analyze_checks_layers_and_row_length_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                     no_load):
+    out = str(tmp_path / "rep")
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--out", out, "--layers", "2", "99"]) == 2
+    assert "--layers 99: " in _one_error(capsys)
+    src = tmp_path / "long.jsonl"
+    src.write_text(json.dumps({"prompt_ids": [5] * 300, "response_ids": [6] * 300}) + "\n")
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--out", out, "--input", str(src)]) == 2
+    assert "300 prompt + 300 response tokens exceed the model's max_position_embeddings = 512" in _one_error(capsys)
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--out", out, "--max-new-tokens", "600"]) == 2
+    assert "exceed the model's max_position_embeddings = 512" in _one_error(capsys)
+
+
+def test_analyze_reads_stdin_and_samples_at_the_temperature(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`--input -` reads the rollouts from stdin like `rhythm score`; `--temperature T` samples the generation
+    from softmax(logits / T) seeded by --seed (reproducible), where it was greedy whatever T was."""
+    import io
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"id": "a", "prompt_ids": tok(CORPUS[0]).input_ids[:8], "response_ids": tok(CORPUS[2]).input_ids[:16]}
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO((json.dumps(row) + "\n").encode())))
+    out = tmp_path / "stdin"
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--input", "-", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "rhythm.json").read_text())
+    assert data["response_start"] == 8 and len(data["tokens"]) == 24
+    generated = {}
+    threads = torch.get_num_threads()
+    for name, flags in (("greedy", []), ("t1", ["--temperature", "1.3", "--seed", "4"]),
+                        ("t2", ["--temperature", "1.3", "--seed", "4"]), ("t3", ["--temperature", "1.3"])):
+        assert cli.main(["analyze", "--model", str(tiny_model_dir), "--max-new-tokens", "24", "--out",
+                         str(tmp_path / name), "--quiet", "--threads", "1", *flags]) == 0
+        generated[name] = json.loads((tmp_path / name / "rhythm.json").read_text())["tokens"]
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert generated["t1"] == generated["t2"] != generated["greedy"]
+    assert generated["t3"] != generated["t1"]                # another seed, another sample

@@ -117,7 +117,7 @@ def test_locked_output_and_other_settings_refused(tiny_model_dir, tok, tmp_path,
     _write_rows(src, _rows(tok, 2))
     with DatasetSink(out, {}).lock():
         assert cli.main(_score_args(tiny_model_dir, src, out, "--ray")) == 2
-        assert "is being written by another job" in _error(capsys)
+        assert "is being written by another" in _error(capsys)
     out.mkdir()
     (tmp_path / "out.settings.json").write_text(json.dumps({"format": 1, "settings": {"window": 3}}))
     (out / "part-00000-000000001-00000000.parquet").write_bytes(b"")    # a folder that holds rows

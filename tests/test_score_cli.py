@@ -537,3 +537,151 @@ def test_multimodal_checkpoint_loaded_text_only_is_scored(tiny_model_dir, tok, t
     monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(1))
     assert cli.main(_args(gemma, src, tmp_path / "g.jsonl")) == 2 and loads == []
     assert "model type 'gemma3'" in _error(capsys)
+
+
+# ---- one run per output, streaming, kept fields (issues 19 and 22) --------------------------------------------
+
+def _cli_process(argv, **kwargs):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *sys.path]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "rhythm.app.cli", *argv], env=env, **kwargs)
+
+
+def test_a_second_run_on_the_same_output_fails_at_once(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    """Two concurrent runs on one output: the second fails at once naming the output; the first finishes with
+    every id once (before: both appended, every id twice)."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 24))
+    proc = _cli_process(_args(tiny_model_dir, src, dst, "--micro-batch-size", "1"), stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (dst.exists() and dst.read_text().count("\n")):
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before the second run started: {proc.stderr.read().decode()}"
+    started = time.time()
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 2
+    line = _error(capsys)
+    assert str(dst) in line and "another rhythm score run" in line and time.time() - started < 10
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    proc.stderr.close()
+    assert sorted(r["id"] for r in _read(dst)) == sorted(f"r{i}" for i in range(24))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0       # the lock went with the first run
+
+
+def test_a_resumed_output_with_a_doubled_row_is_refused(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, _token_rows(tok, 3))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    lines = dst.read_text().splitlines(keepends=True)
+    dst.write_text("".join(lines + [lines[1]]))                 # line 4 = line 2
+    _write(src, _token_rows(tok, 4))
+    capsys.readouterr()
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 2
+    assert f"{dst}:4: id 'r1' is also on line 2 (a doubled row)" in _error(capsys)
+    assert dst.read_text().count("\n") == 4                       # nothing appended
+
+
+def test_parquet_output_with_a_doubled_row_is_refused(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    _write(src, _token_rows(tok, 2))
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    table = pq.read_table(dst)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]).replace_schema_metadata(table.schema.metadata), dst)
+    capsys.readouterr()
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 2
+    assert "id 'r0' is in rows 0 and 2 (a doubled row)" in _error(capsys)
+
+
+def test_the_input_is_streamed_not_read_whole(tiny_model_dir, tok, tmp_path, capsys, no_model_load):  # noqa: F811
+    """The checking pass holds one row at a time: on a 24 MB input whose last row is bad, Python's peak
+    allocation stays far below the file's size (reading it whole, as before, holds it all, and all its rows)."""
+    import tracemalloc
+
+    src = tmp_path / "in.jsonl"
+    row = {"prompt_ids": [5] * 40, "response_ids": [6] * 40, "note": "x" * 3000}
+    with src.open("w") as f:
+        for i in range(8000):
+            f.write(json.dumps({"id": i, **row}) + "\n")
+        f.write('{"id": 8000, "prompt_ids": [1], "response_ids": [-1]}\n')
+    size = src.stat().st_size
+    assert size > 24e6
+    tracemalloc.start()
+    try:
+        assert cli.main(_args(tiny_model_dir, src, tmp_path / "out.jsonl")) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "in.jsonl:8001: response_ids[0] must be a token id" in _error(capsys)
+    assert peak < size / 8, (peak, size)
+
+
+def test_output_rows_keep_the_input_fields(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
+    """Extra input fields (reward, group, ...) are copied into the output rows after the computed columns, all
+    of them or a named subset (`--keep reward,group`); Parquet types them from the whole input."""
+    rows = [dict(r, reward=float(i) / 2, group=i % 2, meta={"n": i}) for i, r in enumerate(_token_rows(tok, 3))]
+    rows[1]["reward"] = 1                                  # an int among floats: a float column
+    src = tmp_path / "in.jsonl"
+    _write(src, rows)
+    computed = ["id", "prompt_length", "response_ids", "waad", "fai", "fai_valid", "gamma_coupled", "gamma_local",
+                "gamma_global"]
+    dst = tmp_path / "all.jsonl"
+    assert cli.main(_args(tiny_model_dir, src, dst)) == 0
+    out = _read(dst)
+    assert [list(r) for r in out] == [computed + ["reward", "group", "meta"]] * 3
+    assert [(r["reward"], r["group"], r["meta"]) for r in out] == [(0.0, 0, {"n": 0}), (1, 1, {"n": 1}),
+                                                                     (1.0, 0, {"n": 2})]
+    some = tmp_path / "some.jsonl"
+    assert cli.main(_args(tiny_model_dir, src, some, "--keep", "group,reward")) == 0
+    assert [list(r) for r in _read(some)] == [computed + ["group", "reward"]] * 3
+    none = tmp_path / "none.jsonl"
+    assert cli.main(_args(tiny_model_dir, src, none, "--keep", "none")) == 0
+    assert [{k: r[k] for k in computed} for r in out] == _read(none)      # the computed columns are unchanged
+    capsys.readouterr()
+    assert cli.main(_args(tiny_model_dir, src, some, "--keep", "reward")) == 2     # another --keep: other settings
+    assert 'keep: ["group", "reward"] there, ["reward"] now' in _error(capsys)
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "x.jsonl", "--keep", "rewrd")) == 2
+    assert "--keep: no row of" in _error(capsys)
+    _write(src, [dict(rows[0], waad=1)])
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "y.jsonl")) == 2
+    assert "field 'waad' has the name of an output column" in _error(capsys)
+    pq = pytest.importorskip("pyarrow.parquet")
+    _write(src, rows)
+    table_path = tmp_path / "out.parquet"
+    assert cli.main(_args(tiny_model_dir, src, table_path)) == 0
+    table = pq.read_table(table_path)
+    assert table.column_names == computed + ["reward", "group", "meta"]
+    assert [str(table.schema.field(k).type) for k in ("reward", "group", "meta")] == ["double", "int64", "string"]
+    assert table.column("reward").to_pylist() == [0.0, 1.0, 1.0]
+    assert [json.loads(m) for m in table.column("meta").to_pylist()] == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_checks_that_read_the_model_come_after_the_cheap_ones(tiny_model_dir, tmp_path, capsys,  # noqa: F811
+                                                              monkeypatch, no_model_load):
+    """A bad --output costs no config read (before: the architecture check read the checkpoint's config
+    first: 13 s for the bundled GGUF); --layers beyond the model is refused from its config, before the
+    weights load (before: after loading)."""
+    import transformers as tf
+
+    reads = []
+    original = tf.AutoConfig.from_pretrained
+    monkeypatch.setattr(tf.AutoConfig, "from_pretrained", lambda *a, **k: reads.append(a) or original(*a, **k))
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"prompt_ids": [5, 6], "response_ids": [7, 8]}])
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "o.csv")) == 2
+    assert ".jsonl or .parquet" in _error(capsys) and reads == []
+    assert cli.main(_args(tiny_model_dir, src, tmp_path / "o.jsonl", "--layers", "99")) == 2
+    line = _error(capsys)
+    assert "--layers 99: " in line and "has 6 layers (indices 0 to 5)" in line
+    assert len(reads) == 1
+
+
+def test_threads_flag_sets_torch_threads(tiny_model_dir, tok, tmp_path):  # noqa: F811
+    src = tmp_path / "in.jsonl"
+    _write(src, _token_rows(tok, 1))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(_args(tiny_model_dir, src, tmp_path / "o.jsonl", "--threads", "1")) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

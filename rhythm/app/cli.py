@@ -23,21 +23,23 @@ import sys
 from pathlib import Path
 
 from rhythm import config as knobs
-from rhythm.app.common import DEFAULT_STRATEGIES, Console, ModelSource, UsageError, check_device, check_writable_dir
+from rhythm.app.common import DEFAULT_STRATEGIES, Console, ModelSource, UsageError, add_threads, apply_threads, \
+    check_device, check_writable_dir, positive_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 # ---- flags shared by the commands ---------------------------------------------------------------------------------
 
-def _add_common(p):
+def _add_common(p, *, defaults=None):
     p.add_argument("--model", default=None,
                    help="local transformers model dir or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="model weights dtype (default: auto = the checkpoint's; float32 for GGUF)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no messages (errors only)")
-    knobs.add_arguments(p, knobs.SCORER_KNOBS)
+    add_threads(p)
+    knobs.add_arguments(p, knobs.SCORER_KNOBS, defaults=defaults)
 
 
 def _add_chat_template(p) -> None:
@@ -48,31 +50,24 @@ def _add_chat_template(p) -> None:
 
 
 def scorer_knobs(args) -> dict:
-    """The checked scorer knob values of the parsed flags (UsageError names the flag)."""
+    """The checked scorer knob values of the parsed flags (UsageError names the flag); an unset
+    ``--temperature`` (analyze: greedy generation) is the knob's default."""
+    values = argparse.Namespace(**vars(args))
+    if values.temperature is None:
+        values.temperature = knobs.default("temperature")
     try:
-        return knobs.from_args(args, knobs.SCORER_KNOBS)
+        return knobs.from_args(values, knobs.SCORER_KNOBS)
     except knobs.ConfigError as e:
         raise UsageError(str(e)) from None
 
 
 def check_common(args) -> ModelSource:
-    """Cheap checks of the shared flags (before any model loads); the model source they were checked on."""
-    source = ModelSource(args.model)
+    """Cheap checks of the shared flags (no file of the model is read yet); the model source to use."""
+    source = ModelSource(args.model, Console(args.quiet))
     source.resolve()
     check_device(args.device)
     scorer_knobs(args)
-    source.check_architecture()
     return source
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return value
 
 
 def _parse_strategies(text: str) -> tuple[str, ...]:
@@ -86,17 +81,27 @@ def _parse_strategies(text: str) -> tuple[str, ...]:
 
 # ---- analyze ----------------------------------------------------------------------------------------------------
 
+def _check_stem(name: str) -> None:
+    """``--name``: a plain file stem (the report's files go into --out, never elsewhere)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).name != name:
+        raise UsageError(f"--name must be a plain file stem (no folder: the files go to --out), got {name!r}")
+
+
 def cmd_analyze(args) -> int:
     from rhythm.app import analyze
 
     source = check_common(args)
+    _check_stem(args.name)
     check_writable_dir(Path(args.out), "--out", create=True)
     request = analyze.AnalyzeRequest(
         source=source, device=args.device, dtype=args.dtype, scorer=scorer_knobs(args), prompt=args.prompt,
         input=args.input, id=args.id, chat_template=args.chat_template, max_new_tokens=args.max_new_tokens,
-        out=args.out, name=args.name, no_color=args.no_color)
+        out=args.out, name=args.name, no_color=args.no_color, sample_temperature=args.temperature)
     group_rows, index = analyze.select_rollouts(request)
-    return analyze.run(request, group_rows, index, Console(args.quiet))
+    source.check(request.scorer["layers"])
+    tokenizer, prepared = analyze.prepare(request, group_rows)
+    apply_threads(args.threads)
+    return analyze.run(request, group_rows, index, tokenizer, prepared, source.console)
 
 
 # ---- score ------------------------------------------------------------------------------------------------------
@@ -132,7 +137,20 @@ def score_settings(args):
     from rhythm.scoring.scorer import ScorerConfig
 
     return ScoreSettings(model=args.model, device=args.device, dtype=args.dtype, strategies=args.strategies,
-                         chat_template=args.chat_template, scorer=ScorerConfig(**scorer_knobs(args)))
+                         chat_template=args.chat_template, scorer=ScorerConfig(**scorer_knobs(args)),
+                         keep=args.keep)
+
+
+def _parse_keep(text: str) -> tuple[str, ...] | None:
+    """``--keep``: all (every other field of the input row), none, or a comma list of field names."""
+    if text.strip() == "all":
+        return None
+    if text.strip() == "none":
+        return ()
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"must be all, none or a comma-separated list of field names; got {text!r}")
+    return tuple(dict.fromkeys(names))
 
 
 RAY_FLAGS = ("workers", "gpus_per_worker", "cpus_per_worker", "block_rows")
@@ -164,19 +182,22 @@ def _ray_options(args):
 
 
 def cmd_score(args) -> int:
-    from rhythm.app import score
+    from rhythm.app import score_run
 
-    check_common(args)
+    source = check_common(args)
     if args.ray is None:
         given = [name for name in RAY_FLAGS if getattr(args, name) is not None]
         if given:
             raise UsageError(f"--{given[0].replace('_', '-')} needs --ray (it sets the Ray workers)")
         _check_score_paths(args)
-        return score.run(score_settings(args), args.input, args.output, Console(args.quiet))
+        apply_threads(args.threads)
+        return score_run.run(score_settings(args), args.input, args.output, source.console, source)
     from rhythm.app import distributed
 
+    if args.threads is not None:
+        raise UsageError("--threads cannot be used with --ray: each worker's torch threads are --cpus-per-worker")
     options = _ray_options(args)
-    return distributed.run(score_settings(args), args.input, args.output, options, Console(args.quiet))
+    return distributed.run(score_settings(args), args.input, args.output, options, source.console)
 
 
 def _nonnegative_float(text: str) -> float:
@@ -207,19 +228,26 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def _set_help(parser, flag: str, text: str) -> None:
+    next(a for a in parser._actions if flag in a.option_strings).help = text.replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rhythm", description="Attention rhythm (WAAD / FAI) of LLM responses")
     parser.add_argument("--version", action="version", version=f"rhythm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="generate a response and show its preplan-and-anchor rhythm")
-    _add_common(a)
+    _add_common(a, defaults={"temperature": None})
+    _set_help(a, "--temperature", "sample the generation from softmax(logits / T), seeded by --seed (default: "
+              "greedy); the entropy baseline reads softmax(logits / T), T = 1 when greedy; with --input, the "
+              "temperature the rollouts were sampled at")
     a.add_argument("--prompt", default=None, help="user prompt (default: a grade-school math problem)")
-    a.add_argument("--input", default=None, help="analyze an existing rollout from this JSONL file (rows as for "
-                   "`rhythm score`, optionally with 'reward', 'advantage', 'group') instead of generating one")
+    a.add_argument("--input", default=None, help="analyze an existing rollout from this JSONL file (- = stdin; rows "
+                   "as for `rhythm score`, optionally with 'reward', 'advantage', 'group') instead of generating one")
     a.add_argument("--id", default=None, help="id of the rollout in --input; the report adds its GRPO group "
                    "(the rows with the same prompt, or the same 'group')")
     _add_chat_template(a)
-    a.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate (default: 200)")
+    a.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate (default: 200)")
     a.add_argument("--out", default="reports", help="report folder (default: reports/)")
     a.add_argument("--name", default="rhythm", help="report file stem (default: rhythm)")
     a.add_argument("--no-color", action="store_true", help="no ANSI colours in the terminal view")
@@ -233,19 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategies", type=_parse_strategies, default=DEFAULT_STRATEGIES,
                    help=f"comma list of gamma strategies from {', '.join(knobs.STRATEGIES)} "
                         "(default: coupled,local,global)")
+    s.add_argument("--keep", type=_parse_keep, default=None, metavar="FIELDS",
+                   help="the input rows' other fields copied into the output rows (after the computed columns): "
+                        "all (default), none, or a comma list such as reward,group")
     _add_chat_template(s)
     r = s.add_argument_group("distributed scoring on Ray Data (needs the [ray] extra; docs/distributed.md)")
     r.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="score on a Ray cluster: ADDRESS (auto, ray://host:10001, host:6379) or, without it, a "
                         "local Ray instance; --input: JSONL or Parquet (a file, a folder, a URI pyarrow reads); "
                         "--output: a folder of Parquet files, one per block")
-    r.add_argument("--workers", type=_positive_int, default=None, help="Ray actors, each holding one model "
+    r.add_argument("--workers", type=positive_int, default=None, help="Ray actors, each holding one model "
                    "(default: 1)")
     r.add_argument("--gpus-per-worker", type=_nonnegative_float, default=None,
                    help="GPUs per worker (default: 0 = CPU); with GPUs the model runs on cuda")
     r.add_argument("--cpus-per-worker", type=_nonnegative_float, default=None,
                    help="CPUs per worker, also its torch threads (default: 1)")
-    r.add_argument("--block-rows", type=_positive_int, default=None,
+    r.add_argument("--block-rows", type=positive_int, default=None,
                    help="rows per block: one output file, and what is redone when a worker dies (default: 64)")
     s.set_defaults(func=cmd_score)
     from rhythm.app.probe.command import add_parser as add_probe
@@ -259,6 +290,9 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
+    except BrokenPipeError:      # stdout closed early (`rhythm score --output - | head`): exit quietly
+        _silence_stdout()
+        return 141               # 128 + SIGPIPE, as a process killed by the closed pipe
     except UsageError as e:
         text = str(e)
         print(text if text.startswith("rhythm") else f"rhythm: error: {text}", file=sys.stderr)
@@ -273,6 +307,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("rhythm: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -76,12 +76,14 @@ def torch_dtype(name: str):
 
 @dataclass
 class ModelSource:
-    """A local model named by ``--model`` (None: the bundled SmolLM2): its resolved path and its transformers
-    config, each read at most once (for a GGUF file the config parses the file's metadata)."""
+    """A local model named by ``--model`` (None: the bundled SmolLM2): its resolved path, the files it is read
+    from (a GGUF file's cached conversion, made once) and its transformers config, each found at most once per
+    command."""
 
     path: str | None
+    console: Console = field(default_factory=Console)
+    _files: Path | None = field(default=None, init=False, repr=False)
     _config: object = field(default=None, init=False, repr=False)
-    _config_read: bool = field(default=False, init=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -101,18 +103,28 @@ class ModelSource:
         folder, kwargs = self.resolve()
         return str(((folder / kwargs["gguf_file"]) if "gguf_file" in kwargs else folder).resolve())
 
+    def files(self) -> Path:
+        """The model directory to read (for a GGUF file its cached conversion, made now when missing)."""
+        if self._files is None:
+            from rhythm.models import model_files
+
+            self.resolve()
+            self._files = model_files(self.path, quiet=self.console.quiet)
+        return self._files
+
     def config(self):
-        """The model's transformers config, read without loading the weights (None where it cannot be read
-        cheaply: the same checks then run on the loaded model)."""
-        if not self._config_read:
-            self._config_read = True
-            folder, kwargs = self.resolve()
+        """The model's transformers config, read without loading the weights (UsageError when unreadable)."""
+        if self._config is None:
+            files = self.files()
             try:
                 from transformers import AutoConfig
 
+                kwargs = {"gguf_file": files.name} if files.suffix == ".gguf" else {}
+                folder = files.parent if files.suffix == ".gguf" else files
                 self._config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
-            except Exception:   # an unusual checkpoint
-                self._config = None
+            except Exception as e:   # an unknown model type, a broken config.json, ...
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UsageError(f"--model {self.label}: cannot read its config ({first})") from None
         return self._config
 
     def check_architecture(self) -> None:
@@ -122,38 +134,55 @@ class ModelSource:
         from rhythm.models import causal_lm_configs
 
         cfg = self.config()
-        if cfg is None:
-            return
         try:
             check_config_types(causal_lm_configs(cfg), f"checkpoint {self.label}")
         except UnsupportedModelError as e:
             raise UsageError(str(e)) from None
 
-    def limits(self) -> tuple[int | None, int | None]:
-        """(vocab_size, max_position_embeddings) from the config (None where it does not say or cannot be read)."""
+    def _text_config(self):
         cfg = self.config()
-        if cfg is None:
-            return None, None
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    def limits(self) -> tuple[int | None, int | None]:
+        """(vocab_size, max_position_embeddings) from the config (None where it does not say)."""
+        cfg = self._text_config()
         return getattr(cfg, "vocab_size", None), getattr(cfg, "max_position_embeddings", None)
+
+    def check_layers(self, layers) -> None:
+        """``--layers`` against the model's layer count (from the config, before the weights load)."""
+        count = getattr(self._text_config(), "num_hidden_layers", None)
+        if not count:
+            return
+        count = int(count)
+        if layers is None and count < 3:
+            raise UsageError(f"--layers: {self.label} has {count} layer(s); the default middle-third sampling "
+                             "needs at least 3, pass --layers explicitly")
+        if layers is not None and max(layers) >= count:
+            raise UsageError(f"--layers {max(layers)}: {self.label} has {count} layers (indices 0 to {count - 1})")
+
+    def check(self, layers) -> None:
+        """Every check that reads the config: the architecture and ``--layers``."""
+        self.check_architecture()
+        self.check_layers(layers)
 
     def load_tokenizer(self):
         """The tokenizer (cheap: the weights are not read)."""
         from rhythm.models import load_tokenizer
 
-        return load_tokenizer(self.path)
+        return load_tokenizer(self.files(), quiet=self.console.quiet)
 
-    def load(self, *, device: str | None, dtype: str, console: Console, tokenizer=None):
+    def load(self, *, device: str | None, dtype: str, tokenizer=None):
         """(model, tokenizer), offline, with a progress bar on a terminal."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers.utils import logging as hf_logging
 
         from rhythm.models import load_model
 
-        if not console.bars:    # transformers' own bars (loading weights) follow the same rule
+        if not self.console.bars:    # transformers' own bars (loading weights) follow the same rule
             hf_logging.disable_progress_bar()
-        with console.progress(total=1, desc="loading model", unit="model", leave=False) as bar:
-            model, tokenizer = load_model(self.path, device=device, dtype=torch_dtype(dtype), tokenizer=tokenizer)
+        with self.console.progress(total=1, desc="loading model", unit="model", leave=False) as bar:
+            model, tokenizer = load_model(self.files(), device=device, dtype=torch_dtype(dtype), tokenizer=tokenizer,
+                                          quiet=self.console.quiet)
             bar.update(1)
         return model, tokenizer
 
@@ -213,3 +242,33 @@ def trainer_batch(pairs, pad: int):
         ids[i, p_len: p_len + len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, p_len - len(p): p_len + len(r)] = 1
     return ids, mask, trainer_response_mask(mask, r_len)
+
+
+# ---- flags shared by the commands ---------------------------------------------------------------------------------
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def add_threads(parser) -> None:
+    """``--threads N``: torch's CPU threads for the command (read back with :func:`apply_threads`)."""
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help=f"torch CPU threads (torch.set_num_threads; default: torch's own choice, "
+                             f"{os.cpu_count()} cores here)")
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op CPU threads (None: leave torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

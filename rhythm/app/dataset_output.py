@@ -19,7 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from rhythm.app.output import PARQUET_KEY, OutputError, check_stored_settings, parquet_schema, read_parquet_settings
+from rhythm.app.output import PARQUET_KEY, OutputError, check_stored_settings, output_lock, parquet_row, \
+    parquet_schema, read_parquet_settings
 
 PART_GLOB = "part-*.parquet"
 
@@ -36,6 +37,7 @@ def write_part(folder: str | Path, name: str, rows: list[dict], settings: dict) 
     import pyarrow.parquet as pq
 
     folder = Path(folder)
+    rows = [parquet_row(row, settings) for row in rows]
     table = pa.Table.from_pylist(rows, schema=parquet_schema(settings)).replace_schema_metadata(
         {PARQUET_KEY: json.dumps(settings).encode("utf-8")})
     tmp = folder / f".{name}.{os.getpid()}.tmp"
@@ -66,19 +68,8 @@ class DatasetSink:
     def lock(self):
         """An exclusive lock on the output (``<output>.lock``) for the whole job; OutputError at once when
         another job holds it."""
-        import fcntl
-
-        path = self.folder.with_name(self.folder.name + ".lock")
-        with path.open("a") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise OutputError(f"{self.folder} is being written by another job (it holds {path}); wait for it "
-                                  "or choose another --output") from None
-            try:
-                yield self
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        with output_lock(self.folder):
+            yield self
 
     def open(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

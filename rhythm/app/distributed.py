@@ -100,7 +100,7 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
     (bad input; UsageError for an int id beyond int64), OutputError (an output scored with other settings, or
     locked by another job), ConfigError (grouping "fixed"). WorkerFailed: the scoring code raised in a worker."""
     from rhythm.app.common import Console, ModelSource
-    from rhythm.app.score import ScoreJob, check_parquet_ids
+    from rhythm.app.score import KeptFields, ScoreJob, check_parquet_ids
 
     console = console or Console(quiet=True)
     ray = require_ray()
@@ -114,12 +114,15 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
     source = ModelSource(settings.model)
     job = ScoreJob(settings, source=source)          # the tokenizer and the model's config only: no weights
 
+    kept = KeptFields(settings)
+
     def check(rows, name):
         job.tokenize(rows, name)
         check_parquet_ids(rows, name)
+        kept.add(rows, name)
 
     index = scan(files, check)
-    record = settings.record(index.id_kind, source.model_id())
+    record = settings.record(index.id_kind, source.model_id(), kept.types(input), parquet=True)
     sink = DatasetSink(output, record)
     with sink.lock():
         sink.open()

@@ -12,7 +12,9 @@ each appears once.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 
 class RowError(ValueError):
@@ -47,6 +49,16 @@ def read_rows(data: bytes, name: str) -> tuple[list[InputRow], str]:
     return rows, checker.finish(name)
 
 
+def iter_rows(lines: Iterable[bytes], name: str, checker: "RowChecker | None" = None) -> Iterator[InputRow]:
+    """The rows of a JSONL input, one at a time (``lines``: the raw lines, e.g. a file opened in binary mode),
+    each checked alone and, with ``checker``, against the rows before it; RowError naming ``name:line``."""
+    checker = checker or RowChecker(across=False)
+    for number, raw in enumerate(lines, start=1):
+        row = checker.line(raw[:-1] if raw.endswith(b"\n") else raw, name, number)
+        if row is not None:
+            yield row
+
+
 class RowChecker:
     """The row checks of :func:`read_rows`, one row at a time (for streaming readers, and across several files
     of one input): each row well formed, ids present on every row or on none, all of one type, each once.
@@ -54,7 +66,8 @@ class RowChecker:
     ``line(raw, name, number)`` checks one JSONL line (None for a blank one); ``row(obj, name, number)`` one
     decoded object (a Parquet row, say); ``finish(name)`` -> the id kind ("line", "int" or "str")."""
 
-    def __init__(self):
+    def __init__(self, *, across: bool = True):
+        self.across = across                     # False: each row alone (no checks across rows)
         self.count = 0
         self._with_id: tuple | None = None       # (name, number) of the first row with / without an 'id'
         self._without_id: tuple | None = None
@@ -70,10 +83,7 @@ class RowChecker:
                            "save the file as UTF-8") from None
         if not text.strip():
             return None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        obj = _decode(text, where)
         if not isinstance(obj, dict):
             raise RowError(f"{where}: expected a JSON object (one row per line), got {_json_kind(obj)}")
         return self.row(obj, name, number)
@@ -81,6 +91,8 @@ class RowChecker:
     def row(self, obj: dict, name: str, number: int) -> InputRow:
         where = f"{name}:{number}"
         row = parse_row(obj, where, number)
+        if not self.across:
+            return row
         if "id" in obj:
             self._with_id = self._with_id or (name, number)
             kind = type(row.id)
@@ -104,6 +116,11 @@ class RowChecker:
         return row
 
     @property
+    def ids(self):
+        """The ids seen so far (a set-like view)."""
+        return self._seen.keys()
+
+    @property
     def line_ids(self) -> bool:
         """Rows without an 'id' were seen (their ids are their line numbers)."""
         return self._without_id is not None
@@ -112,6 +129,25 @@ class RowChecker:
         if not self.count:
             raise RowError(f"{name}: no rows (expected one JSON object per line)")
         return "line" if self._without_id else ("int" if int in self._first_of_type else "str")
+
+
+def _not_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode(text: str, where: str):
+    """One line's JSON value (strict JSON: no NaN / Infinity); RowError naming the line."""
+    try:
+        return json.loads(text, parse_constant=_not_json_constant)
+    except json.JSONDecodeError as e:
+        raise RowError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise RowError(f"{where}: nested too deeply to read (a row is an object of a few levels)") from None
+    except ValueError as e:        # NaN / Infinity, or an integer beyond Python's digit limit
+        if "digits" in str(e):
+            raise RowError(f"{where}: a number with more than {_max_digits()} digits (Python's "
+                           "limit for reading integers); use a string for such an id") from None
+        raise RowError(f"{where}: not valid JSON ({e})") from None
 
 
 def _at(place: tuple, name: str) -> str:
@@ -200,3 +236,8 @@ def _json_kind(x) -> str:
     if x is None:
         return "null"
     return next((name for kind, name in _JSON_KINDS if isinstance(x, kind)), type(x).__name__)
+
+
+def _max_digits() -> int:
+    """Python's limit on the digits of an integer read from text (3.11+; 4300 by default)."""
+    return getattr(sys, "get_int_max_str_digits", lambda: 4300)()

@@ -36,6 +36,8 @@ class ScoreSettings:
     dtype: "auto" (the checkpoint's) or a torch dtype name. strategies: the gamma columns written.
     chat_template: text prompts go through the tokenizer's chat template as one user message.
     scorer: the :class:`rhythm.ScorerConfig` (window, horizon, q, seed, micro_batch_size, ...).
+    keep: the input row's other fields copied into its output row (after the computed columns): None = all
+    of them, or these names (in this order; a row without one of them just lacks it).
     """
 
     model: str | None = None
@@ -44,6 +46,7 @@ class ScoreSettings:
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     chat_template: bool = True
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    keep: tuple[str, ...] | None = None
 
     def __post_init__(self):
         bad = [s for s in self.strategies if s not in knobs.STRATEGIES]
@@ -51,6 +54,11 @@ class ScoreSettings:
             raise knobs.ConfigError(f"ScoreSettings.strategies must be a non-empty list of {knobs.STRATEGIES}, "
                                     f"got {self.strategies!r}")
         object.__setattr__(self, "strategies", tuple(dict.fromkeys(self.strategies)))
+        if self.keep is not None:
+            if isinstance(self.keep, str) or not all(isinstance(k, str) and k for k in self.keep):
+                raise knobs.ConfigError(f"ScoreSettings.keep must be None or a list of field names, got "
+                                        f"{self.keep!r}")
+            object.__setattr__(self, "keep", tuple(dict.fromkeys(self.keep)))
         if not isinstance(self.scorer, ScorerConfig):
             raise knobs.ConfigError(f"ScoreSettings.scorer must be a rhythm.ScorerConfig, got "
                                     f"{type(self.scorer).__name__}")
@@ -59,15 +67,37 @@ class ScoreSettings:
         """The scorer's knob values, in ScorerConfig's order (the RhythmScorer's keyword arguments)."""
         return {name: getattr(self.scorer, name) for name in knobs.SCORER_KNOBS}
 
-    def record(self, id_kind: str, model_id: str | None = None) -> dict:
-        """Everything that changes a number of the output (stored with it; a resume must match), as JSON
-        values. ``model_id``: the resolved checkpoint path (default: resolved from ``model``)."""
+    def columns(self) -> tuple[str, ...]:
+        """The computed columns of an output row, in order."""
+        return ("id", "prompt_length", "response_ids", "waad", "fai", "fai_valid",
+                *(f"gamma_{s}" for s in self.strategies))
+
+    def record(self, id_kind: str, model_id: str | None = None, kept: dict | None = None, *,
+               parquet: bool = False) -> dict:
+        """Everything that changes a number or a column of the output (stored with it; a resume must match),
+        as JSON values. ``model_id``: the resolved checkpoint path (default: resolved from ``model``).
+        ``kept``: the input fields the rows keep, name -> Parquet kind (rhythm.app.output.keep_type); stored
+        as "keep" (and "keep_types" for a Parquet output, ``parquet``) only when there is one."""
         stored = {"model": model_id or ModelSource(self.model).model_id(), "dtype": self.dtype, "ids": id_kind,
                   "strategies": list(self.strategies), "chat_template": self.chat_template}
         stored.update(self.scorer_knobs())
         if stored["grouping"] != "fixed":   # per-sequence groups do not depend on how rows are batched
             del stored["micro_batch_size"]
+        if kept:
+            stored["keep"] = list(kept)
+            if parquet:
+                stored["keep_types"] = dict(kept)
         return json.loads(json.dumps(stored))    # tuples -> lists, as stored
+
+    def kept(self, row: InputRow, name: str = "<rows>") -> dict:
+        """The input fields ``row``'s output row keeps (see ``keep``); RowError when one has the name of a
+        computed column."""
+        kept = dict(row.extra) if self.keep is None else {k: row.extra[k] for k in self.keep if k in row.extra}
+        clash = [k for k in kept if k in self.columns()]
+        if clash:
+            raise RowError(f"{name}:{row.line}: field {clash[0]!r} has the name of an output column; rename it, or "
+                           "keep the other fields with --keep a,b (or --keep none)")
+        return kept
 
 
 def _score_batch(scorer, chunk, pairs, pad: int, strategies) -> list[dict]:
@@ -134,7 +164,7 @@ class ScoreJob:
                  source: ModelSource | None = None):
         self.settings = settings
         self.console = console or Console(quiet=True)
-        self.source = source or ModelSource(settings.model)
+        self.source = source or ModelSource(settings.model, self.console)
         self._tokenizer = None
         self.model = None
         self.scorer = None
@@ -157,12 +187,13 @@ class ScoreJob:
         from rhythm.scoring.scorer import RhythmScorer
 
         self.model, self._tokenizer = self.source.load(device=self.settings.device, dtype=self.settings.dtype,
-                                                       console=self.console, tokenizer=self._tokenizer)
+                                                       tokenizer=self._tokenizer)
         self.scorer = RhythmScorer(self.model, **self.settings.scorer_knobs())
 
-    def check_embeddings(self, rows: list[InputRow], pairs, name: str) -> None:
-        """The loaded model is the final word on the vocabulary (its embedding rows)."""
-        check_rows_fit(rows, pairs, self.model.get_input_embeddings().num_embeddings, None, name)
+    def check_embeddings(self, rows: list[InputRow], name: str) -> None:
+        """The token ids of ``rows`` against the loaded model, the final word on the vocabulary (its
+        embedding rows)."""
+        check_vocab([r for r in rows if not r.is_text], self.model.get_input_embeddings().num_embeddings, name)
 
     def score_rows(self, rows: list[InputRow], name: str = "<rows>", *, pairs=None) -> list[dict]:
         """Output rows of ``rows`` (in their order), scored in micro-batches of consecutive rows.
@@ -170,68 +201,16 @@ class ScoreJob:
         if pairs is None:
             pairs = self.tokenize(rows, name)
         self.load()
-        self.check_embeddings(rows, pairs, name)
+        self.check_embeddings(rows, name)
         pad = pad_id(self.tokenizer)
         size = self.scorer.config.micro_batch_size
         out = []
         for first in range(0, len(rows), size):
             out += _score_batch(self.scorer, rows[first:first + size], pairs[first:first + size], pad,
                                 self.settings.strategies)
+        for row, item in zip(rows, out):
+            item.update(self.settings.kept(row, name))
         return out
-
-    def batches(self, rows: list[InputRow], pairs):
-        """(rows, pairs) of each micro-batch, in order."""
-        size = self.settings.scorer.micro_batch_size
-        for first in range(0, len(rows), size):
-            yield rows[first:first + size], pairs[first:first + size]
-
-
-def run(settings: ScoreSettings, input: str, output: str, console: Console) -> int:
-    """``rhythm score``: the rows of ``input`` (a JSONL file, or - for stdin) scored into ``output`` (.jsonl,
-    .parquet, or - for stdout), resuming by id. Returns the exit code; UsageError for bad input."""
-    import sys
-    from pathlib import Path
-
-    from rhythm.app.common import UsageError
-    from rhythm.app.output import OutputError, Sink
-    from rhythm.app.rows import read_rows
-
-    source = ModelSource(settings.model)
-    job = ScoreJob(settings, console=console, source=source)
-    name = "<stdin>" if input == "-" else input
-    data = sys.stdin.buffer.read() if input == "-" else Path(input).read_bytes()
-    try:
-        rows, id_kind = read_rows(data, name)
-        if output.endswith(".parquet"):
-            check_parquet_ids(rows, name)
-        sink = Sink(output, settings.record(id_kind, source.model_id()))
-    except (RowError, OutputError) as e:
-        raise UsageError(str(e)) from None
-    todo = [row for row in rows if row.id not in sink.done]
-    if not todo:
-        console.info(f"nothing to do: all {len(rows)} rows of {name} are in {output}")
-        sink.finish()
-        return 0
-    try:
-        pairs = job.tokenize(todo, name)   # the tokenizer is cheap: rows are checked before the weights load
-        job.load()
-        job.check_embeddings(todo, pairs, name)
-    except RowError as e:
-        raise UsageError(str(e)) from None
-    written = 0
-    try:
-        with console.progress(total=len(rows), initial=len(rows) - len(todo), desc="scoring", unit="row") as bar:
-            for chunk, chunk_pairs in job.batches(todo, pairs):
-                sink.append(job.score_rows(chunk, name, pairs=chunk_pairs))
-                written += len(chunk)
-                bar.update(len(chunk))
-    except KeyboardInterrupt:
-        console.info(f"interrupted: {written} new rows written to {output}; run the same command to resume")
-        return 130
-    sink.finish()
-    console.info(f"wrote {written} rows to {output}" + (f" ({len(rows) - len(todo)} already there)"
-                                                         if len(rows) > len(todo) else ""))
-    return 0
 
 
 def check_parquet_ids(rows, name: str) -> None:
@@ -242,3 +221,31 @@ def check_parquet_ids(rows, name: str) -> None:
         if isinstance(row.id, int) and not -(1 << 63) <= row.id < (1 << 63):
             raise UsageError(f"{name}:{row.line}: id {row.id} does not fit Parquet's int64 ids; "
                              "use string ids or write .jsonl")
+
+
+class KeptFields:
+    """The input fields the output rows keep (``settings.keep``) and their Parquet column kinds, gathered over a
+    whole input in its checking pass: ``add(rows, name)`` per batch, then ``types(name)`` -> {field: kind}
+    (in ``settings.keep``'s order, else in order of first appearance), the ``kept`` of ``settings.record``."""
+
+    def __init__(self, settings: ScoreSettings):
+        self.settings = settings
+        self.kinds: dict[str, set] = {}
+
+    def add(self, rows: list[InputRow], name: str) -> None:
+        from rhythm.app.output import value_kind
+
+        for row in rows:
+            for key, value in self.settings.kept(row, name).items():
+                self.kinds.setdefault(key, set()).add(value_kind(value))
+
+    def types(self, name: str) -> dict:
+        from rhythm.app.common import UsageError
+        from rhythm.app.output import keep_type
+
+        missing = [key for key in self.settings.keep or () if key not in self.kinds]
+        if missing:
+            raise UsageError(f"--keep: no row of {name} has a field {missing[0]!r}"
+                             + (f" (its fields beside the row's own: {', '.join(self.kinds)})" if self.kinds else ""))
+        order = self.settings.keep if self.settings.keep is not None else tuple(self.kinds)
+        return {key: keep_type(self.kinds[key] - {None}) for key in order}
