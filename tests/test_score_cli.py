@@ -594,7 +594,7 @@ def test_parquet_output_with_a_doubled_row_is_refused(tiny_model_dir, tok, tmp_p
 
 
 def test_the_input_is_streamed_not_read_whole(tiny_model_dir, tok, tmp_path, capsys, no_model_load):  # noqa: F811
-    """The checking pass holds one row at a time: on a 24 MB input whose last row is bad, Python's peak
+    """The checking pass holds one row at a time: on a 26 MB input whose last row is bad, Python's peak
     allocation stays far below the file's size (reading it whole, as before, holds it all, and all its rows)."""
     import tracemalloc
 
@@ -613,7 +613,7 @@ def test_the_input_is_streamed_not_read_whole(tiny_model_dir, tok, tmp_path, cap
     finally:
         tracemalloc.stop()
     assert "in.jsonl:8001: response_ids[0] must be a token id" in _error(capsys)
-    assert peak < size / 8, (peak, size)
+    assert peak < size / 4, (peak, size)      # the ids seen (for duplicates) are all it keeps
 
 
 def test_output_rows_keep_the_input_fields(tiny_model_dir, tok, tmp_path, capsys):  # noqa: F811
