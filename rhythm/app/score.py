@@ -68,7 +68,7 @@ class ScoreSettings:
         return {name: getattr(self.scorer, name) for name in knobs.SCORER_KNOBS}
 
     def columns(self) -> tuple[str, ...]:
-        """The computed columns of an output row, in order."""
+        """The names of the computed columns of an output row."""
         return ("id", "prompt_length", "response_ids", "waad", "fai", "fai_valid",
                 *(f"gamma_{s}" for s in self.strategies))
 
