@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
     from rhythm.app.probe.command import add_parser as add_probe
 
-    add_probe(sub, _add_common, _add_chat_template, _positive_int)
+    add_probe(sub, _add_common, _add_chat_template, positive_int)
     return parser
 
 

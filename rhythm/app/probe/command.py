@@ -61,7 +61,7 @@ def cmd_probe(args) -> int:
     from pathlib import Path
 
     from rhythm.app import cli
-    from rhythm.app.common import Console, UsageError, check_writable_dir
+    from rhythm.app.common import UsageError, apply_threads, check_writable_dir
     from rhythm.app.probe.prompts import PromptError, load_prompts
     from rhythm.app.probe.run import PAGE, RESULT, ProbeError, ProbeSettings, run_probe
 
@@ -76,9 +76,11 @@ def cmd_probe(args) -> int:
     check_writable_dir(Path(args.out), "--out", create=True)
     model_source = cli.check_common(args)
     scorer = cli.scorer_knobs(args)
-    console = Console(args.quiet)
+    model_source.check(scorer["layers"])         # the checks that read the model's config
+    apply_threads(args.threads)
+    console = model_source.console
     meta = {"model": model_source.model_id(), "dtype": args.dtype, "source": source}
-    model, tokenizer = model_source.load(device=args.device, dtype=args.dtype, console=console)
+    model, tokenizer = model_source.load(device=args.device, dtype=args.dtype)
     with console.progress(total=len(prompts), desc="probing", unit="prompt") as bar:
         try:
             result = run_probe(model, tokenizer, prompts, settings=settings, scorer_settings=scorer, out=args.out,
