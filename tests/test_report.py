@@ -121,12 +121,17 @@ def test_analyze_existing_rollout(tiny_model_dir, tmp_path, capsys):  # noqa: F8
     assert selected["gamma"] == pytest.approx(data["gammas"]["coupled"][r0:])
     assert len(data["local_band"]) == n and len(data["local_band"][0]) == min(64, n)
     assert len(data["fai_band"][0]) == 11                               # lags 2..12
-    # the FAI band reproduces the report's per-token FAI (mean over the global heads of the column means)
+    # the FAI band reproduces the report's per-token FAI (mean over the global heads of the column means);
+    # the cells nothing observes (a prompt row, a row past the end) are null, never 0
     for s in range(n):
         rows_in = [s + lag for lag in range(2, 13) if r0 <= s + lag < n]
+        cells = data["fai_band"][s]
+        assert [lag for lag in range(2, 13) if cells[lag - 2] is not None] == [t - s for t in rows_in]
+        assert data["fai_rows"][s] == len(rows_in)                         # |T(s)|, shown beside each FAI
         if rows_in:
-            got = sum(data["fai_band"][s][lag - 2] for lag in range(2, 13) if s + lag < n) / len(rows_in)
+            got = sum(c for c in cells if c is not None) / len(rows_in)
             assert got == pytest.approx(data["fai"][s], abs=1e-5)
+    assert all(data["local_band"][t][lag] is None for t in range(n) for lag in range(t + 1, len(data["local_band"][0])))
 
     alone = tmp_path / "copied" / "report.html"
     alone.parent.mkdir()
@@ -204,3 +209,148 @@ def test_band_of_real_layers_matches_eager_maps(kind):
             t = torch.arange(lag, LENGTH)
             want = attn[:, t, t - lag]
             assert (band[:, lag:, j].double() - want).abs().max() < 1e-5, (kind, layer, lag)
+
+
+def _strict_json(path):
+    """json.loads that refuses NaN / Infinity (strict JSON)."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _analyze_rows(model_dir, tmp_path, capsys, rows, row_id):
+    """``rhythm analyze --input --id row_id`` on ``rows``: (the report's strict JSON, its page)."""
+    src = tmp_path / "rollouts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "reports"
+    assert cli.main(["analyze", "--model", str(model_dir), "--input", str(src), "--id", row_id, "--out", str(out),
+                     "--no-color"]) == 0
+    capsys.readouterr()
+    return _strict_json(out / "rhythm.json"), (out / "rhythm.html").read_text(encoding="utf-8")
+
+
+def test_analyze_rollout_with_an_empty_response(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """--id of a rollout whose response is empty: a report without head groups or bands (a TypeError in the
+    band code before)."""
+    rows = [{"id": "e", "prompt": CORPUS[1], "response": "", "reward": 0.0},
+            {"id": "f", "prompt": CORPUS[1], "response": CORPUS[2][:40], "reward": 1.0}]
+    data, page = _analyze_rows(tiny_model_dir, tmp_path, capsys, rows, "e")
+    assert data["response_start"] == len(data["tokens"]) and data["local_band"] is None and data["fai_band"] is None
+    assert data["local_heads"] == [] and not any(data["anchor"])
+    assert "the response is empty" in page
+
+
+def test_report_json_is_strict_without_rewards(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """A group with advantages but no rewards: the reward is null in the JSON (it was NaN, which is not JSON)."""
+    rows = [{"id": f"a{i}", "prompt": CORPUS[1], "response": CORPUS[2][: 20 + 10 * i], "advantage": adv}
+            for i, adv in enumerate([0.5, -0.5])]
+    data, page = _analyze_rows(tiny_model_dir, tmp_path, capsys, rows, "a1")
+    assert [m["reward"] for m in data["group"]] == [None, None]
+    assert [m["advantage"] for m in data["group"]] == [0.5, -0.5]
+    assert "reward –" in page
+
+
+def test_terminal_output_escapes_control_characters(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """Rollout text carrying ESC / CSI / OSC sequences reaches stdout and stderr only escaped (\\x1b), with and
+    without colours."""
+    evil = "\x1b[41mred\x1b[0m \x1b]0;owned\x07 \x9b31m" * 3
+    rows = [{"id": "x\x1b[2J", "prompt": CORPUS[1], "response": evil + CORPUS[2][:30]}]
+    src = tmp_path / "rollouts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for colour in ([], ["--no-color"]):
+        assert cli.main(["analyze", "--model", str(tiny_model_dir), "--input", str(src), "--id", "x\x1b[2J",
+                         "--out", str(tmp_path / "out"), *colour]) == 0
+        captured = capsys.readouterr()
+        for stream in (captured.out, captured.err):
+            assert "\x1b]" not in stream and "\x07" not in stream and "\x9b" not in stream
+            assert "\x1b[41m" not in stream and "\x1b[2J" not in stream
+        assert captured.out.count("\\x1b") >= 9             # the text is still there, visibly escaped
+    assert cli.main(["analyze", "--model", str(tiny_model_dir), "--input", str(src), "--id", "\x1b[31mnope",
+                     "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "nope" in err
+
+
+# ---- the page and the terminal view, on a hand-built report ------------------------------------------------
+
+def _report(n_prompt=3, n_resp=8, **extra):
+    from rhythm.report.sequence import SequenceReport
+
+    n = n_prompt + n_resp
+    fai = [5.0] + [0.01] * (n_prompt - 1) + [0.01 * (i + 1) for i in range(n_resp)]   # a sink at position 0
+    fields = dict(tokens=[f"t{i}" for i in range(n)], response_start=n_prompt, waad=[1.0] * n, fai=fai,
+                  fai_valid=[True] * (n - 2) + [False] * 2, preplan=[False] * n, anchor=[False] * n,
+                  dominated=[False] * n, intro=[False] * n, delta=[None] * n, intro_of=[-1] * n,
+                  gammas={"coupled": [1.0] * n}, fai_rows=list(range(n, 0, -1)))
+    fields.update(extra)
+    return SequenceReport(**fields)
+
+
+def test_global_fai_scale_is_set_by_the_response():
+    """The global colour scale tops at the response's largest valid FAI, not at the sink at position 0."""
+    from rhythm.report.html import render_html
+
+    page = render_html(_report(), embed_pictures=False)
+    assert "FAI 0 to 0.060, the response&#x27;s largest" in page or "FAI 0 to 0.060, the response's largest" in page
+    # the response's largest valid FAI (0.06 at response #5) is drawn at the full global colour
+    assert "--g:rgba(224,123,0,0.850)" in page
+
+
+def test_page_shows_rows_behind_fai():
+    from rhythm.report.html import render_html
+
+    anchor = [False] * 11
+    anchor[5] = True
+    page = render_html(_report(anchor=anchor), embed_pictures=False)
+    assert "FAI 0.0300 over |T(s)| = 6 rows" in page                # hover of position 5 (fai_rows = 11 - 5)
+    assert "<th title='response rows behind the FAI value'>|T(s)|</th>" in page
+    assert "<td class=n>6</td>" in page                              # the anchor table's |T(s)| cell
+
+
+def test_terminal_view_marks_a_token_that_is_both():
+    from rhythm.report.terminal import escape_controls, terminal_view
+
+    marks = [False] * 11
+    marks[4] = True
+    view = terminal_view(_report(preplan=list(marks), anchor=list(marks)), colour=False)
+    assert "[{t4}]" in view and "{t4}" in view and "over 7 rows" in view
+    assert escape_controls("a\x1b[31mb\x9b\x00\r\n\tc") == "a\\x1b[31mb\\x9b\\x00\\x0d\n\tc"
+
+
+def test_notebook_views_are_scoped():
+    """_repr_html_ returns one element: its CSS applies only under its own id, its ids are its own (two
+    reports on one page share none), and no rule touches the host page's body."""
+    first, second = _report()._repr_html_(), _report()._repr_html_()
+    for page in (first, second):
+        assert not page.lstrip().startswith("<!DOCTYPE") and "<body" not in page and "<html" not in page
+        root = re.match(r'<div id="([^"]+)"', page).group(1)
+        css = re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+        for rule in filter(None, (r.strip() for r in css.split("}"))):
+            for selector in rule.split("{")[0].split(","):
+                assert selector.strip().startswith("#" + root), selector
+        assert "document.body" not in page
+    ids = lambda page: set(re.findall(r'id="([^"]+)"', page))  # noqa: E731
+    assert ids(first) and not ids(first) & ids(second)
+
+
+def test_min_fai_rows_is_opt_in(tiny_model_dir):  # noqa: F811
+    """selection(min_fai_rows=m) keeps only anchors with at least m response rows behind their FAI; the
+    default is the paper's definition (any valid FAI)."""
+    from rhythm import RhythmScorer
+    from rhythm.models import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    ids = torch.tensor([tok(CORPUS[0]).input_ids[:40]])
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 8:] = True
+    scores = RhythmScorer(model, window=4, horizon=(2, 8), q=1.0).score(ids, None, response)
+    rows = scores.fai_rows()
+    # |T(s)| written out: rows t in [max(s + 2, 8), min(39, s + 8)]
+    assert rows[0].tolist() == [max(0, min(39, s + 8) - max(s + 2, 8) + 1) for s in range(40)]
+    plain = scores.selection()
+    assert torch.equal(plain.anchor, scores.selection(min_fai_rows=1).anchor)
+    strict = scores.selection(min_fai_rows=5)
+    assert strict.anchor.any() and bool((rows[strict.anchor] >= 5).all())
+    assert bool((plain.anchor & (rows < 5)).any())                        # q = 1 took the thin ones before
+    with pytest.raises(ValueError, match="min_fai_rows must be None or an int >= 1"):
+        scores.selection(min_fai_rows=0)

@@ -448,3 +448,21 @@ def test_hybrid_refuses_linear_layers_and_packed_rows():
     response[0, 10:15] = response[0, 25:] = True
     with pytest.raises(UnsupportedModelError, match="packed rows are refused"):
         RhythmScorer(model).score(ids, None, response, cu_seqlens=torch.tensor([0, 15, 30]))
+
+
+def test_out_of_vocabulary_ids_on_padding_are_accepted():
+    """-100 (the usual label/pad filler) or any id outside the vocabulary on padding positions: scored exactly
+    as with id 0 there (padding is never attended to); on a real position it is a clear error."""
+    model = tiny_model("llama", layers=3)
+    ids, mask = padded_batch("left", length=24)
+    response = response_suffix(mask, [5, 5, 5])
+    scorer = RhythmScorer(model)
+    want = scorer.score(torch.where(mask.bool(), ids, 0), mask, response)
+    for filler in (-100, VOCAB, 10 ** 9):
+        got = scorer.score(torch.where(mask.bool(), ids, filler), mask, response)
+        for name in ("waad", "fai", "fai_valid"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (filler, name)
+    bad = ids.clone()
+    bad[0, -1] = -100
+    with pytest.raises(ValueError, match="token id -100 on a real"):
+        scorer.score(bad, mask, response)

@@ -31,6 +31,7 @@ class AnalyzeRequest:
     name: str
     no_color: bool
     sample_temperature: float | None = None
+    min_fai_rows: int | None = None   # opt-in minimum |T(s)| of anchor candidates (None: the paper's definition)
 
 
 def _generate(model, tokenizer, prompt_ids, request: AnalyzeRequest, console: Console):
@@ -60,26 +61,6 @@ def _generate(model, tokenizer, prompt_ids, request: AnalyzeRequest, console: Co
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                              else tokenizer.eos_token_id)
     return out[:, prompt_ids.shape[1]:].cpu()
-
-
-def _terminal_view(report, colour: bool) -> str:
-    def paint(text, code):
-        return f"\033[{code}m{text}\033[0m" if colour else text
-
-    pieces = []
-    for t in range(report.response_start, len(report.tokens)):
-        tok = report.tokens[t]
-        if report.anchor[t]:
-            tok = paint("{" + tok + "}", "1;32")
-        elif report.preplan[t]:
-            tok = paint("[" + tok + "]", "36")
-        pieces.append(tok)
-    lines = ["".join(pieces), "",
-             f"legend: {paint('[preplan]', '36')} = top-q |ΔWAAD| (local chunk starts), "
-             f"{paint('{anchor}', '1;32')} = top-q FAI (tokens later tokens attend to)", "", "strongest anchors:"]
-    for i, tok, fai in report.strongest_anchors(10):
-        lines.append(f"  #{i:<4d} {tok!r:<20} FAI {fai:.4f}")
-    return "\n".join(lines)
 
 
 def select_rollouts(request: AnalyzeRequest):
@@ -154,6 +135,7 @@ def run(request: AnalyzeRequest, group_rows, index, tokenizer, prepared, console
     from rhythm.app.rows import RowError, check_vocab
     from rhythm.report.groups import attach_bands, attach_group
     from rhythm.report.sequence import SequenceReport, write_report
+    from rhythm.report.terminal import escape_controls, terminal_view
     from rhythm.scoring.scorer import RhythmScorer
 
     t0 = time.time()
@@ -187,7 +169,7 @@ def run(request: AnalyzeRequest, group_rows, index, tokenizer, prepared, console
             **source, "tokens": f"{len(prompt_ids)} prompt + {len(response_ids)} response",
             "heads per layer": scorer.heads_per_layer,
             "settings": ", ".join(f"{name}={value}" for name, value in request.scorer.items())}
-    report = SequenceReport.from_scores(scores, tokens, index=index, meta=meta)
+    report = SequenceReport.from_scores(scores, tokens, index=index, meta=meta, min_fai_rows=request.min_fai_rows)
     attach_bands(report, model, scorer, prompt_ids + response_ids, len(prompt_ids))
     t3 = time.time()
     if group_rows is not None and len(group_rows) > 1:
@@ -197,6 +179,6 @@ def run(request: AnalyzeRequest, group_rows, index, tokenizer, prepared, console
     report.meta["timings"] = f"load {t1 - t0:.1f}s, generate {t2 - t1:.1f}s, score {t3 - t2:.2f}s"
     paths = write_report(report, request.out, stem=request.name)
     colour = not request.no_color and sys.stdout.isatty()
-    print(_terminal_view(report, colour))
-    print(f"\nreport: {paths['html']}\nplot:   {paths['png']}\n({report.meta['timings']})")
+    print(terminal_view(report, colour))
+    print(escape_controls(f"\nreport: {paths['html']}\nplot:   {paths['png']}\n({report.meta['timings']})"))
     return 0

@@ -25,6 +25,7 @@ from pathlib import Path
 from rhythm import config as knobs
 from rhythm.app.common import DEFAULT_STRATEGIES, Console, ModelSource, UsageError, add_threads, apply_threads, \
     check_device, check_writable_dir, positive_int
+from rhythm.report.terminal import escape_controls
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -96,7 +97,8 @@ def cmd_analyze(args) -> int:
     request = analyze.AnalyzeRequest(
         source=source, device=args.device, dtype=args.dtype, scorer=scorer_knobs(args), prompt=args.prompt,
         input=args.input, id=args.id, chat_template=args.chat_template, max_new_tokens=args.max_new_tokens,
-        out=args.out, name=args.name, no_color=args.no_color, sample_temperature=args.temperature)
+        out=args.out, name=args.name, no_color=args.no_color, sample_temperature=args.temperature,
+        min_fai_rows=args.min_fai_rows)
     group_rows, index = analyze.select_rollouts(request)
     source.check(request.scorer["layers"])
     tokenizer, prepared = analyze.prepare(request, group_rows)
@@ -251,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="reports", help="report folder (default: reports/)")
     a.add_argument("--name", default="rhythm", help="report file stem (default: rhythm)")
     a.add_argument("--no-color", action="store_true", help="no ANSI colours in the terminal view")
+    a.add_argument("--min-fai-rows", type=_positive_int, default=None, metavar="N",
+                   help="opt-in: anchor candidates need at least N response rows behind their FAI, |T(s)| "
+                        "(default: the paper's definition, any valid FAI)")
     a.set_defaults(func=cmd_analyze)
     s = sub.add_parser("score", help="score rollouts (JSONL) into per-token signals and gammas")
     _add_common(s)
@@ -295,14 +300,14 @@ def main(argv=None) -> int:
         return 141               # 128 + SIGPIPE, as a process killed by the closed pipe
     except UsageError as e:
         text = str(e)
-        print(text if text.startswith("rhythm") else f"rhythm: error: {text}", file=sys.stderr)
+        print(escape_controls(text if text.startswith("rhythm") else f"rhythm: error: {text}"), file=sys.stderr)
         return 2
     except RuntimeError as e:   # a model the config check could not read, refused by the capture
         from rhythm.capture.architectures import UnsupportedModelError
 
         if not isinstance(e, UnsupportedModelError):
             raise
-        print(f"rhythm: error: {e}", file=sys.stderr)
+        print(escape_controls(f"rhythm: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rhythm: interrupted", file=sys.stderr)

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rhythm.report.terminal import escape_controls
+
 
 DEFAULT_STRATEGIES = ("coupled", "local", "global")   # the gamma columns `rhythm score` writes by default
 
@@ -31,7 +33,7 @@ class Console:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            print(message, file=sys.stderr)
+            print(escape_controls(message), file=sys.stderr)
 
     @property
     def bars(self) -> bool:

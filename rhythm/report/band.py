@@ -72,9 +72,12 @@ def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range
     """Mean over ``heads`` ((layer, head) pairs) of :func:`band_attention` on sequence 0 of a capture.
 
     qk: layer -> (query [1, Hq, T, D], key [1, Hkv, T, D], scale) as :class:`QKCapture` keeps them.
-    lse: layer -> [1, Hq, T]. rows: the query rows that count (others set to 0), e.g. the response rows for
-    the FAI band. layers: layer -> LayerAttention (or None). Returns float32 [T, len(lags)].
+    lse: layer -> [1, Hq, T]. rows: the query rows that count, e.g. the response rows for the FAI band.
+    layers: layer -> LayerAttention (or None). Returns float32 [T, len(lags)], NaN on the cells nothing
+    observes: the other end outside [0, T), or (with ``rows``) a query row that does not count.
     """
+    if not heads:
+        raise ValueError("group_band needs at least one (layer, head) pair (an empty response has no head groups)")
     total = None
     for layer, head in heads:
         query, key, scale = qk[layer]
@@ -82,15 +85,18 @@ def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range
         band = band_attention(query[0, head][None], key[0, head // group][None], lse[layer][0, head][None],
                               lags=lags, scale=scale, anchor=anchor,
                               layer=None if layers is None else layers.get(layer))[0]
+        length = band.shape[0]
+        keep = torch.ones(length, dtype=torch.bool)
         if rows is not None:
-            keep = torch.zeros(band.shape[0], dtype=torch.bool)
+            keep = torch.zeros(length, dtype=torch.bool)
             keep[rows] = True
-            if anchor == "query":
-                band = torch.where(keep[:, None], band, 0.0)
-            else:  # out[s, j] is row s + lags[j]
-                row_of = torch.arange(band.shape[0])[:, None] + torch.tensor(list(lags))[None, :]
-                inside = row_of < band.shape[0]
-                band = torch.where(inside & keep[row_of.clamp(max=band.shape[0] - 1)], band, 0.0)
+        # the query row of each cell: t itself ("query": out[t, j] = A[t, t - lag]) or s + lag ("key")
+        offset = torch.tensor(list(lags))[None, :]
+        positions = torch.arange(length)[:, None]
+        row_of = positions.expand(-1, len(lags)) if anchor == "query" else positions + offset
+        other_end = positions - offset if anchor == "query" else row_of
+        observed = (other_end >= 0) & (other_end < length) & keep[row_of.clamp(0, length - 1)]
+        band = torch.where(observed, band, float("nan"))
         total = band if total is None else total + band
     return total / max(1, len(heads))
 

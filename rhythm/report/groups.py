@@ -60,7 +60,7 @@ def attach_group(report: SequenceReport, rows: list, index: int, scores, respons
     for i, row in enumerate(rows):
         span = scores.segments.spans[i]
         members.append(GroupMember(id=str(row.id), tokens=response_tokens[i],
-                                   reward=rewards[i] if rewards[i] is not None else float("nan"),
+                                   reward=rewards[i],
                                    advantage=advantages[i], gamma=gamma[span.row, span.response_start:span.end].tolist(), selected=i == index))
     report.group, report.group_strategy = members, strategy
     return None
@@ -73,14 +73,21 @@ def attach_bands(report: SequenceReport, model, scorer, ids: list[int], prompt_l
     (:class:`rhythm.report.band.QKCapture`)."""
     from rhythm.report.band import capture_qk, group_band
 
+    if not report.local_heads or not report.global_heads:
+        return          # an empty response: no head groups, no bands (the page says so)
     config = scorer.config
     length = len(ids)
     records, qk, layers, _ = capture_qk(model, scorer, ids, prompt_length)
     lse = {layer: records[layer].lse.cpu() for layer in scorer.layers}
     h_lo, h_hi = config.horizon
     last = length - 1 if h_hi is None else min(h_hi, length - 1)
-    report.local_band = group_band(qk, lse, report.local_heads, lags=range(min(LOCAL_BAND_WIDTH, length)),
-                                   layers=layers).tolist()
+    report.local_band = _cells(group_band(qk, lse, report.local_heads, lags=range(min(LOCAL_BAND_WIDTH, length)),
+                                          layers=layers))
     lags = range(h_lo, max(h_lo, last) + 1)
-    report.fai_band = group_band(qk, lse, report.global_heads, lags=lags, anchor="key",
-                                 rows=slice(prompt_length, length), layers=layers).tolist()
+    report.fai_band = _cells(group_band(qk, lse, report.global_heads, lags=lags, anchor="key",
+                                        rows=slice(prompt_length, length), layers=layers))
+
+
+def _cells(band) -> list[list[float | None]]:
+    """A band as nested lists, None on the cells nothing observes (NaN in the tensor): strict JSON."""
+    return [[None if v != v else v for v in row] for row in band.tolist()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import uuid
 
 NEWLINE = "\u21b5"  # the visible return glyph drawn for "\n"
 
@@ -43,12 +44,33 @@ td.loc{background:#c6dbef}td.glob{background:#fdd0a2}
 img{max-width:100%}
 """
 
+# The toggles act on the report's own root element (its id: UID), never on the host page.
 _SCRIPT = """
-function rhythmToggle(){var b=document.body;
-b.classList.toggle('novalues',!document.getElementById('show-values').checked);
-b.classList.toggle('global',document.getElementById('scale-global').checked);}
-document.querySelectorAll('.controls input').forEach(function(i){i.addEventListener('change',rhythmToggle);});
+(function(){var root=document.getElementById('UID');if(!root)return;
+function toggle(){root.classList.toggle('novalues',!document.getElementById('UID-values').checked);
+root.classList.toggle('global',document.getElementById('UID-global').checked);}
+root.querySelectorAll('.controls input').forEach(function(i){i.addEventListener('change',toggle);});})();
 """
+
+
+def scoped_css(scope: str, css: str = _CSS) -> str:
+    """``css`` restricted to the element matching ``scope`` (e.g. ``#rhythm-report-1a2b``): a ``body`` rule
+    styles that element itself, every other selector only its descendants, so the report never restyles the
+    page it is embedded in (a notebook)."""
+    rules = []
+    for rule in css.strip().split("}"):
+        if "{" not in rule:
+            continue
+        selectors, body = rule.split("{", 1)
+        scoped = [scope + sel[len("body"):] if sel.startswith("body") else f"{scope} {sel}"
+                  for sel in (part.strip() for part in selectors.split(","))]
+        rules.append(",".join(scoped) + "{" + body.strip() + "}")
+    return "\n".join(rules)
+
+
+def new_uid(prefix: str = "rhythm-report") -> str:
+    """A fresh element id, so that two reports on one page (a notebook) never share ids."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def _rgba(rgb: tuple[int, int, int], v: float, lo: float = 0.06, hi: float = 0.85) -> str:
@@ -83,9 +105,16 @@ def _token(token: str, classes: list[str], tip: str, value: str | None = None, c
             f"<span>{text}</span></span>" + '<span class="br"></span>' * breaks)
 
 
+def _rows_behind(r, t: int) -> str:
+    """|T(t)|, the response rows behind the FAI value at t, as shown in the hover and the tables."""
+    return f"{r.fai_rows[t]} row{'s' if r.fai_rows[t] != 1 else ''}" if r.fai_rows else "?"
+
+
 def _tooltip(r, t: int) -> str:
     parts = [f"pos {t} (response #{t - r.response_start})" if t >= r.response_start else f"pos {t} (prompt)",
-             f"WAAD {r.waad[t]:.3f}", f"FAI {r.fai[t]:.4f}" + ("" if r.fai_valid[t] else " (invalid)")]
+             f"WAAD {r.waad[t]:.3f}",
+             f"FAI {r.fai[t]:.4f} over |T(s)| = {_rows_behind(r, t)}" if r.fai_valid[t] else
+             f"FAI {r.fai[t]:.4f} (invalid: no response row in the horizon)"]
     if r.delta and r.delta[t] is not None:
         parts.append(f"ΔWAAD {r.delta[t]:.3f}")
     if r.entropy is not None:
@@ -100,7 +129,9 @@ def _tooltip(r, t: int) -> str:
 
 
 def _fai_global_max(r) -> float:
-    values = [f for f, v in zip(r.fai, r.fai_valid) if v]
+    """Top of the global FAI colour scale: the largest valid FAI of the *response* (prompt tokens, the
+    attention sink at position 0 above all, can be tens of times larger and would leave the response blank)."""
+    values = [f for f, v in zip(r.response("fai"), r.response("fai_valid")) if v]
     return max(values, default=0.0)
 
 
@@ -154,9 +185,12 @@ def _top_tables(r) -> str:
         dominated = bool(r.dominated and r.dominated[t])
         intro = r.intro_of[t] if r.intro_of else -1
         intro_cell = f"#{intro - r.response_start} {tok(intro)}" if dominated and intro >= 0 else ""
+        behind = r.fai_rows[t] if r.fai_rows else "?"
         rows.append(f"<tr><td class=n>{rank}</td><td class=n>{i}</td><td>{tok(t)}</td><td class=n>{f:.4f}</td>"
-                    f"<td class=n>{r.waad[t]:.2f}</td><td>{'yes' if dominated else ''}</td><td>{intro_cell}</td></tr>")
-    anchors = ("<table class=t><tr><th>rank</th><th>resp #</th><th>anchor token</th><th>FAI</th><th>WAAD</th>"
+                    f"<td class=n>{behind}</td><td class=n>{r.waad[t]:.2f}</td><td>{'yes' if dominated else ''}</td>"
+                    f"<td>{intro_cell}</td></tr>")
+    anchors = ("<table class=t><tr><th>rank</th><th>resp #</th><th>anchor token</th><th>FAI</th>"
+               "<th title='response rows behind the FAI value'>|T(s)|</th><th>WAAD</th>"
                "<th>dominated</th><th>intro token</th></tr>" + "".join(rows) + "</table>")
     return f"<div class=pair>{preplan}{anchors}</div>"
 
@@ -207,7 +241,7 @@ def _group_html(r) -> str:
             tip = f"response #{i}\nγ {g:.2f}\nadvantage × γ {v:+.3f}"
             tokens.append(_token(token, [], tip, f"{v:+.2f}", (colour, colour)))
         blocks.append(f"<div class='member{' selected' if m.selected else ''}'><div class=head><b>{html.escape(m.id)}"
-                      f"</b>{' (this report)' if m.selected else ''} — reward {m.reward:g}, advantage "
+                      f"</b>{' (this report)' if m.selected else ''} — reward {'–' if m.reward is None else f'{m.reward:g}'}, advantage "
                       f"{m.advantage:+.3f}</div><div class=seq>{''.join(tokens)}</div></div>")
     return (f"<h2>GRPO group: {len(r.group)} completions of this prompt</h2><p>advantage × γ per response token "
             f"(γ of strategy <b>{html.escape(r.group_strategy)}</b>; green positive, red negative, one scale for "
@@ -220,9 +254,11 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
-def render_html(r, *, embed_pictures: bool = True, curves: bytes | None = None) -> str:
-    """The whole page. embed_pictures: draw the PNG pictures (matplotlib) and inline them; curves: the curve
-    PNG when the caller already drew it."""
+def render_html(r, *, embed_pictures: bool = True, curves: bytes | None = None, fragment: bool = False,
+                uid: str = "rhythm-report") -> str:
+    """The report as a whole page, or (``fragment``) as one ``<div id=uid>`` for a notebook: its CSS is scoped to
+    that element, its ids derive from ``uid`` and its script toggles only that element. embed_pictures: draw
+    the PNG pictures (matplotlib) and inline them; curves: the curve PNG when the caller already drew it."""
     bands = None
     if embed_pictures:
         from rhythm.report.plots import bands_png, curves_png
@@ -235,23 +271,28 @@ def render_html(r, *, embed_pictures: bool = True, curves: bytes | None = None) 
     summary = (f"{n_resp} response tokens · {sum(r.response('preplan'))} preplan · "
                f"{sum(r.response('anchor'))} anchors ({sum(r.response('dominated') or [0])} locally dominated) · "
                f"W = {r.window}, FAI horizon = {tuple(r.horizon)}, layers {r.layers}")
-    fai_max = max([_fai_global_max(r)], default=0.0)
+    if r.min_fai_rows is not None:
+        summary += (f" · anchor candidates need |T(s)| >= {r.min_fai_rows} response rows behind their FAI "
+                    "(opt-in; γ keeps the paper's definition)")
+    if n_resp == 0:
+        summary += " · the response is empty: no head groups, no anchors, no bands"
+    fai_max = _fai_global_max(r)
     title = html.escape(r.meta.get("title", "Preplan-and-anchor rhythm"))
     bands_html = ""
     if bands:
         bands_html = ("<h2>Head groups' attention near the diagonal</h2><p>Exact probabilities exp(S - lse) from the "
-                      "sampled layers' q, k and lse on a band of diagonals only (no T x T map).</p>"
+                      "sampled layers' q, k and lse on a band of diagonals only (no T x T map); grey cells: "
+                      "nothing observes them (outside the sequence, or a prompt row in the FAI band).</p>"
                       + _img(bands, "attention bands"))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{_CSS}</style></head>
-<body>
+    body = f"""<div id="{uid}" class="rhythm-report">
+<style>{scoped_css("#" + uid)}</style>
 <h1>{title}</h1>
 <table class="meta">{meta_rows}</table>
 <p>{summary}</p>
-<div class="controls"><label><input type="checkbox" id="show-values" checked> show values</label>
-<label><input type="radio" name="scale" id="scale-response" checked> colours per response (min to max)</label>
-<label><input type="radio" name="scale" id="scale-global"> global colour scale (WAAD 0 to W = {r.window},
-FAI 0 to {fai_max:.3f})</label></div>
+<div class="controls"><label><input type="checkbox" id="{uid}-values" checked> show values</label>
+<label><input type="radio" name="{uid}-scale" id="{uid}-response" checked> colours per response (min to max)</label>
+<label><input type="radio" name="{uid}-scale" id="{uid}-global"> global colour scale (WAAD 0 to W = {r.window},
+FAI 0 to {fai_max:.3f}, the response's largest)</label></div>
 <p class="legend"><span><span class="tok pre">tok</span> preplan (T_loc)</span>
 <span><span class="tok anc">tok</span> anchor (T_glob)</span><span><span class="tok dom">tok</span> dominated anchor</span>
 <span><span class="tok intro"><span>tok</span></span> intro of a dominated anchor</span>
@@ -269,7 +310,14 @@ FAI 0 to {fai_max:.3f})</label></div>
 {_gamma_strips(r)}
 {"<h2>Curves</h2>" + _img(curves, "WAAD and FAI curves") if curves else ""}
 {_group_html(r)}
-<script>{_SCRIPT}</script>
+<script>{_SCRIPT.replace("UID", uid)}</script>
+</div>"""
+    if fragment:
+        return body
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title></head>
+<body>
+{body}
 </body></html>
 """
 
@@ -280,13 +328,14 @@ def scores_html(scores, max_sequences: int = 8) -> str:
     WAAD / FAI strip over the response."""
     from rhythm.credit.heads import head_to_layer
 
-    rows, sel = scores.signals, scores.selection()
+    rows, sel, behind = scores.signals, scores.selection(), scores.fai_rows()
     blocks = []
     for i, span in enumerate(scores.segments.spans[:max_sequences]):
         row, start, end, resp = span.row, span.start, span.end, span.response_start
         response = slice(span.prompt_length, span.length)   # the response in sequence i's row
         waad, fai, valid = (x[i, response].tolist() for x in (rows.waad, rows.fai, rows.fai_valid))
         anchor, preplan, delta = (x[i, response] for x in (sel.anchor, sel.preplan, sel.delta))
+        counts = behind[i, response].tolist()
         anchors = sorted(((fai[j], j) for j in range(len(fai)) if anchor[j]), key=lambda x: (-x[0], x[1]))[:5]
         plans = sorted(((float(delta[j]), j) for j in range(len(fai)) if preplan[j]), key=lambda x: (-x[0], x[1]))[:5]
         heads = scores.heads_per_layer
@@ -303,13 +352,15 @@ def scores_html(scores, max_sequences: int = 8) -> str:
             f"<h3>sequence {i} (row {row}, positions {start}..{end - 1}, response from {resp}: {end - resp} tokens)</h3>"
             f"<table class=t><tr><td>local heads</td><td>{pairs(scores.groups.local[i])}</td></tr>"
             f"<tr><td>global heads</td><td>{pairs(scores.groups.global_[i])}</td></tr>"
-            f"<tr><td>top anchors (resp #: FAI)</td><td>{', '.join(f'#{j}: {v:.4f}' for v, j in anchors)}</td></tr>"
+            f"<tr><td>top anchors (resp #: FAI over |T(s)| rows)</td>"
+            f"<td>{', '.join(f'#{j}: {v:.4f} ({counts[j]})' for v, j in anchors)}</td></tr>"
             f"<tr><td>top preplan (resp #: ΔWAAD)</td><td>{', '.join(f'#{j}: {v:.3f}' for v, j in plans)}</td></tr>"
             f"</table><div>WAAD (0 to {w_hi:.2f})</div><div class=strip>{strip(waad, BLUE, w_hi, '{:.3f}')}</div>"
             f"<div>FAI (0 to {f_hi:.4f})</div><div class=strip>{strip(fai, ORANGE, f_hi, '{:.4f}')}</div>")
     more = scores.segments.count - max_sequences
     tail = f"<p>... and {more} more sequences</p>" if more > 0 else ""
-    return (f"<div><style>{_CSS.replace('body', '.rhythm-scores')}</style><div class=rhythm-scores>"
+    uid = new_uid("rhythm-scores")
+    return (f"<div id=\"{uid}\" class=rhythm-scores><style>{scoped_css('#' + uid)}</style><div>"
             f"<b>RhythmScores</b>: {scores.segments.count} sequences, layers {scores.layers}, "
             f"{scores.heads_per_layer} heads per layer, W = {scores.config.window}, horizon "
             f"{tuple(scores.config.horizon)}{''.join(blocks)}{tail}</div></div>")

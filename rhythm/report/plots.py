@@ -55,6 +55,18 @@ def curves_png(report) -> bytes:
     return _png(fig)
 
 
+def _masked_cmap(plt, name: str):
+    return plt.get_cmap(name).with_extremes(bad="#d9d9d9")   # unobservable cells: grey, never the colour of 0
+
+
+def _top(values) -> float:
+    """The largest observed value (NaN cells ignored; 0 when there is none)."""
+    import numpy as np
+
+    finite = values[np.isfinite(values)]
+    return float(finite.max()) if finite.size else 0.0
+
+
 def bands_png(report) -> bytes | None:
     """Two heatmaps over the response: the local group's attention on the first lags below the diagonal
     (row t, lag t - s), and the global group's horizon band by key column (column s, lag t - s), whose column
@@ -65,20 +77,22 @@ def bands_png(report) -> bytes | None:
 
     plt = _pyplot()
     r0 = report.response_start
+    # None (a cell nothing observes) becomes NaN, drawn in the colour maps' "bad" grey instead of as 0
     local = np.asarray(report.local_band, dtype=float)[r0:].T          # [lag, response t]
     columns = np.asarray(report.fai_band, dtype=float)[r0:].T          # [lag - H_lo, response s]
     h_lo = report.horizon[0]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    vmax = max(float(local[1:].max()) if local.shape[0] > 1 else 0.0, 1e-6)
-    im1 = ax1.imshow(local, aspect="auto", origin="lower", cmap="Blues", vmin=0, vmax=vmax, interpolation="nearest")
+    vmax = max(_top(local[1:]) if local.shape[0] > 1 else 0.0, 1e-6)
+    im1 = ax1.imshow(local, aspect="auto", origin="lower", cmap=_masked_cmap(plt, "Blues"), vmin=0, vmax=vmax,
+                     interpolation="nearest")
     ax1.set_ylabel("lag t - s")
     ax1.set_title(f"Local heads ({len(report.local_heads)}): attention A[t, t - lag] near the diagonal "
                   f"(colour capped at the largest off-diagonal value)", fontsize=9)
     fig.colorbar(im1, ax=ax1, pad=0.01)
     for i in [i for i, p in enumerate(report.response("preplan")) if p]:
         ax1.axvline(i, color="#d62728", lw=0.5, alpha=0.35)
-    im2 = ax2.imshow(columns, aspect="auto", origin="lower", cmap="Oranges", vmin=0,
-                     vmax=max(float(columns.max()), 1e-6), interpolation="nearest",
+    im2 = ax2.imshow(columns, aspect="auto", origin="lower", cmap=_masked_cmap(plt, "Oranges"), vmin=0,
+                     vmax=max(_top(columns), 1e-6), interpolation="nearest",
                      extent=(-0.5, columns.shape[1] - 0.5, h_lo - 0.5, h_lo + columns.shape[0] - 0.5))
     ax2.set_ylabel("lag t - s")
     ax2.set_xlabel("response token index (query row t above, key column s below)")

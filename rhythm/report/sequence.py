@@ -18,11 +18,12 @@ STRATEGIES = ("coupled", "local", "global", "random", "entropy")
 
 @dataclass
 class GroupMember:
-    """One completion of a GRPO group: its response tokens, reward, advantage and per-token gamma."""
+    """One completion of a GRPO group: its response tokens, reward (None when the row gives advantages but no
+    reward), advantage and per-token gamma."""
 
     id: str
     tokens: list[str]
-    reward: float
+    reward: float | None
     advantage: float
     gamma: list[float]
     selected: bool = False
@@ -38,13 +39,16 @@ class SequenceReport:
     """Everything the report shows, for one sequence (lists over the sequence's real positions).
 
     tokens: token strings. response_start: index of the first response token. waad, fai: per-token
-    signals. fai_valid, preplan, anchor, dominated, intro: bools. delta: abs(WAAD_t - WAAD_{t+1}) where
+    signals. fai_rows: |T(s)|, the number of response rows behind each FAI value (0 where not valid).
+    min_fai_rows: the opt-in minimum |T(s)| of anchor candidates (None: the paper's definition, any valid
+    FAI). fai_valid, preplan, anchor, dominated, intro: bools. delta: abs(WAAD_t - WAAD_{t+1}) where
     defined (None elsewhere). intro_of: for dominated anchors the position of their intro token, else -1.
     gammas: strategy -> per-token gamma. entropy: per-token entropy or None. window, horizon: W and (H_lo,
     H_hi). layers, heads_per_layer, head_distance ([layer slot][head] mean response distance), local_heads,
     global_heads ((layer, head) pairs of H_loc / H_glob). local_band: [T][lag] head-mean attention of
     H_loc on lags 0..w-1 (query-anchored); fai_band: [T][lag] head-mean attention of H_glob on lags
-    H_lo.. (key-anchored, response rows only: its column sums over abs(T(s)) are FAI). group: the GRPO group
+    H_lo.. (key-anchored, response rows only: its column sums over abs(T(s)) are FAI); None on the cells
+    nothing observes (the other end outside the sequence; for fai_band a prompt row). group: the GRPO group
     view, strategy of its gamma in group_strategy. meta: free-form header facts (model, timings ...).
     """
 
@@ -68,20 +72,23 @@ class SequenceReport:
     head_distance: list[list[float]] = field(default_factory=list)
     local_heads: list[tuple[int, int]] = field(default_factory=list)
     global_heads: list[tuple[int, int]] = field(default_factory=list)
-    local_band: list[list[float]] | None = None
-    fai_band: list[list[float]] | None = None
+    local_band: list[list[float | None]] | None = None
+    fai_band: list[list[float | None]] | None = None
     group: list[GroupMember] = field(default_factory=list)
     group_strategy: str = "coupled"
     meta: dict = field(default_factory=dict)
+    fai_rows: list[int] = field(default_factory=list)
+    min_fai_rows: int | None = None
 
     @classmethod
     def from_scores(cls, scores, tokens: list[str], index: int = 0, meta: dict | None = None,
-                    strategies=STRATEGIES) -> "SequenceReport":
-        """Build from ``RhythmScores`` (sequence ``index``; any input layout: its per-sequence rows)."""
+                    strategies=STRATEGIES, min_fai_rows: int | None = None) -> "SequenceReport":
+        """Build from ``RhythmScores`` (sequence ``index``; any input layout: its per-sequence rows).
+        min_fai_rows: opt-in minimum |T(s)| of anchor candidates (None: the paper's definition)."""
         from rhythm.credit.heads import head_to_layer
 
         span = scores.segments.spans[index]
-        rows, sel = scores.signals, scores.selection()
+        rows, sel = scores.signals, scores.selection(min_fai_rows=min_fai_rows)
 
         def take(x):  # row ``index`` of a per-sequence [n_seq, L] tensor, over the sequence's positions
             return x[index, : span.length].tolist()
@@ -108,7 +115,8 @@ class SequenceReport:
             entropy=None if rows.entropy is None else take(rows.entropy),
             window=config.window, horizon=tuple(config.horizon), layers=list(scores.layers), heads_per_layer=heads,
             head_distance=distance, local_heads=pairs(scores.groups.local[index]),
-            global_heads=pairs(scores.groups.global_[index]), meta=dict(meta or {}))
+            global_heads=pairs(scores.groups.global_[index]), meta=dict(meta or {}),
+            fai_rows=take(scores.fai_rows()), min_fai_rows=min_fai_rows)
 
     def response(self, name: str):
         return getattr(self, name)[self.response_start:]
@@ -126,9 +134,10 @@ class SequenceReport:
         return sorted(items, key=lambda x: (-x[2], x[0]))[:n]
 
     def _repr_html_(self) -> str:
-        from rhythm.report.html import render_html
+        """Notebook view: the report as one element (scoped CSS, ids unique to this call, no page-wide rules)."""
+        from rhythm.report.html import new_uid, render_html
 
-        return render_html(self, embed_pictures=True)
+        return render_html(self, embed_pictures=True, fragment=True, uid=new_uid())
 
 
 def write_report(report: SequenceReport, out_dir: str | Path, stem: str = "rhythm") -> dict[str, Path]:
@@ -143,5 +152,6 @@ def write_report(report: SequenceReport, out_dir: str | Path, stem: str = "rhyth
     curves = curves_png(report)
     paths["png"].write_bytes(curves)
     paths["html"].write_text(render_html(report, embed_pictures=True, curves=curves), encoding="utf-8")
-    paths["json"].write_text(json.dumps(asdict(report), default=float), encoding="utf-8")
+    # strict JSON (no NaN / Infinity): what nothing observes is null (bands, a missing reward)
+    paths["json"].write_text(json.dumps(asdict(report), default=float, allow_nan=False), encoding="utf-8")
     return paths

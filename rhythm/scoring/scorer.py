@@ -24,8 +24,8 @@ from functools import cached_property
 
 import torch
 
-from rhythm_kernels.segments import Segments, Span, segments_from_cu_seqlens, segments_from_mask, to_response_tensor, \
-    trainer_response_mask
+from rhythm_kernels.segments import Segments, Span, influence_counts, is_integer, segments_from_cu_seqlens, \
+    segments_from_mask, to_response_tensor, trainer_response_mask
 
 from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
 from rhythm.capture.architectures import attention_layers
@@ -177,20 +177,33 @@ class RhythmScores:
 
         return scores_html(self)
 
+    def fai_rows(self) -> torch.Tensor:
+        """|T(s)| per sequence: long [n_seq, L_max], the number of response rows each FAI value averages over
+        (docs/definitions.md section 2; 0 where FAI is not valid and after each sequence's end)."""
+        counts = influence_counts(self.segments, *self.segments.shape, tuple(self.config.horizon))
+        return self.segments.to_rows(counts)
+
     def selection(self, **overrides):
         """The preplan / anchor / dominated / intro masks (``rhythm.credit.selection.rhythm_selection``) per
         sequence: [n_seq, L_max], row i = sequence i left-aligned (``intro_of`` indexes that row).
 
-        overrides: q, k (defaults from the scorer's config)."""
+        overrides: q, k (defaults from the scorer's config); min_fai_rows (opt-in, default None = the paper's
+        definition): anchor candidates need at least this many response rows behind their FAI, |T(s)|."""
         from rhythm.credit.selection import rhythm_selection
 
-        unknown = sorted(set(overrides) - {"q", "k"})
+        unknown = sorted(set(overrides) - {"q", "k", "min_fai_rows"})
         if unknown:
-            raise TypeError(f"selection() got unknown override(s) {unknown}; allowed: ['k', 'q']")
+            raise TypeError(f"selection() got unknown override(s) {unknown}; allowed: ['k', 'min_fai_rows', 'q']")
         q = overrides.get("q", self.config.q)
         k = overrides.get("k", self.config.k)
         rows = self.signals
-        return rhythm_selection(rows.waad, rows.fai, rows.response, rows.fai_valid, q=q, k=k)
+        eligible = rows.fai_valid
+        minimum = overrides.get("min_fai_rows")
+        if minimum is not None:
+            if not is_integer(minimum) or minimum < 1:
+                raise ValueError(f"min_fai_rows must be None or an int >= 1, got {minimum!r}")
+            eligible = eligible & (self.fai_rows().to(eligible.device) >= int(minimum))
+        return rhythm_selection(rows.waad, rows.fai, rows.response, eligible, q=q, k=k)
 
 
 # The trainer layout (prompt left-padded + response right-padded) and its response tensors [B, R_len] are
@@ -377,6 +390,10 @@ class RhythmScorer:
                 position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
         segments = segments.with_response(response)   # checks the response is a suffix of each sequence
         self._check_fits_model(input_ids, mask, position_ids)
+        if not bool(mask.all()):
+            # Padding ids are never attended to, so any value may stand there (-100, a tokenizer's pad id out of
+            # the model's vocabulary): 0 goes to the embedding instead, which leaves every real position as is.
+            input_ids = input_ids.masked_fill(~mask.to(input_ids.device), 0)
         return input_ids, mask, position_ids, segments
 
     def _check_fits_model(self, input_ids, mask, position_ids) -> None:
