@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", default="reports", help="report folder (default: reports/)")
     a.add_argument("--name", default="rhythm", help="report file stem (default: rhythm)")
     a.add_argument("--no-color", action="store_true", help="no ANSI colours in the terminal view")
-    a.add_argument("--min-fai-rows", type=_positive_int, default=None, metavar="N",
+    a.add_argument("--min-fai-rows", type=positive_int, default=None, metavar="N",
                    help="opt-in: anchor candidates need at least N response rows behind their FAI, |T(s)| "
                         "(default: the paper's definition, any valid FAI)")
     a.set_defaults(func=cmd_analyze)
