@@ -443,6 +443,11 @@ def test_unsupported_options_raise(tokenizer, tmp_path):
     args.fsdp = ["full_shard"]
     with pytest.raises(ValueError, match="FSDP"):
         build(args)
+    for name in ("cp_size", "sp_size"):   # accelerate's ring context parallelism / DeepSpeed Ulysses (issue 21)
+        args = grpo_args(tmp_path)
+        args.parallelism_config = SimpleNamespace(**{"cp_size": 1, "sp_size": 1, name: 2})
+        with pytest.raises(ValueError, match=f"parallelism_config.{name}=2; set {name}=1"):
+            build(args, credit_pass="fused")
     with pytest.raises(ValueError, match="credit_pass"):
         build(grpo_args(tmp_path), credit_pass="extra_forward")
     for bad in (dict(strategy="attention"), dict(sign="both_ways"), dict(q=0.0), dict(gamma_amp=0.5),

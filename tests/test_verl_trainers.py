@@ -22,7 +22,7 @@ from rhythm.integrations.verl.credit import response_gamma  # noqa: E402
 from tests.oracle_check import random_baseline  # noqa: E402
 
 from .verl_standins import (P_MAX, PROMPT_LENS, R_MAX, RESPONSE_LENS, SMALL, SMALL_ENV, StandInWorkerGroup,  # noqa: E402
-                            algo_config, cpu_device, engine_worker, ensure_process_group, per_row_gamma,
+                            algo_config, no_padding, cpu_device, engine_worker, ensure_process_group, per_row_gamma,
                             plain_advantages, tiny_llama, verl_batch)
 
 CFG = RhythmCreditConfig(strategy="coupled", **SMALL)
@@ -56,18 +56,6 @@ def hooks(ray_trainer, monkeypatch):
     verl_hooks.uninstall()
 
 
-def _no_padding(data, request: RhythmCreditConfig | None = None):
-    """The TensorDict the legacy driver sends to compute_log_prob (its steps 1-3)."""
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.utils.padding import left_right_2_no_padding
-
-    td = left_right_2_no_padding(data.to_tensordict())
-    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False, temperature=1.0)
-    if request is not None:
-        tu.assign_non_tensor(td, rhythm_credit=json.dumps({"config": request.to_dict(), "seed": 0}))
-    return td
-
-
 def _count_forwards(model):
     calls = []
     handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
@@ -85,9 +73,9 @@ def test_worker_records_gamma_inside_its_log_prob_forward(model, hooks, use_remo
     worker = engine_worker(model, use_remove_padding=use_remove_padding, use_dynamic_bsz=use_dynamic_bsz)
     calls, handle = _count_forwards(model)
     try:
-        plain = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
+        plain = ActorRolloutRefWorker.compute_log_prob(worker, no_padding(verl_batch()))
         plain_calls = len(calls)
-        request = _no_padding(verl_batch(), CFG)
+        request = no_padding(verl_batch(), CFG)
         fused = ActorRolloutRefWorker.compute_log_prob(worker, request)
     finally:
         handle.remove()
@@ -109,7 +97,7 @@ def test_worker_without_request_is_untouched(model, hooks):
 
     worker = engine_worker(model, use_remove_padding=True)
     engine = worker.actor.engine
-    output = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
+    output = ActorRolloutRefWorker.compute_log_prob(worker, no_padding(verl_batch()))
     assert "rhythm_gamma" not in output.keys() and "_rhythm_scorer" not in worker.__dict__
     assert "forward_step" not in vars(engine)  # the engine's own method, not left patched
 
@@ -220,8 +208,9 @@ def test_config_sources_and_switches(hooks, monkeypatch):
 @pytest.mark.parametrize("override,match", [
     ({"algorithm": {"rollout_correction": {"bypass_mode": True}}}, "bypass_mode"),
     ({"actor_rollout_ref": {"actor": {"strategy": "megatron"}}}, "strategy='megatron'"),
-    ({"actor_rollout_ref": {"actor": {"strategy": "fsdp", "ulysses_sequence_parallel_size": 2}}},
-     "ulysses_sequence_parallel_size=1"),
+    ({"actor_rollout_ref": {"actor": {"strategy": "fsdp", "ulysses_sequence_parallel_size": 2},
+                            "model": {"use_remove_padding": False}}},
+     "use_remove_padding=True, or actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"),
 ])
 def test_modes_without_a_log_prob_forward_are_refused(hooks, override, match):
     """Modes where no gamma could be recorded fail at trainer construction with what to set."""
@@ -230,6 +219,15 @@ def test_modes_without_a_log_prob_forward_are_refused(hooks, override, match):
     config = OmegaConf.create({"rhythm": {"strategy": "coupled"}, **override})
     with pytest.raises(ValueError, match=match):
         hooks.check_run_mode(config, hooks.resolve_config(config))
+
+
+def test_ulysses_with_remove_padding_is_accepted(hooks):
+    """Ulysses sequence parallelism on verl's packed layout is recorded exactly (tests/test_ulysses.py)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"rhythm": {"strategy": "coupled"}, "actor_rollout_ref": {
+        "actor": {"strategy": "fsdp2", "ulysses_sequence_parallel_size": 4}, "model": {"use_remove_padding": True}}})
+    hooks.check_run_mode(config, hooks.resolve_config(config))
 
 
 # ---- the v1 trainer (verl's default): TransferQueue between the driver and the workers ---------------------------
@@ -487,10 +485,10 @@ def test_worker_records_gamma_on_other_architectures(hooks, kind):
     if kind in HYBRIDS:
         packed = engine_worker(model, use_remove_padding=True)
         with pytest.raises(UnsupportedModelError, match="packed rows are refused.*use_remove_padding=False"):
-            ActorRolloutRefWorker.compute_log_prob(packed, _no_padding(verl_batch(), CFG))
+            ActorRolloutRefWorker.compute_log_prob(packed, no_padding(verl_batch(), CFG))
     worker = engine_worker(model, use_remove_padding=kind not in HYBRIDS)
-    plain = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch()))
-    fused = ActorRolloutRefWorker.compute_log_prob(worker, _no_padding(verl_batch(), CFG))
+    plain = ActorRolloutRefWorker.compute_log_prob(worker, no_padding(verl_batch()))
+    fused = ActorRolloutRefWorker.compute_log_prob(worker, no_padding(verl_batch(), CFG))
     torch.testing.assert_close(fused["log_probs"].values(), plain["log_probs"].values(), rtol=0, atol=1e-5)
     lengths = verl_batch().batch["attention_mask"][:, -R_MAX:].sum(-1)
     gamma = response_gamma(fused["rhythm_gamma"], lengths, R_MAX)

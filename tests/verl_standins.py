@@ -8,6 +8,7 @@ unchanged: ``FSDPEngineWithLMHead.forward_backward_batch / forward_step / prepar
 prepare_model_outputs`` (a tiny Llama instead of an FSDP module, world size 1 gloo), ``TrainingWorker.infer_batch``
 and ``ActorRolloutRefWorker.compute_log_prob``. Nothing of verl's code is copied.
 """
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import types
 import numpy as np
 import pytest
 import torch
+
+from rhythm.integrations.config import RhythmCreditConfig
 
 PROMPT_LENS = [5, 9, 7, 3, 8, 6]
 RESPONSE_LENS = [14, 20, 9, 20, 0, 17]  # one empty response; two rows fill the response window
@@ -72,6 +75,18 @@ def per_row_gamma(model, data, cfg):
         gamma = scorer.score(ids, torch.ones_like(ids), response).gamma(cfg.strategy)
         out[b, :r] = gamma[0, p:]
     return out
+
+
+def no_padding(data, request: RhythmCreditConfig | None = None):
+    """The TensorDict the legacy driver sends to compute_log_prob (its steps 1-3)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    td = left_right_2_no_padding(data.to_tensordict())
+    tu.assign_non_tensor(td, calculate_entropy=True, compute_loss=False, temperature=1.0)
+    if request is not None:
+        tu.assign_non_tensor(td, rhythm_credit=json.dumps({"config": request.to_dict(), "seed": 0}))
+    return td
 
 
 def algo_config(estimator="grpo"):

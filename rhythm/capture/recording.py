@@ -21,6 +21,15 @@ from the 4-D mask: ``attention_mask [B, T]`` and ``response_start``, or ``cu_seq
 packed batch that arrives without a context layout (B = 1, no mask) is read from the ``cu_seq_lens_q`` kwarg
 (verl's remove-padding path) or from the resets of ``position_ids``.
 
+Sequence parallelism (Ulysses, ``CaptureContext.sequence_parallel``): each rank holds T/sp positions of the
+packed row, so an attention function sees only its chunk. Every layer then does the framework's all-to-all
+itself (q, k, v to all T positions of the rank's Hq/sp heads; KV heads repeated when sp > Hkv, as the
+framework does), runs its attention there (fused metrics on a sampled layer, causal attention within each
+packed segment elsewhere) and sends the output back. The metrics are per query head and every query head
+lives on exactly one rank, so all-gathering the sampled layers' per-head maps ([B, Hq/sp, T] -> [B, Hq, T])
+gives every rank the records of the unsharded pass; the head grouping and gamma then run unchanged, and every
+rank gets the same gamma for all rows.
+
 Stopping early: after the last sampled layer is recorded, the attention function raises a private
 exception (:class:`StopForward`) that :meth:`Capture.run` catches. The upper layers and the LM head never
 run. This was chosen over re-running the decoder layers by hand because it keeps every model's own forward
@@ -90,6 +99,10 @@ class CaptureContext:
         see "Training-forward recording" in the module docstring. Needs ``stop_after_last=False``.
     rows: LongTensor [n] of batch rows whose metrics are recorded (None = all); ``attention_mask`` and
         ``response_start`` then describe these n rows only. Only with ``metrics_only``.
+    sequence_parallel: a :class:`SequenceParallel` exchange when each rank holds T/sp positions of every row
+        (Ulysses): every layer's attention then runs over all T positions for the rank's heads (see
+        "Sequence parallelism" in the module docstring). ``segments`` then describes the whole T axis. Fused
+        mode only (not with ``metrics_only``).
     records: layer index -> AttentionMetrics (filled by the capture; ``out`` is dropped after use).
     metrics_seconds: host wall time of the recording work in the pass (checks, layout, metrics; on CUDA the
         launch time unless the caller synchronises).
@@ -107,10 +120,12 @@ class CaptureContext:
     stop_after_last: bool = True
     metrics_only: bool = False
     rows: torch.Tensor | None = None
+    sequence_parallel: "SequenceParallel | None" = None
     records: dict[int, AttentionMetrics] = field(default_factory=dict)
     output: object = None
     layout: Segments | None = field(default=None, repr=False)   # built by the first sampled layer of a pass
     mask_checks: list = field(default_factory=list, repr=False)  # per sampled layer: device bool, True = mask disagrees
+    packed_bounds: torch.Tensor | None = field(default=None, repr=False)  # sequence parallel: cu_seqlens of all T
     metrics_seconds: float = 0.0
 
     def __post_init__(self):
@@ -119,6 +134,9 @@ class CaptureContext:
         if self.metrics_only and self.stop_after_last:
             raise ValueError("CaptureContext: metrics_only records inside a forward whose outputs are used; "
                              "pass stop_after_last=False")
+        if self.sequence_parallel is not None and (self.metrics_only or self.segments is None):
+            raise ValueError("CaptureContext.sequence_parallel records in fused mode over the whole T axis: pass "
+                             "segments (the layout of all T positions) and metrics_only=False")
         if self.rows is not None and not self.metrics_only:
             raise ValueError("CaptureContext.rows (a subset of the batch) needs metrics_only=True")
         self.layers = tuple(sorted(int(x) for x in self.layers))
@@ -144,6 +162,43 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     idx = torch.nonzero(starts).reshape(-1)
     end = torch.tensor([pos.numel()], device=pos.device, dtype=idx.dtype)
     return torch.cat([idx, end]).to(torch.int64)
+
+
+class SequenceParallel:
+    """The exchange a sequence-parallel (Ulysses) group does around attention (implemented by an integration,
+    e.g. :class:`rhythm.integrations.verl.ulysses.VerlUlysses` with verl's own all-to-all helpers).
+
+    gather(q, k, v): [B, H, T/sp, D] each (this rank's positions, every head) -> [B, H/sp, T, D] (every
+        position, this rank's heads; KV heads repeated as the framework does when sp > Hkv).
+    scatter(out): [B, T, Hq/sp, D] -> [B, T/sp, Hq, D].
+    gather_heads(x): [B, Hq/sp, T] -> [B, Hq, T] on every rank (heads in global order).
+    gather_positions(position_ids): [1, T/sp] -> [1, T].
+    """
+
+    def gather(self, query, key, value):
+        raise NotImplementedError
+
+    def scatter(self, out):
+        raise NotImplementedError
+
+    def gather_heads(self, x):
+        raise NotImplementedError
+
+    def gather_positions(self, position_ids):
+        raise NotImplementedError
+
+
+def segment_causal_attention(query, key, value, bounds, scaling) -> torch.Tensor:
+    """Causal attention within each packed segment (flash-attn varlen semantics, no [T, T] mask).
+
+    query [1, Hq, T, D], key/value [1, Hkv, T, D] (GQA), bounds: cu_seqlens as a list (0 .. T) -> out
+    [1, T, Hq, D]."""
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        parts.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], is_causal=True, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1]))
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
 
 
 def _module_config_list(model: torch.nn.Module) -> list:
@@ -268,6 +323,7 @@ class Capture:
         context.records.clear()
         context.layout = None
         context.mask_checks = []
+        context.packed_bounds = None
         context.output = None
         context.metrics_seconds = 0.0
         call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
@@ -294,6 +350,9 @@ class Capture:
         (out [B, T, Hq, D], None)."""
         context = self._context
         layer = getattr(module, "layer_idx", None)
+        if context is not None and context.sequence_parallel is not None:
+            return self._sequence_parallel_forward(context, module, query, key, value, dropout, scaling, is_causal,
+                                                   kwargs)
         if context is None or layer is None or int(layer) not in context.layers:
             if context is not None and not context.metrics_only:
                 return self._per_sequence(context, module, query, key, value, attention_mask, dropout, scaling,
@@ -330,6 +389,50 @@ class Capture:
         if context.stop_after_last and layer == context.last_layer:
             raise StopForward()
         return out, None
+
+    def _sequence_parallel_forward(self, context, module, query, key, value, dropout, scaling, is_causal, kwargs):
+        """Ulysses: query [B, Hq, T/sp, D], key/value [B, Hkv, T/sp, D] (this rank's positions, every head) ->
+        out [B, T/sp, Hq, D]. The exchange gives this rank all T positions of its Hq/sp query heads (and their
+        KV heads); a sampled layer records their metrics in fused mode and all-gathers the per-head maps over
+        the group (records hold every head, as without sequence parallelism); any other layer runs causal
+        attention within each packed segment (the boundaries from the gathered position ids, as flash-attn's
+        varlen path reads them). The output goes back to this rank's positions."""
+        sp = context.sequence_parallel
+        layer = getattr(module, "layer_idx", None)
+        if dropout:
+            raise UnsupportedModelError(f"sequence-parallel capture needs attention dropout 0, got {dropout}")
+        query, key, value = _common_dtype(query, key, value)
+        q, k, v = sp.gather(query, key, value)
+        if layer is not None and int(layer) in context.layers:
+            layer = int(layer)
+            description = describe_layer(module)
+            check_call(module, description, q, k, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                       kwargs=kwargs)
+            if context.layout is None:
+                context.layout = context.segments.to(q.device)
+            if context.layout.shape != (q.shape[0], q.shape[2]):
+                raise ValueError(f"CaptureContext.segments describe {context.layout.shape}, the gathered sequence "
+                                 f"is {(q.shape[0], q.shape[2])} (B, T): pass the layout of all T positions")
+            metrics = attention_metrics(q, k, v, window=context.window, horizon=context.horizon, scale=scaling,
+                                        segments=context.layout, backend=context.backend, validate=context.validate,
+                                        layer=description)
+            out = metrics.out
+            metrics.out = None
+            context.records[layer] = AttentionMetrics(**{name: sp.gather_heads(getattr(metrics, name))
+                                                         for name in ("lse", "distance", "waad", "fai", "fai_valid")})
+        else:
+            for name in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"):
+                if kwargs.get(name) is not None:
+                    raise UnsupportedModelError(f"sequence-parallel capture runs plain causal attention on the "
+                                                f"layers it does not sample; this layer passes {name}")
+            if context.packed_bounds is None:
+                position_ids = kwargs.get("position_ids")
+                if position_ids is None:
+                    raise UnsupportedModelError("sequence-parallel capture needs the position_ids the model passes "
+                                                "to its attention (where each packed sequence starts)")
+                context.packed_bounds = cu_seqlens_from_position_ids(sp.gather_positions(position_ids)).tolist()
+            out = segment_causal_attention(q, k, v, context.packed_bounds, scaling)
+        return sp.scatter(out), None
 
     def _passthrough(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
         """The attention of a layer whose output we do not compute: flash-attn where usable, else the delegate."""

@@ -141,6 +141,7 @@ def check_grpo_args(args, credit_pass: str = "fused") -> None:
     credit_pass = check("credit_pass", credit_pass, "RhythmGRPOTrainer")
     if args is None:
         return
+    check_parallelism(getattr(args, "parallelism_config", None))
     loss_type = getattr(args, "loss_type", "grpo")
     if loss_type not in SUPPORTED_LOSS_TYPES:
         raise ValueError(f"RhythmGRPOTrainer: loss_type={loss_type!r} is not supported (its advantage handling has "
@@ -154,6 +155,21 @@ def check_grpo_args(args, credit_pass: str = "fused") -> None:
     if getattr(args, "fsdp", None):
         raise ValueError("RhythmGRPOTrainer(credit_pass='scorer') does not support FSDP: the scorer needs each "
                          "rank's full weights; use the fused pass (credit_pass='fused')")
+
+
+def check_parallelism(parallelism_config) -> None:
+    """Refuse accelerate's context parallelism (``cp_size > 1``: torch's ring attention, each rank holds T/cp of
+    every row and the attention is summed over ranks) and sequence parallelism (``sp_size > 1``: DeepSpeed
+    ALST Ulysses, its all-to-all lives in the attention function the capture replaces): the metrics need every
+    key position of a row. Exact Ulysses credit is built for verl (docs/parallelism.md)."""
+    for name, what in (("cp_size", "context parallelism (ring attention)"),
+                       ("sp_size", "sequence parallelism (DeepSpeed Ulysses / ALST)")):
+        size = getattr(parallelism_config, name, None) if parallelism_config is not None else None
+        if size is not None and int(size) > 1:
+            raise ValueError(f"RhythmGRPOTrainer does not support accelerate's {what}: parallelism_config.{name}="
+                             f"{size}; set {name}=1 (shard the model with FSDP / ZeRO instead). Exact credit under "
+                             "Ulysses sequence parallelism is supported in verl "
+                             "(actor_rollout_ref.actor.ulysses_sequence_parallel_size); see docs/parallelism.md")
 
 
 def computes_old_logps(trainer) -> bool:
@@ -198,6 +214,7 @@ class RhythmGRPOTrainer(GRPOTrainer):
         check_grpo_args(grpo_args, credit_pass)
         super().__init__(*args, **kwargs)
         check_grpo_args(self.args, credit_pass)
+        check_parallelism(getattr(getattr(self, "accelerator", None), "parallelism_config", None))
         if credit_pass == "scorer" and getattr(self, "is_fsdp_enabled", False):
             raise ValueError("RhythmGRPOTrainer(credit_pass='scorer') does not support FSDP: the scorer needs each "
                              "rank's full weights; use the fused pass (credit_pass='fused')")

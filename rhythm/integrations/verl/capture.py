@@ -17,6 +17,11 @@ Micro-batch layouts (verl's no-padding TensorDict: nested ``input_ids`` [b, j]):
   ``input_ids.offsets()[i]:offsets()[i+1]``; the capture gets those offsets as ``cu_seqlens``.
 - ``use_remove_padding=False``: the model sees ``[b, max_len]`` right-padded rows (each sequence left-aligned,
   ``build_attention_mask_from_nested``); the capture gets that mask.
+- Ulysses sequence parallelism (``ulysses_sequence_parallel_size`` sp > 1, remove-padding only): every rank of
+  the group holds the same micro-batch, verl pads the packed row to a multiple of sp and gives each rank T/sp
+  of it. The capture does verl's all-to-all itself on every layer (:mod:`rhythm.integrations.verl.ulysses`),
+  all-gathers the sampled layers' per-head metrics, and every rank computes the same gamma for all rows
+  (``log_probs`` is all-gathered by verl too).
 
 The response length of each sequence comes from ``response_mask``: nested (the v1 trainer's layout) -> its
 offsets; padded [b, R_len] (the legacy trainer's) -> ``attention_mask[:, -R_len:].sum(-1)`` (tool-masked
@@ -36,7 +41,7 @@ from rhythm.capture.recording import Capture, CaptureContext
 from rhythm.credit.gamma import compute_gamma
 from rhythm.integrations.verl.credit import GAMMA_KEY
 
-__all__ = ["micro_batch_segments", "recording_forward", "response_lengths"]
+__all__ = ["micro_batch_segments", "recording_forward", "response_lengths", "sequence_parallel_size"]
 
 
 def _non_tensor(data, key, default=None):
@@ -87,11 +92,19 @@ def _gamma_nested(gamma_rows: torch.Tensor, segments: Segments, device) -> torch
     return torch.nested.as_nested_tensor(parts, layout=torch.jagged).to(device)
 
 
+def sequence_parallel_size(engine) -> int:
+    """The engine's Ulysses sequence-parallel size (1 without sequence parallelism)."""
+    size = int(getattr(engine, "ulysses_sequence_parallel_size", 1) or 1)
+    return max(size, 2) if getattr(engine, "use_ulysses_sp", False) else size
+
+
 def _check_engine(engine) -> None:
-    if getattr(engine, "use_ulysses_sp", False) or int(getattr(engine, "ulysses_sequence_parallel_size", 1) or 1) > 1:
-        raise ValueError("rhythm credit does not support Ulysses sequence parallelism (each rank holds a slice of "
-                         "every sequence, the metrics need whole ones): set "
-                         "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+    if sequence_parallel_size(engine) > 1:
+        model = getattr(engine.module, "module", engine.module)
+        if hasattr(getattr(model, "config", None), "vision_config"):
+            raise ValueError("rhythm credit under Ulysses sequence parallelism supports text models only (verl "
+                             "slices a vision-language model's inputs after the embedding): set "
+                             "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1 for this model")
     if getattr(engine, "pad_to_length", None):
         raise ValueError("rhythm credit does not support the engine's pad_to_length (the packed batch gains "
                          "tokens the segments do not describe): leave it unset")
@@ -108,6 +121,7 @@ def recording_forward(engine, scorer, config, *, stats: dict | None = None):
     dict that receives ``sequences`` and ``micro_batches`` counts and ``credit_time_s`` (head grouping and
     credit after each forward; the metrics themselves run inside the forward)."""
     _check_engine(engine)
+    sp = sequence_parallel_size(engine)
     original = engine.forward_step  # bound method of the engine's class (or an instance attribute)
     own = "forward_step" in vars(engine)
     options = config.credit_kwargs()
@@ -117,9 +131,19 @@ def recording_forward(engine, scorer, config, *, stats: dict | None = None):
         use_remove_padding = bool(_non_tensor(micro_batch, "use_remove_padding", True))
         segments = micro_batch_segments(micro_batch, use_remove_padding)
         device = next(module.parameters()).device
+        exchange = None
+        if sp > 1:   # Ulysses: the packed row padded to a multiple of sp, each rank holding T/sp of it
+            if not use_remove_padding:
+                raise ValueError("rhythm credit under Ulysses sequence parallelism needs the packed layout: set "
+                                 "actor_rollout_ref.model.use_remove_padding=True")
+            from rhythm.integrations.verl.ulysses import VerlUlysses, padded_length
+
+            exchange = VerlUlysses(getattr(engine, "ulysses_parallel_group", None))
+            segments = Segments.from_spans(segments.spans, (1, padded_length(segments.shape[1], sp)))
         context = CaptureContext(
             layers=tuple(scorer.layers), segments=segments.to(device), window=scorer.config.window,
-            horizon=scorer.config.horizon, backend=scorer.config.backend, validate=False, stop_after_last=False)
+            horizon=scorer.config.horizon, backend=scorer.config.backend, validate=False, stop_after_last=False,
+            sequence_parallel=exchange)
         records = capture.run(context, forward=lambda: original(micro_batch, *args, **kwargs))
         loss, output = context.output
         start = time.perf_counter()

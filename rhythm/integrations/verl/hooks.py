@@ -38,7 +38,8 @@ What the patches do (verl 0.9.1):
    ``advantages``, ``response_mask`` and ``rhythm_gamma`` (written by the workers through TransferQueue) and
    writes the shaped advantages back, once per call.
 4. both - the trainers' ``__init__`` validate the config and refuse modes where no gamma could be recorded
-   (rollout-correction bypass mode, engines other than FSDP/FSDP2, Ulysses sequence parallelism).
+   (rollout-correction bypass mode, engines other than FSDP/FSDP2, Ulysses sequence parallelism without
+   remove-padding). Ulysses with remove-padding is recorded exactly (:mod:`rhythm.integrations.verl.ulysses`).
 """
 from __future__ import annotations
 
@@ -158,8 +159,10 @@ def check_run_mode(trainer_config, config: RhythmCreditConfig | None) -> None:
                          f"actor_rollout_ref.actor.strategy={strategy!r} is not supported: use one of "
                          f"{SUPPORTED_STRATEGIES}, or strategy random / entropy")
     sp = _get(trainer_config, "actor_rollout_ref", "actor", "ulysses_sequence_parallel_size")
-    if sp is not None and int(sp) > 1:
-        raise ValueError("rhythm credit needs whole sequences on every rank: set "
+    remove_padding = _get(trainer_config, "actor_rollout_ref", "model", "use_remove_padding")
+    if sp is not None and int(sp) > 1 and remove_padding is False:
+        raise ValueError(f"rhythm credit under Ulysses sequence parallelism (ulysses_sequence_parallel_size={sp}) "
+                         "records on verl's packed layout: set actor_rollout_ref.model.use_remove_padding=True, or "
                          "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
 
 
