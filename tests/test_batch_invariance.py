@@ -142,14 +142,36 @@ def score_batch(scorer, rows, side, pad):
     return scorer.score(ids, mask, response), spans
 
 
+def _rows_are_batch_invariant(model, length: int) -> bool:
+    """Whether the model's first layer without attention (norms, projections, MLP) gives each row of a batch of
+    4 the same bits as that row alone, on this machine's kernels: the premise of the scorer's bitwise half."""
+    layer = model.model.layers[0]
+    hidden = torch.randn(4, length, model.config.hidden_size, generator=torch.Generator().manual_seed(9))
+    parts = [layer.input_layernorm, layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp]
+    with torch.no_grad():
+        for part in parts:
+            x = hidden if part is not layer.self_attn.o_proj else hidden[..., :part.in_features]
+            together = part(x)
+            if not all(torch.equal(together[i:i + 1], part(x[i:i + 1])) for i in range(4)):
+                return False
+    return True
+
+
 def test_scorer_bitwise_across_micro_batches_padding_and_packing():
     """RhythmScorer on a tiny model: per-token WAAD, FAI, fai_valid and the coupled gamma of a sequence scored
-    alone equal bit for bit those of the same sequence in micro-batches of 2 and 4, with left or right padding
-    of any amount, and packed. Before, the non-sampled layers' sdpa ran on the padded micro-batch and its
-    blocking followed the batch's T axis: WAAD moved by up to 6e-6 between micro-batch sizes 1 and 3."""
+    alone equal those of the same sequence in micro-batches of 2 and 4, with left or right padding of any
+    amount, and packed. Before, the non-sampled layers' sdpa ran on the padded micro-batch and its blocking
+    followed the batch's T axis: WAAD moved by up to 6e-6 between micro-batch sizes 1 and 3.
+
+    Bitwise where the model's own layers (projections, MLP: the matrix library's kernels, chosen by the number
+    of rows) are batch-invariant, which depends on the machine (they are not with MKL/ATen limited to AVX2:
+    scripts/test_second_blas.sh haswell). The test checks that premise on this machine first: where it holds
+    the signals must be bitwise equal; where it does not, within section 7's fp32 bounds, and gamma equal
+    (docs/definitions.md section 7, "Batch invariance")."""
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(5)
     rows = [(torch.randint(0, VOCAB, (n,), generator=gen), n // 3) for n in (23, 40, 31, 17)]
+    exact = _rows_are_batch_invariant(model, max(n for n in (23, 40, 31, 17)) + 9)
     alone = []
     for r, m in rows:
         scores, _ = score_batch(RhythmScorer(model, micro_batch_size=1), [(r, m)], "right", 0)
@@ -159,7 +181,14 @@ def test_scorer_bitwise_across_micro_batches_padding_and_packing():
         gamma = scores.gamma("coupled")
         for i, (b, start, end) in enumerate(spans):
             where = f"(sequence {i}, micro-batches of {size}, {side}, {pad} extra padding)"
-            for name in ("waad", "fai", "fai_valid"):
-                assert torch.equal(getattr(scores, name)[b, start:end], getattr(alone[i], name)[0]), \
-                    f"{name} differs bitwise {where}"
+            assert torch.equal(scores.fai_valid[b, start:end], alone[i].fai_valid[0]), f"fai_valid differs {where}"
+            if exact:
+                for name in ("waad", "fai"):
+                    assert torch.equal(getattr(scores, name)[b, start:end], getattr(alone[i], name)[0]), \
+                        f"{name} differs bitwise {where} (this machine's matrix kernels are batch-invariant)"
+            waad, fai = scores.waad[b, start:end].double(), scores.fai[b, start:end].double()
+            waad_ref, fai_ref = alone[i].waad[0].double(), alone[i].fai[0].double()
+            # section 7's fp32 bounds: waad 1e-4 * max(1, value / 64), fai 1e-6 + 1e-4 * value
+            assert ((waad - waad_ref).abs() <= 1e-4 * (waad_ref / 64).clamp_min(1)).all(), f"waad differs {where}"
+            assert ((fai - fai_ref).abs() <= 1e-6 + 1e-4 * fai_ref).all(), f"fai differs {where}"
             assert torch.equal(gamma[b, start:end], alone[i].gamma("coupled")[0]), f"gamma differs {where}"

@@ -95,14 +95,23 @@ def test_large_logits_on_a_second_blas():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("scale", [1e-46, 1e-300])
-def test_scale_that_underflows_fp32(dtype, scale):
-    """scale * log2(e) rounds to 0 in fp32: the logits are all 0 (uniform attention), never -inf * 0 = NaN."""
+def test_smallest_scale_gives_uniform_attention(dtype):
+    """The smallest scale taken, float32's smallest normal number: the logits round to 0 or to subnormals
+    (uniform attention), never -inf * 0 = NaN."""
+    scale = 1.2e-38
     q, k, _ = random_qkv(1, 2, 1, 70, 32, dtype=dtype, device=DEVICE, seed=3)
     metrics = run(q, k, scale=scale, response_start=5)
     assert_matches_oracle(metrics, q, k, scale=scale, response_start=5)
     t = torch.arange(70, dtype=torch.float64)
     assert torch.allclose(metrics.distance[0, 0].double().cpu(), t / 2, atol=1e-4)   # uniform: mean lag t / 2
+
+
+@pytest.mark.parametrize("scale", [1e-46, 1e-300, 1e-320])
+def test_scale_below_float32s_range_is_refused(scale):
+    """A scale float32 cannot hold as a normal number is refused by name (issue 19 item 10), before any kernel."""
+    q, k, _ = random_qkv(1, 2, 1, 70, 32, device=DEVICE, seed=3)
+    with pytest.raises(ValueError, match=r"scale must be None or a finite float > 0 in float32's normal range"):
+        run(q, k, scale=scale, response_start=5)
 
 
 @pytest.mark.parametrize("window,sliding_window", [(300, None), (1000, None), (10 ** 9, None), (10 ** 9, 100)])
