@@ -6,7 +6,6 @@ beside sdpa), then the backward. The metrics must equal those of the unsharded m
 the sharded loss must not change with the capture.
 """
 import os
-import socket
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
 from rhythm.capture.recording import Capture, CaptureContext  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 LAYERS = (1, 2)
 FIELDS = ("lse", "distance", "waad", "fai")
@@ -98,12 +98,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sharded_results(tmp_path_factory):
     import torch.multiprocessing as mp
@@ -112,7 +106,7 @@ def sharded_results(tmp_path_factory):
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)")
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return {(mode, rank): torch.load(out / f"{mode}.{rank}.pt") for mode in ("fsdp2", "fsdp1") for rank in range(2)}
 
 

@@ -10,7 +10,6 @@ run: the records within docs/definitions.md section 7, gamma bitwise (same per-h
 give the same ranks here: checked), log-probs within 1e-5 (fp32; other layers' attention runs per segment).
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from rhythm_kernels.segments import segments_from_cu_seqlens  # noqa: E402
 
 from .verl_standins import (P_MAX, PROMPT_LENS, R_MAX, RESPONSE_LENS, SMALL, cpu_device, engine_worker,  # noqa: E402
                             no_padding, per_row_gamma, tiny_llama, verl_batch)
+from .ports import free_port  # noqa: E402
 
 CFG = RhythmCreditConfig(strategy="coupled", **SMALL)
 LAYER = 1                       # the direct capture's sampled layer (layers 0 and 2 run the per-segment path)
@@ -119,12 +119,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def unsharded():
     """The same model, SP = 1: the direct capture and the actor's plain log-probs (no capture)."""
@@ -148,7 +142,7 @@ def sharded(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("ulysses")
-    mp.spawn(_worker, args=(max(SP_SIZES), _free_port(), str(out)), nprocs=max(SP_SIZES), join=True)
+    mp.spawn(_worker, args=(max(SP_SIZES), free_port(), str(out)), nprocs=max(SP_SIZES), join=True)
     return out
 
 
