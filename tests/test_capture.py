@@ -14,7 +14,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError, is_registered  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureRequest, UnsupportedModelError, _Pass, is_registered  # noqa: E402
 from tests.oracle_check import assert_within_spec7, brute_force_count, brute_force_layout  # noqa: E402
 
 WINDOW, HORIZON = 10, (10, 100)
@@ -116,10 +116,10 @@ def test_capture_matches_eager_maps_padded(kind, horizon, padding):
     segs = brute_force_layout(*ids.shape, mask)
     response_start = torch.tensor([s + (e - s) // 2 for _, s, e, _ in segs])
     segs = brute_force_layout(*ids.shape, mask, response_start)
-    context = CaptureContext(layers=(2, 4), attention_mask=mask.bool(), response_start=response_start,
+    request = CaptureRequest(layers=(2, 4), attention_mask=mask.bool(), response_start=response_start,
                              window=WINDOW, horizon=horizon)
     with torch.inference_mode(), Capture(model) as capture:
-        records = capture.run(context, input_ids=ids, attention_mask=mask, position_ids=position_ids)
+        records = capture.run(request, input_ids=ids, attention_mask=mask, position_ids=position_ids).records
     maps = eager_attentions(model, ids, mask, position_ids)
     for layer in (2, 4):
         want = maps_metrics(maps[layer], segs, horizon=horizon)
@@ -139,12 +139,12 @@ def test_capture_packed_boundaries_from_kwargs(source):
     ids = torch.randint(0, VOCAB, (1, 65), generator=torch.Generator().manual_seed(3))
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     response_start = torch.tensor([12, 40, 60])
-    context = CaptureContext(layers=(3,), response_start=response_start)
+    request = CaptureRequest(layers=(3,), response_start=response_start)
     extra = {}
     if source == "cu_seq_lens_q":
         extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=31, max_length_k=31)
     with torch.inference_mode(), Capture(model) as capture:
-        records = capture.run(context, input_ids=ids, position_ids=position_ids, **extra)
+        records = capture.run(request, input_ids=ids, position_ids=position_ids, **extra).records
     maps = eager_attentions(model, ids, None, position_ids)
     want = maps_metrics(maps[3], brute_force_layout(1, 65, None, response_start, cu))
     for name in ("distance", "waad", "fai"):
@@ -160,7 +160,7 @@ def test_capture_stops_after_last_sampled_layer():
     ids, mask = padded_batch("none", batch=2, length=16)
     try:
         with torch.inference_mode(), Capture(model) as capture:
-            capture.run(CaptureContext(layers=(1, 3)), input_ids=ids, attention_mask=mask)
+            capture.run(CaptureRequest(layers=(1, 3)), input_ids=ids, attention_mask=mask)
     finally:
         for h in hooks:
             h.remove()
@@ -181,7 +181,7 @@ def test_nothing_left_registered_or_switched():
     with pytest.raises(ValueError):
         with Capture(model) as capture:
             name = capture.name
-            capture.run(CaptureContext(layers=(1,), attention_mask=torch.zeros(1, 4, dtype=torch.bool)),
+            capture.run(CaptureRequest(layers=(1,), attention_mask=torch.zeros(1, 4, dtype=torch.bool)),
                         input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert model.config._attn_implementation == before and not is_registered(name)
     assert not any(key.startswith("rhythm_capture") for key in
@@ -197,7 +197,7 @@ def test_attention_sinks_raise():
     q = torch.randn(1, 4, 8, 16)
     kv = torch.randn(1, 2, 8, 16)
     with Capture(model) as capture:
-        capture._context = CaptureContext(layers=(1,))
+        capture._pass = _Pass(CaptureRequest(layers=(1,)))
         with pytest.raises(UnsupportedModelError, match="sinks"):
             capture._attention_forward(module, q, kv, kv, None, scaling=0.25, s_aux=torch.zeros(4))
 
@@ -219,7 +219,7 @@ class _BypassModel(torch.nn.Module):
 def test_model_bypassing_the_interface_raises():
     model = _BypassModel()
     with Capture(model) as capture, pytest.raises(UnsupportedModelError, match="AttentionInterface"):
-        capture.run(CaptureContext(layers=(1,)), input_ids=torch.zeros(1, 5, dtype=torch.long))
+        capture.run(CaptureRequest(layers=(1,)), input_ids=torch.zeros(1, 5, dtype=torch.long))
     assert not is_registered(capture.name)
 
 
@@ -244,10 +244,60 @@ def test_layout_is_read_once_per_pass(monkeypatch):
     monkeypatch.setattr(capture_module, "segments_from_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model("llama")
     ids, mask = padded_batch("left")
-    context = CaptureContext(layers=(1, 2, 4), attention_mask=mask.bool(), response_start=None)
+    request = CaptureRequest(layers=(1, 2, 4), attention_mask=mask.bool(), response_start=None)
     with torch.no_grad(), Capture(model) as capture:
         for _ in range(2):
-            records = capture.run(context, input_ids=ids, attention_mask=mask,
-                                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+            records = capture.run(request, input_ids=ids, attention_mask=mask,
+                                  position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).records
             assert sorted(records) == [1, 2, 4]
     assert len(calls) == 2, "one layout per forward, shared by the three sampled layers"
+
+
+# ---- the request / result API and the observe hook ----------------------------------------------------------------
+
+def test_request_is_frozen_and_each_run_returns_its_own_result():
+    """A CaptureRequest is checked once and never written to; two runs of it give two results (the first's
+    records are not cleared by the second), and the forward's output comes back in the result."""
+    import dataclasses
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch("left")
+    request = CaptureRequest(layers=(4, 2), attention_mask=mask.bool(), stop_after_last=False)
+    assert request.layers == (2, 4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.window = 3
+    with pytest.raises(ValueError, match="metrics_only"):
+        CaptureRequest(layers=(1,), metrics_only=True)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    with torch.no_grad(), Capture(model) as capture:
+        first = capture.run(request, **inputs)
+        second = capture.run(request, **inputs)
+        with pytest.raises(TypeError, match="CaptureRequest"):
+            capture.run({"layers": (1,)}, **inputs)
+    assert first.records is not second.records and sorted(first.records) == sorted(second.records) == [2, 4]
+    for layer in (2, 4):
+        assert torch.equal(first.records[layer].waad, second.records[layer].waad)
+        assert first.records[layer].out is None
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).logits
+    real = mask.bool()
+    assert (first.output.logits[real] - want[real]).abs().max() < 1e-4
+
+
+def test_observe_sees_the_sampled_layers_query_and_key():
+    """The public observe hook gets each sampled layer once per pass, with the post-RoPE q and unrepeated k the
+    metrics use: softmax(scale q k^T) under the causal mask built from them is the model's own eager map."""
+    model = tiny_model("llama")
+    ids, _ = padded_batch("none", batch=2, length=20)
+    seen = []
+    with torch.no_grad(), Capture(model, observe=seen.append) as capture:
+        capture.run(CaptureRequest(layers=(1, 3)), input_ids=ids)
+    assert [s.layer for s in seen] == [1, 3]
+    maps = eager_attentions(model, ids)
+    for s in seen:
+        assert s.query.shape == (2, 4, 20, 16) and s.key.shape == s.value.shape == (2, 2, 20, 16)
+        assert s.scale == 16 ** -0.5 and s.segments.shape == (2, 20) and s.attention.sliding_window is None
+        k = s.key.repeat_interleave(2, dim=1).double()
+        logits = s.scale * s.query.double() @ k.transpose(-1, -2)
+        logits = logits.masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf"))
+        assert (torch.softmax(logits, -1) - maps[s.layer].double()).abs().max() < 1e-5

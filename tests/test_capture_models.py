@@ -27,7 +27,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture.recording import Capture, CaptureContext, UnsupportedModelError  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureRequest, UnsupportedModelError, _Pass  # noqa: E402
 from tests.oracle_check import assert_within_spec7  # noqa: E402
 from tests.tiny_architectures import HYBRIDS, NEW_KINDS, SPAN, new_architecture_config  # noqa: E402
 
@@ -109,7 +109,7 @@ def tiny_model(kind: str):
 # ---- batch layouts, brute force -----------------------------------------------------------------------------------
 
 def batch(layout: str, seed: int = 1):
-    """(model inputs, CaptureContext kwargs, segments) for 'left' / 'right' padding (B = 3) or 'packed' (B = 1).
+    """(model inputs, CaptureRequest kwargs, segments) for 'left' / 'right' padding (B = 3) or 'packed' (B = 1).
 
     segments: list of (row, start, end, response_start), absolute on the T axis."""
     gen = torch.Generator().manual_seed(seed)
@@ -217,11 +217,11 @@ def real_positions(segments, batch_size: int) -> torch.Tensor:
 
 
 def capture(model, inputs, context_kwargs, backend="torch", stop_after_last=True, layers=SAMPLED):
-    context = CaptureContext(layers=layers, window=WAAD_WINDOW, horizon=HORIZON, backend=backend,
+    request = CaptureRequest(layers=layers, window=WAAD_WINDOW, horizon=HORIZON, backend=backend,
                              stop_after_last=stop_after_last, **context_kwargs)
     with torch.no_grad(), Capture(model) as cap:
-        records = cap.run(context, **inputs)
-    return records, context
+        result = cap.run(request, **inputs)
+    return result.records, result
 
 
 def check_against_eager(kind, layout, backend):
@@ -311,11 +311,11 @@ def test_full_forward_matches_the_model(kind):
     function under its name) and softcap/sinks (eager delegate): the full forward's logits equal the model's."""
     model = tiny_model(kind)
     inputs, context_kwargs, segments = batch("left")
-    _, context = capture(model, inputs, context_kwargs, stop_after_last=False, layers=sampled(kind))
+    _, result = capture(model, inputs, context_kwargs, stop_after_last=False, layers=sampled(kind))
     with torch.no_grad():
         want = model(**inputs, use_cache=False).logits
     real = real_positions(segments, 3)
-    got = context.output.logits
+    got = result.output.logits
     err = (got[real] - want[real]).abs().max().item()
     assert err <= 1e-4 * (1 + want[real].abs().max().item()), f"{kind}: logits differ by {err:.3g}"
 
@@ -332,7 +332,7 @@ def _small(cls_config, cls_model, **extra):
 def _run(model, layers=(1,), length=16, **inputs):
     inputs.setdefault("input_ids", torch.zeros(1, length, dtype=torch.long))
     with torch.no_grad(), Capture(model) as cap:
-        return cap.run(CaptureContext(layers=layers, backend="torch"), **inputs)
+        return cap.run(CaptureRequest(layers=layers, backend="torch"), **inputs).records
 
 
 def test_unknown_architecture_is_refused_before_any_forward():
@@ -371,9 +371,9 @@ def test_multimodal_wrapper_is_refused_and_plain_wrapper_is_not():
 
     model = tiny_model("mistral")
     inputs, context_kwargs, _ = batch("left")
-    context = CaptureContext(layers=SAMPLED, window=WAAD_WINDOW, horizon=HORIZON, backend="torch", **context_kwargs)
+    request = CaptureRequest(layers=SAMPLED, window=WAAD_WINDOW, horizon=HORIZON, backend="torch", **context_kwargs)
     with torch.no_grad(), Capture(Wrapper(model)) as cap:
-        wrapped = cap.run(context, **inputs)
+        wrapped = cap.run(request, **inputs).records
     direct, _ = capture(model, inputs, context_kwargs)
     for layer in SAMPLED:
         assert torch.equal(wrapped[layer].waad, direct[layer].waad)
@@ -430,7 +430,7 @@ def test_call_keywords_are_cross_checked():
     module = model.model.layers[1].self_attn
     q, kv = torch.randn(1, 4, 8, 8), torch.randn(1, 2, 8, 8)
     with Capture(model) as cap:
-        cap._context = CaptureContext(layers=(1,))
+        cap._pass = _Pass(CaptureRequest(layers=(1,)))
         with pytest.raises(UnsupportedModelError, match="sliding_window=5"):
             cap._attention_forward(module, q, kv, kv, None, scaling=module.scaling, sliding_window=5)
         with pytest.raises(UnsupportedModelError, match="position_bias"):

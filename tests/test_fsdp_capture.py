@@ -15,7 +15,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
-from rhythm.capture.recording import Capture, CaptureContext  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureRequest  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 LAYERS = (1, 2)
@@ -46,15 +46,15 @@ def batch():
 
 def record(model, ids, mask):
     """Training forward with the fused capture: (records as CPU tensors, loss)."""
-    context = CaptureContext(layers=LAYERS, attention_mask=mask, response_start=torch.full((ids.shape[0],), 6),
+    request = CaptureRequest(layers=LAYERS, attention_mask=mask, response_start=torch.full((ids.shape[0],), 6),
                              window=4, horizon=(2, 100), backend="torch", stop_after_last=False, metrics_only=True)
     position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
     with Capture(model) as capture:
-        capture.run(context, forward=lambda: model(input_ids=ids, attention_mask=mask.long(),
-                                                   position_ids=position_ids, labels=ids, use_cache=False))
-    loss = context.output.loss
+        result = capture.run(request, forward=lambda: model(input_ids=ids, attention_mask=mask.long(),
+                                                            position_ids=position_ids, labels=ids, use_cache=False))
+    loss = result.output.loss
     loss.backward()
-    out = {f"{layer}.{name}": getattr(context.records[layer], name).detach().cpu()
+    out = {f"{layer}.{name}": getattr(result.records[layer], name).detach().cpu()
            for layer in LAYERS for name in FIELDS}
     return out, loss.detach()
 

@@ -188,7 +188,7 @@ def test_band_of_real_layers_matches_eager_maps(kind):
     """QKCapture keeps q, k and each sampled layer's description; the band from them is the model's own eager
     attention map on those diagonals."""
     from rhythm.report.band import QKCapture, band_attention
-    from rhythm.capture.recording import CaptureContext
+    from rhythm.capture.recording import CaptureRequest
 
     from .test_capture_models import LENGTH, SAMPLED, VOCAB, eager_run, tiny_model
 
@@ -196,7 +196,8 @@ def test_band_of_real_layers_matches_eager_maps(kind):
     ids = torch.randint(0, VOCAB, (1, LENGTH), generator=torch.Generator().manual_seed(3))
     inputs = dict(input_ids=ids, position_ids=torch.arange(LENGTH)[None])
     with torch.no_grad(), QKCapture(model) as capture:
-        records = capture.run(CaptureContext(layers=SAMPLED, window=6, horizon=(2, 12), backend="torch"), **inputs)
+        records = capture.run(CaptureRequest(layers=SAMPLED, window=6, horizon=(2, 12), backend="torch"),
+                              **inputs).records
     maps = eager_run(model, inputs)
     lags = range(0, 20)
     for layer in SAMPLED:

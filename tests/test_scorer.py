@@ -170,9 +170,9 @@ def test_recording_beside_the_models_forward_matches_eager(horizon):
     rows = torch.tensor([0, 2])
     recording = scorer.recording(mask, response, rows=rows)
     with torch.no_grad(), Capture(model) as capture:
-        capture.run(recording.context, forward=lambda: model(input_ids=ids, attention_mask=mask,
-                                                              position_ids=position_ids))
-    scores = scorer.scores_from(recording)
+        result = capture.run(recording.request, forward=lambda: model(input_ids=ids, attention_mask=mask,
+                                                                       position_ids=position_ids))
+    scores = scorer.scores_from(recording, result.records)
     sub_mask = mask[rows]
     lengths = [20, 14]
     starts = torch.tensor([e - n for (_, _, e, _), n in zip(brute_force_layout(2, 56, sub_mask), lengths)])

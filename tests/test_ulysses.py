@@ -19,7 +19,7 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 pytest.importorskip("verl.utils.ulysses")
 
-from rhythm.capture.recording import Capture, CaptureContext  # noqa: E402
+from rhythm.capture.recording import Capture, CaptureRequest  # noqa: E402
 from rhythm.integrations.config import RhythmCreditConfig  # noqa: E402
 from rhythm_kernels.segments import segments_from_cu_seqlens  # noqa: E402
 
@@ -60,12 +60,13 @@ def capture_packed(model, sp, exchange=None):
         from rhythm_kernels.segments import Segments
 
         segments = Segments.from_spans(segments.spans, (1, length))
-    context = CaptureContext(layers=(LAYER,), segments=segments, window=SMALL["window"], horizon=SMALL["horizon"],
+    request = CaptureRequest(layers=(LAYER,), segments=segments, window=SMALL["window"], horizon=SMALL["horizon"],
                              backend="torch", stop_after_last=False, sequence_parallel=exchange)
     with torch.no_grad(), Capture(model) as capture:
-        records = capture.run(context, forward=lambda: model(input_ids=local_ids, position_ids=local_pos,
-                                                             use_cache=False))
-    logits = context.output.logits[0]
+        result = capture.run(request, forward=lambda: model(input_ids=local_ids, position_ids=local_pos,
+                                                            use_cache=False))
+    records = result.records
+    logits = result.output.logits[0]
     if sp > 1:
         logits = gather_outputs_and_unpad(logits, gather_dim=0, unpad_dim=0, padding_size=pad)
     return {name: getattr(records[LAYER], name)[..., :n] for name in FIELDS}, logits

@@ -8,7 +8,7 @@ to that name for the duration of a ``with`` block. Nothing stays registered or s
 Inside the block, every attention call arrives at :meth:`Capture._attention_forward` with post-RoPE
 ``query [B, Hq, T, D]`` and unrepeated ``key``/``value [B, Hkv, T, D]``:
 
-- on a sampled layer (``module.layer_idx`` in ``context.layers``) it runs ``attention_metrics(query, key,
+- on a sampled layer (``module.layer_idx`` in ``request.layers``) it runs ``attention_metrics(query, key,
   value, ...)`` in fused mode: one pass gives the attention output O (returned to the model, so the layer
   behaves as with any other attention) and the per-head lse/distance/waad/fai, which are recorded;
 - every other layer goes to transformers' own sdpa function, with the 4-D mask sdpa's mask function built
@@ -16,12 +16,20 @@ Inside the block, every attention call arrives at :meth:`Capture._attention_forw
   as softcapping and sink models do). The model builds one mask per layer type, so a non-sampled sliding or
   chunked layer keeps its window or chunks.
 
-The padding and response layout comes from the :class:`CaptureContext` the caller (the scorer) sets up, not
-from the 4-D mask: ``attention_mask [B, T]`` and ``response_start``, or ``cu_seqlens`` for a packed batch. A
-packed batch that arrives without a context layout (B = 1, no mask) is read from the ``cu_seq_lens_q`` kwarg
-(verl's remove-padding path) or from the resets of ``position_ids``.
+What to record comes in a frozen :class:`CaptureRequest` (checked on construction), and
+``Capture.run(request, forward=None, **inputs)`` returns a :class:`CaptureResult` (``records {layer:
+AttentionMetrics}``, the forward's ``output``); the per-pass state in between is the capture's own. The padding
+and response layout comes from the request the caller (the scorer) sets up, not from the 4-D mask:
+``attention_mask [B, T]`` and ``response_start``, ``cu_seqlens`` for a packed batch, or ``segments`` already
+built. A packed batch that arrives without a layout in the request (B = 1, no mask) is read from the
+``cu_seq_lens_q`` kwarg (verl's remove-padding path) or from the resets of ``position_ids``.
 
-Sequence parallelism (Ulysses, ``CaptureContext.sequence_parallel``): each rank holds T/sp positions of the
+Every path (fused, training-forward, sequence parallel) records a sampled layer through one step,
+:meth:`Capture._record`: describe the layer, check the call, one dtype, the recorded rows, the pass's layout,
+the mask check, ``attention_metrics``. ``Capture(model, observe=f)`` calls ``f(SampledLayer)`` there with
+the q, k, v the metrics are computed from (the public hook :class:`rhythm.report.band.QKCapture` uses).
+
+Sequence parallelism (Ulysses, ``CaptureRequest.sequence_parallel``): each rank holds T/sp positions of the
 packed row, so an attention function sees only its chunk. Every layer then does the framework's all-to-all
 itself (q, k, v to all T positions of the rank's Hq/sp heads; KV heads repeated when sp > Hkv, as the
 framework does), runs its attention there (fused metrics on a sampled layer, causal attention within each
@@ -48,11 +56,11 @@ end of the pass). What it cannot describe raises :class:`UnsupportedModelError` 
 numbers: an architecture it was not taught (an allow-list), non-causal attention, a position bias or any
 attention keyword it does not understand, a mask that disagrees with the description, a KV cache, attention
 dropout in training mode, or a model that bypasses the attention interface (nothing recorded).
-Training-forward recording (``CaptureContext.metrics_only``): to record inside a forward the trainer runs
+Training-forward recording (``CaptureRequest.metrics_only``): to record inside a forward the trainer runs
 anyway (its log-prob forward, with or without gradients), a sampled layer returns the output the other layers
 get (sdpa/eager/flash on the live q, k, v: the layer's autograd graph and its values are exactly those without
 the capture) and records the metrics from a metrics-only pass (no v, no output) on detached q, k, under
-no_grad, for the batch rows in ``context.rows`` (the metrics describe the attention before any dropout). A
+no_grad, for the batch rows in ``request.rows`` (the metrics describe the attention before any dropout). A
 sampled layer is recorded once per pass: when activation checkpointing recomputes it (inside the backward, or
 a second call within the pass), only the attention itself runs.
 """
@@ -81,11 +89,11 @@ class StopForward(Exception):
     """Raised from the attention function after the last sampled layer; caught by :meth:`Capture.run`."""
 
 
-@dataclass
-class CaptureContext:
-    """What one forward pass records, and the sequence layout of its batch.
+@dataclass(frozen=True, eq=False)
+class CaptureRequest:
+    """What one forward records, and the sequence layout of its batch (immutable; checked on construction).
 
-    layers: sampled decoder layer indices (0-based, ``module.layer_idx``).
+    layers: sampled decoder layer indices (0-based, ``module.layer_idx``); stored sorted.
     attention_mask: bool [B, T] (True on real tokens, one contiguous span per row) or None.
     response_start: LongTensor [B] (or [n_segments] with cu_seqlens), absolute T index of each sequence's
         first response token; None = every position is a response position.
@@ -103,9 +111,9 @@ class CaptureContext:
         (Ulysses): every layer's attention then runs over all T positions for the rank's heads (see
         "Sequence parallelism" in the module docstring). ``segments`` then describes the whole T axis. Fused
         mode only (not with ``metrics_only``).
-    records: layer index -> AttentionMetrics (filled by the capture; ``out`` is dropped after use).
-    metrics_seconds: host wall time of the recording work in the pass (checks, layout, metrics; on CUDA the
-        launch time unless the caller synchronises).
+
+    What a pass produced is returned by :meth:`Capture.run` as a :class:`CaptureResult`; a request can be
+    run any number of times.
     """
 
     layers: tuple[int, ...]
@@ -121,33 +129,82 @@ class CaptureContext:
     metrics_only: bool = False
     rows: torch.Tensor | None = None
     sequence_parallel: "SequenceParallel | None" = None
-    records: dict[int, AttentionMetrics] = field(default_factory=dict)
-    output: object = None
-    layout: Segments | None = field(default=None, repr=False)   # built by the first sampled layer of a pass
-    mask_checks: list = field(default_factory=list, repr=False)  # per sampled layer: device bool, True = mask disagrees
-    packed_bounds: torch.Tensor | None = field(default=None, repr=False)  # sequence parallel: cu_seqlens of all T
-    metrics_seconds: float = 0.0
 
     def __post_init__(self):
         if len(self.layers) == 0:
-            raise ValueError("CaptureContext.layers must name at least one layer")
+            raise ValueError("CaptureRequest.layers must name at least one layer")
         if self.metrics_only and self.stop_after_last:
-            raise ValueError("CaptureContext: metrics_only records inside a forward whose outputs are used; "
+            raise ValueError("CaptureRequest: metrics_only records inside a forward whose outputs are used; "
                              "pass stop_after_last=False")
         if self.sequence_parallel is not None and (self.metrics_only or self.segments is None):
-            raise ValueError("CaptureContext.sequence_parallel records in fused mode over the whole T axis: pass "
+            raise ValueError("CaptureRequest.sequence_parallel records in fused mode over the whole T axis: pass "
                              "segments (the layout of all T positions) and metrics_only=False")
         if self.rows is not None and not self.metrics_only:
-            raise ValueError("CaptureContext.rows (a subset of the batch) needs metrics_only=True")
-        self.layers = tuple(sorted(int(x) for x in self.layers))
+            raise ValueError("CaptureRequest.rows (a subset of the batch) needs metrics_only=True")
+        object.__setattr__(self, "layers", tuple(sorted(int(x) for x in self.layers)))
         if self.segments is not None and not (self.attention_mask is None and self.response_start is None
                                               and self.cu_seqlens is None):
-            raise ValueError("CaptureContext: segments replaces attention_mask, response_start and cu_seqlens; "
+            raise ValueError("CaptureRequest: segments replaces attention_mask, response_start and cu_seqlens; "
                              "pass one or the other")
 
     @property
     def last_layer(self) -> int:
         return self.layers[-1]
+
+
+@dataclass
+class CaptureResult:
+    """What one forward recorded (:meth:`Capture.run`).
+
+    records: layer index -> AttentionMetrics (lse / distance / waad / fai float32 [B, Hq, T], fai_valid bool
+        [B, Hq, T]; ``out`` dropped) for every sampled layer, in the request's layout (the n recorded rows with
+        ``rows``; every head with ``sequence_parallel``).
+    output: the forward's return value (logits, hidden states, a trainer's loss and outputs), None when the
+        forward was stopped after the last sampled layer.
+    metrics_seconds: host wall time of the recording steps in the pass (checks, layout, metrics; in fused mode
+        this includes the layer's attention output, which the same pass computes; on CUDA the launch time
+        unless the caller synchronises).
+    """
+
+    records: dict[int, AttentionMetrics]
+    output: object = None
+    metrics_seconds: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class SampledLayer:
+    """What :attr:`Capture.observe` receives on each sampled layer of a pass, once per layer (also when
+    activation checkpointing recomputes it): the tensors the metrics are computed from, after the capture's
+    checks.
+
+    layer: the layer index. query [B, Hq, T, D] post-RoPE, key / value [B, Hkv, T, D] unrepeated, in one
+        dtype (as sdpa sees them); the n recorded rows with ``CaptureRequest.rows``; this rank's heads over all
+        T positions with ``sequence_parallel``. Live tensors of the forward (detach to keep them).
+    scale: the softmax scale the metrics use (the call's ``scaling``, else 1/sqrt(D)).
+    attention: the layer's :class:`rhythm.metrics.attention.LayerAttention` (window, chunks, softcap, sinks).
+    segments: the pass's layout (``Segments`` of [B, T]).
+    """
+
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float
+    attention: object
+    segments: Segments
+
+
+@dataclass
+class _Pass:
+    """Per-pass state of one :meth:`Capture.run` (private): the request, what the recording steps produced,
+    and what the first layer that needs it builds for the others."""
+
+    request: CaptureRequest
+    records: dict[int, AttentionMetrics] = field(default_factory=dict)
+    layout: Segments | None = None          # built by the first layer of the pass that needs it
+    mask_checks: list = field(default_factory=list)   # per sampled layer: (layer, device bool, True = disagrees)
+    packed_bounds: list | None = None       # sequence parallel: cu_seqlens of all T, for the non-sampled layers
+    metrics_seconds: float = 0.0
 
 
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -251,17 +308,24 @@ class Capture:
     Usage::
 
         with Capture(model) as capture:
-            records = capture.run(context, input_ids=..., attention_mask=..., position_ids=...)
+            result = capture.run(CaptureRequest(layers=(4, 5)), input_ids=..., attention_mask=...,
+                                 position_ids=...)
+        result.records[4].waad          # float32 [B, Hq, T]
 
     ``run`` calls ``model(**inputs, use_cache=False)`` (or ``forward=`` a callable of your choice) with the
-    context active, stops after the last sampled layer (unless ``context.stop_after_last`` is False), checks
-    that every sampled layer was recorded and returns ``context.records``.
+    request active, stops after the last sampled layer (unless ``request.stop_after_last`` is False), checks
+    that every sampled layer was recorded and returns a :class:`CaptureResult`.
+
+    observe: optional callable(:class:`SampledLayer`), called on each sampled layer of every pass with the
+        query / key / value the metrics are computed from (e.g. :class:`rhythm.report.band.QKCapture` keeps q
+        and k for the report's attention bands). It runs inside the forward: it must not change the tensors.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, observe=None):
         self.model = model
+        self.observe = observe
         self.name = f"{_NAME_PREFIX}_{next(_counter)}"
-        self._context: CaptureContext | None = None
+        self._pass: _Pass | None = None
         self._saved: list[tuple[object, object]] = []
         self._delegate_name = "sdpa"
         self._active = False
@@ -308,130 +372,145 @@ class Capture:
         AttentionInterface._global_mapping.pop(self.name, None)
         AttentionMaskInterface._global_mapping.pop(self.name, None)
         self._active = False
-        self._context = None
+        self._pass = None
 
     # -- one forward ----------------------------------------------------------------------------------------
-    def run(self, context: CaptureContext, forward=None, **inputs) -> dict[int, AttentionMetrics]:
-        """Run one forward with ``context`` active; returns {layer: AttentionMetrics} for every sampled layer.
+    def run(self, request: CaptureRequest, forward=None, **inputs) -> CaptureResult:
+        """Run one forward with ``request`` active; returns its :class:`CaptureResult` (records {layer:
+        AttentionMetrics} for every sampled layer, the forward's output unless it was stopped early).
 
-        forward: callable receiving ``**inputs`` (default: the model itself with ``use_cache=False``). Its
-        return value is stored in ``context.output`` when the forward is not stopped early.
+        forward: callable receiving ``**inputs`` (default: the model itself with ``use_cache=False``).
         """
         if not self._active:
             raise RuntimeError("Capture.run must be called inside `with Capture(model) as capture:`")
-        self._context = context
-        context.records.clear()
-        context.layout = None
-        context.mask_checks = []
-        context.packed_bounds = None
-        context.output = None
-        context.metrics_seconds = 0.0
+        if not isinstance(request, CaptureRequest):
+            raise TypeError(f"Capture.run takes a CaptureRequest, got {type(request).__name__}")
+        state = self._pass = _Pass(request)
+        output = None
         call = forward if forward is not None else (lambda **kw: self.model(**kw, use_cache=False))
         try:
-            context.output = call(**inputs)
+            output = call(**inputs)
         except StopForward:
             pass
         finally:
-            self._context = None
-        missing = [layer for layer in context.layers if layer not in context.records]
+            self._pass = None
+        missing = [layer for layer in request.layers if layer not in state.records]
         if missing:
             raise UnsupportedModelError(
                 f"no attention call was recorded for sampled layer(s) {missing} of {type(self.model).__name__}: "
                 "the model does not route its attention through transformers' AttentionInterface (or its "
                 "attention modules carry no `layer_idx`), so its attention cannot be captured"
             )
-        self._check_masks(context)
-        return context.records
+        self._check_masks(state)
+        return CaptureResult(records=state.records, output=output, metrics_seconds=state.metrics_seconds)
 
     # -- the attention function -----------------------------------------------------------------------------
     def _attention_forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            is_causal=None, **kwargs):
         """transformers attention-function signature: query [B, Hq, T, D], key/value [B, Hkv, S, D] ->
-        (out [B, T, Hq, D], None)."""
-        context = self._context
-        layer = getattr(module, "layer_idx", None)
-        if context is not None and context.sequence_parallel is not None:
-            return self._sequence_parallel_forward(context, module, query, key, value, dropout, scaling, is_causal,
-                                                   kwargs)
-        if context is None or layer is None or int(layer) not in context.layers:
-            if context is not None and not context.metrics_only:
-                return self._per_sequence(context, module, query, key, value, attention_mask, dropout, scaling,
-                                          is_causal, kwargs)
+        (out [B, T, Hq, D], None). Routes the call: outside a pass to the delegate; under sequence parallelism
+        through the exchange; a metrics-only pass runs the delegate and records beside it; a fused pass records
+        (and returns the output of) a sampled layer and runs every other layer per sequence."""
+        state = self._pass
+        if state is None:
             return self._passthrough(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-        layer = int(layer)
-        if context.metrics_only:
+        request = state.request
+        layer = getattr(module, "layer_idx", None)
+        sampled = layer is not None and int(layer) in request.layers
+        if request.sequence_parallel is not None:
+            return self._sequence_parallel_forward(state, module, query, key, value, dropout, scaling, is_causal,
+                                                   kwargs, sampled)
+        if request.metrics_only:
             out = self._passthrough(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
-            if layer not in context.records:   # not again when activation checkpointing recomputes the layer
-                start = time.perf_counter()
+            if sampled and int(layer) not in state.records:   # not again when checkpointing recomputes the layer
                 with torch.no_grad():
-                    self._record_beside(context, module, layer, query, key, value, attention_mask, scaling,
-                                        is_causal, kwargs)
-                context.metrics_seconds += time.perf_counter() - start
+                    # Dropout is the output's business: the metrics describe the attention before it.
+                    self._record(state, module, int(layer), query.detach(), key.detach(), value.detach(),
+                                 attention_mask, dropout=0.0, scaling=scaling, is_causal=is_causal, kwargs=kwargs,
+                                 output=False)
             return out
+        if not sampled:
+            return self._per_sequence(state, module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                      kwargs)
+        out = self._record(state, module, int(layer), query, key, value, attention_mask, dropout=dropout,
+                           scaling=scaling, is_causal=is_causal, kwargs=kwargs, output=True)
+        if request.stop_after_last and int(layer) == request.last_layer:
+            raise StopForward()
+        return out, None
+
+    def _record(self, state: _Pass, module, layer: int, query, key, value, attention_mask, *, dropout, scaling,
+                is_causal, kwargs, output: bool) -> torch.Tensor | None:
+        """The one recording step of a sampled layer, for every path (fused, metrics-only, sequence parallel).
+
+        query [B, Hq, T, D], key / value [B, Hkv, T, D] (sequence parallel: all T positions of this rank's
+        heads); attention_mask: the model's 4-D mask for the layer, or None (checked against the layer's
+        description on device, except under sequence parallelism, where it describes the rank's chunk).
+        output: compute the attention output O in the same pass (fused) or only the metrics (metrics-only:
+        no v). Stores ``state.records[layer]`` (per-head maps all-gathered over a sequence-parallel group) and
+        returns O [B, T, Hq, D] (None when not ``output``).
+
+        Steps: describe the layer from the model, refuse a call that disagrees with it, one dtype for q, k, v,
+        the recorded rows, the pass's layout (built once), the mask check, then
+        ``attention_metrics(q, k, v | None, window, horizon, scale, segments, layer=description)``."""
+        start = time.perf_counter()
+        request = state.request
         description = describe_layer(module)
         check_call(module, description, query, key, dropout=dropout, scaling=scaling, is_causal=is_causal,
                    kwargs=kwargs)
         query, key, value = _common_dtype(query, key, value)
-        if context.layout is None:
-            # The batch layout is the same for every sampled layer: read it (one host sync) once per pass.
-            context.layout = self._layout(context, query, kwargs)
-            check_layout(module, context.layout)
-        disagreement = mask_disagreement(attention_mask, description, context.layout, query.shape[2])
-        if disagreement is not None:
-            context.mask_checks.append((layer, disagreement))
+        if request.rows is not None:
+            rows = request.rows.to(query.device)
+            query, key, value = query.index_select(0, rows), key.index_select(0, rows), value.index_select(0, rows)
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[0] > 1:
+                attention_mask = attention_mask.index_select(0, rows)
+        layout = self._pass_layout(state, module, query, kwargs)
+        if request.sequence_parallel is None:
+            disagreement = mask_disagreement(attention_mask, description, layout, query.shape[2])
+            if disagreement is not None:
+                state.mask_checks.append((layer, disagreement))
+        if self.observe is not None:
+            scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+            self.observe(SampledLayer(layer, query, key, value, scale, description, layout))
         metrics = attention_metrics(
-            query, key, value, window=context.window, horizon=context.horizon, scale=scaling,
-            segments=context.layout, backend=context.backend, validate=context.validate, layer=description,
+            query, key, value if output else None, window=request.window, horizon=request.horizon, scale=scaling,
+            segments=layout, backend=request.backend, validate=request.validate, layer=description,
         )
-        out = metrics.out
-        metrics.out = None
-        context.records[layer] = metrics
-        if context.stop_after_last and layer == context.last_layer:
-            raise StopForward()
-        return out, None
+        out, metrics.out = metrics.out, None
+        if request.sequence_parallel is not None:
+            metrics = AttentionMetrics(**{name: request.sequence_parallel.gather_heads(getattr(metrics, name))
+                                          for name in ("lse", "distance", "waad", "fai", "fai_valid")})
+        state.records[layer] = metrics
+        state.metrics_seconds += time.perf_counter() - start
+        return out
 
-    def _sequence_parallel_forward(self, context, module, query, key, value, dropout, scaling, is_causal, kwargs):
+    def _sequence_parallel_forward(self, state, module, query, key, value, dropout, scaling, is_causal, kwargs,
+                                   sampled):
         """Ulysses: query [B, Hq, T/sp, D], key/value [B, Hkv, T/sp, D] (this rank's positions, every head) ->
         out [B, T/sp, Hq, D]. The exchange gives this rank all T positions of its Hq/sp query heads (and their
         KV heads); a sampled layer records their metrics in fused mode and all-gathers the per-head maps over
         the group (records hold every head, as without sequence parallelism); any other layer runs causal
         attention within each packed segment (the boundaries from the gathered position ids, as flash-attn's
         varlen path reads them). The output goes back to this rank's positions."""
-        sp = context.sequence_parallel
-        layer = getattr(module, "layer_idx", None)
+        sp = state.request.sequence_parallel
         if dropout:
             raise UnsupportedModelError(f"sequence-parallel capture needs attention dropout 0, got {dropout}")
         query, key, value = _common_dtype(query, key, value)
         q, k, v = sp.gather(query, key, value)
-        if layer is not None and int(layer) in context.layers:
-            layer = int(layer)
-            description = describe_layer(module)
-            check_call(module, description, q, k, dropout=dropout, scaling=scaling, is_causal=is_causal,
-                       kwargs=kwargs)
-            if context.layout is None:
-                context.layout = context.segments.to(q.device)
-            if context.layout.shape != (q.shape[0], q.shape[2]):
-                raise ValueError(f"CaptureContext.segments describe {context.layout.shape}, the gathered sequence "
-                                 f"is {(q.shape[0], q.shape[2])} (B, T): pass the layout of all T positions")
-            metrics = attention_metrics(q, k, v, window=context.window, horizon=context.horizon, scale=scaling,
-                                        segments=context.layout, backend=context.backend, validate=context.validate,
-                                        layer=description)
-            out = metrics.out
-            metrics.out = None
-            context.records[layer] = AttentionMetrics(**{name: sp.gather_heads(getattr(metrics, name))
-                                                         for name in ("lse", "distance", "waad", "fai", "fai_valid")})
+        if sampled:
+            out = self._record(state, module, int(module.layer_idx), q, k, v, None, dropout=dropout, scaling=scaling,
+                               is_causal=is_causal, kwargs=kwargs, output=True)
         else:
             for name in ("sliding_window", "softcap", "s_aux", "sinks", "position_bias"):
                 if kwargs.get(name) is not None:
                     raise UnsupportedModelError(f"sequence-parallel capture runs plain causal attention on the "
                                                 f"layers it does not sample; this layer passes {name}")
-            if context.packed_bounds is None:
+            if state.packed_bounds is None:
                 position_ids = kwargs.get("position_ids")
                 if position_ids is None:
                     raise UnsupportedModelError("sequence-parallel capture needs the position_ids the model passes "
                                                 "to its attention (where each packed sequence starts)")
-                context.packed_bounds = cu_seqlens_from_position_ids(sp.gather_positions(position_ids)).tolist()
-            out = segment_causal_attention(q, k, v, context.packed_bounds, scaling)
+                state.packed_bounds = cu_seqlens_from_position_ids(sp.gather_positions(position_ids)).tolist()
+            out = segment_causal_attention(q, k, v, state.packed_bounds, scaling)
         return sp.scatter(out), None
 
     def _passthrough(self, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
@@ -442,7 +521,7 @@ class Capture:
         return self._delegate(module)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
 
-    def _per_sequence(self, context, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    def _per_sequence(self, state, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
         """A scoring pass's layer that is not sampled: the delegate (sdpa / the model's eager function) run on
         each sequence alone, [1, H, n, D] with the sequence's own [1, 1, n, n] mask, so that no sequence's hidden
         states, and hence no sampled layer's metrics, depend on what else is in the micro-batch or on its
@@ -450,13 +529,11 @@ class Capture:
         sequence (its window / chunks kept); where the model built none (no padding), the causal one the
         model's mask would hold, in the same form, so that both cases take the same kernel. Padding rows of
         the output are 0 (no real row reads them)."""
-        if context.layout is None:
-            context.layout = self._layout(context, query, kwargs)
-            check_layout(module, context.layout)
+        layout = self._pass_layout(state, module, query, kwargs)
         delegate = self._delegate(module)
         eager = delegate.__name__ != "sdpa_attention_forward"
         out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1])
-        for b, start, end, _ in context.layout.spans:
+        for b, start, end, _ in layout.spans:
             piece = lambda x: x[b:b + 1, :, start:end].contiguous()  # noqa: E731
             mask = self._sequence_mask(attention_mask, b, start, end, query, eager)
             result, _ = delegate(module, piece(query), piece(key), piece(value), mask, dropout=dropout,
@@ -478,28 +555,6 @@ class Capture:
         return torch.zeros(causal.shape, dtype=query.dtype, device=query.device).masked_fill_(
             ~causal, torch.finfo(query.dtype).min)
 
-    def _record_beside(self, context, module, layer, query, key, value, attention_mask, scaling, is_causal, kwargs):
-        """metrics_only: the per-head metrics of ``context.rows`` from detached q, k (no v: metrics-only pass).
-        Dropout is the output's business: the metrics describe the attention before it."""
-        description = describe_layer(module)
-        check_call(module, description, query, key, dropout=0.0, scaling=scaling, is_causal=is_causal,
-                   kwargs=kwargs)
-        q, k, _ = _common_dtype(query.detach(), key.detach(), value.detach())
-        if context.rows is not None:
-            rows = context.rows.to(q.device)
-            q, k = q.index_select(0, rows), k.index_select(0, rows)
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[0] > 1:
-                attention_mask = attention_mask.index_select(0, rows)
-        if context.layout is None:
-            context.layout = self._layout(context, q, kwargs)
-            check_layout(module, context.layout)
-        disagreement = mask_disagreement(attention_mask, description, context.layout, q.shape[2])
-        if disagreement is not None:
-            context.mask_checks.append((layer, disagreement))
-        context.records[layer] = attention_metrics(
-            q, k, None, window=context.window, horizon=context.horizon, scale=scaling, segments=context.layout,
-            backend=context.backend, validate=context.validate, layer=description)
-
     def _delegate(self, module):
         """The attention function of a layer we do not record: transformers' sdpa, or the eager function
         defined next to the module's class (each transformers model file has one)."""
@@ -513,23 +568,41 @@ class Capture:
 
         return sdpa_attention_forward
 
-    def _layout(self, context: CaptureContext, query: torch.Tensor, kwargs) -> Segments:
-        """Segments of this pass: the context's padding mask or packed boundaries, else (B = 1, no mask) the
+    def _pass_layout(self, state: _Pass, module, query: torch.Tensor, kwargs) -> Segments:
+        """The pass's Segments of [B, T], built by the first layer that needs it and shared by the others (the
+        layout is the same for every layer: one host sync per pass). A built layout is checked against the
+        architecture (hybrid models refuse packed rows); under sequence parallelism it is the request's
+        ``segments`` of all T positions, checked against the gathered shape."""
+        request = state.request
+        if request.sequence_parallel is not None:
+            if state.layout is None:
+                state.layout = request.segments.to(query.device)
+            if state.layout.shape != (query.shape[0], query.shape[2]):
+                raise ValueError(f"CaptureRequest.segments describe {state.layout.shape}, the gathered sequence "
+                                 f"is {(query.shape[0], query.shape[2])} (B, T): pass the layout of all T positions")
+            return state.layout
+        if state.layout is None:
+            state.layout = self._layout(request, query, kwargs)
+            check_layout(module, state.layout)
+        return state.layout
+
+    def _layout(self, request: CaptureRequest, query: torch.Tensor, kwargs) -> Segments:
+        """Segments of this pass: the request's padding mask or packed boundaries, else (B = 1, no mask) the
         packed layout the model's own kwargs describe."""
         batch, _, length, _ = query.shape
-        if context.segments is not None:
-            return context.segments.to(query.device)
-        mask, cu_seqlens = context.attention_mask, context.cu_seqlens
+        if request.segments is not None:
+            return request.segments.to(query.device)
+        mask, cu_seqlens = request.attention_mask, request.cu_seqlens
         if cu_seqlens is None and mask is None and batch == 1:
             cu_seqlens = self._packed_boundaries(kwargs)
         for name, x in (("attention_mask", mask), ("cu_seqlens", cu_seqlens),
-                        ("response_start", context.response_start)):
+                        ("response_start", request.response_start)):
             validation.check_mask_device(name, x, query.device)
         if cu_seqlens is not None:
             if mask is not None:
-                raise ValueError("CaptureContext: attention_mask must be None with cu_seqlens")
-            return segments_from_cu_seqlens(cu_seqlens, batch, length, context.response_start, query.device)
-        return segments_from_mask(mask, batch, length, context.response_start, query.device)
+                raise ValueError("CaptureRequest: attention_mask must be None with cu_seqlens")
+            return segments_from_cu_seqlens(cu_seqlens, batch, length, request.response_start, query.device)
+        return segments_from_mask(mask, batch, length, request.response_start, query.device)
 
     @staticmethod
     def _packed_boundaries(kwargs) -> torch.Tensor | None:
@@ -545,16 +618,16 @@ class Capture:
                 return cu
         return None
 
-    def _check_masks(self, context: CaptureContext) -> None:
+    def _check_masks(self, state: _Pass) -> None:
         """One host synchronisation per pass: refuse the records if the mask the model built for a sampled
         layer disagrees with the layer's description (an unknown mask: the metrics would describe other
         attention than the model's)."""
-        if not context.mask_checks:
+        if not state.mask_checks:
             return
-        flags = torch.stack([flag for _, flag in context.mask_checks]).cpu()
-        bad = [layer for (layer, _), flag in zip(context.mask_checks, flags.tolist()) if flag]
+        flags = torch.stack([flag for _, flag in state.mask_checks]).cpu()
+        bad = [layer for (layer, _), flag in zip(state.mask_checks, flags.tolist()) if flag]
         if bad:
-            context.records.clear()
+            state.records.clear()
             raise UnsupportedModelError(
                 f"the attention mask {type(self.model).__name__} "
                 f"({', '.join(sorted({str(getattr(c, 'model_type', None)) for c, _ in self._saved}))}) built for "

@@ -339,11 +339,11 @@ class RhythmGRPOTrainer(GRPOTrainer):
                                           batch_size=None, **chunk_kwargs))
                     forward_seconds += time.perf_counter() - start
                     continue
-                capture.run(recording.context, forward=lambda: parent(
+                result = capture.run(recording.request, forward=lambda: parent(
                     model, input_ids[chunk], attention_mask[chunk], logits_to_keep, batch_size=None, **chunk_kwargs))
-                forward_seconds += time.perf_counter() - start - recording.context.metrics_seconds
-                results.append(recording.context.output)
-                rows_gamma = scorer.scores_from(recording).gamma(cfg.strategy, **cfg.credit_kwargs())
+                forward_seconds += time.perf_counter() - start - result.metrics_seconds
+                results.append(result.output)
+                rows_gamma = scorer.scores_from(recording, result.records).gamma(cfg.strategy, **cfg.credit_kwargs())
                 rows_gamma = to_response_tensor(rows_gamma, width, recording.response_mask, fill=1.0)
                 gamma[first + rows.to(gamma.device)] = rows_gamma.to(gamma.device)
                 measured += rows.numel()

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from rhythm.capture.recording import Capture
-from rhythm.capture.architectures import describe_layer
+from rhythm.capture.recording import Capture, CaptureRequest, SampledLayer
 
 
 def band_attention(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, lags: range, scale: float,
@@ -104,23 +103,17 @@ def group_band(qk: dict, lse: dict, heads: list[tuple[int, int]], *, lags: range
 class QKCapture(Capture):
     """A :class:`rhythm.capture.recording.Capture` that also keeps the post-RoPE query and unrepeated key of every
     sampled layer, ``self.qk[layer] = (query [B, Hq, T, D], key [B, Hkv, T, D], scale)`` (detached), and the
-    layer's attention description, ``self.layer_attention[layer]`` (window, chunks, softcap, sinks)."""
+    layer's attention description, ``self.layer_attention[layer]`` (window, chunks, softcap, sinks), through the
+    capture's public ``observe`` hook."""
 
     def __init__(self, model: torch.nn.Module):
-        super().__init__(model)
+        super().__init__(model, observe=self._keep)
         self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.layer_attention: dict = {}
 
-    def _attention_forward(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           is_causal=None, **kwargs):
-        context = self._context
-        layer = getattr(module, "layer_idx", None)
-        if context is not None and layer is not None and int(layer) in context.layers:
-            scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-            self.qk[int(layer)] = (query.detach(), key.detach(), scale)
-            self.layer_attention[int(layer)] = describe_layer(module)
-        return super()._attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
+    def _keep(self, sampled: SampledLayer) -> None:
+        self.qk[sampled.layer] = (sampled.query.detach(), sampled.key.detach(), sampled.scale)
+        self.layer_attention[sampled.layer] = sampled.attention
 
 
 def capture_qk(model, scorer, ids: list[int], prompt_length: int, *, stop_after_last: bool = True):
@@ -128,23 +121,21 @@ def capture_qk(model, scorer, ids: list[int], prompt_length: int, *, stop_after_
     :class:`QKCapture`: (records {layer: AttentionMetrics}, qk {layer: (query, key, scale)} on the CPU,
     {layer: LayerAttention}, the forward's output). stop_after_last=False lets the model finish, and the
     output then holds its logits; otherwise it is None."""
-    from rhythm.capture.recording import CaptureContext
-
     device = scorer.device
     length = len(ids)
     config = scorer.config
-    context = CaptureContext(layers=tuple(scorer.layers), response_start=torch.tensor([prompt_length], device=device),
+    request = CaptureRequest(layers=tuple(scorer.layers), response_start=torch.tensor([prompt_length], device=device),
                              window=config.window, horizon=tuple(config.horizon), backend=config.backend,
                              stop_after_last=stop_after_last)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), QKCapture(model) as capture:
-            records = capture.run(context, input_ids=torch.tensor([ids], device=device),
+            result = capture.run(request, input_ids=torch.tensor([ids], device=device),
                                   position_ids=torch.arange(length, device=device)[None])
             qk = {layer: tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in capture.qk[layer])
                   for layer in scorer.layers}
             layers = dict(capture.layer_attention)
     finally:
         model.train(was_training)
-    return records, qk, layers, context.output
+    return result.records, qk, layers, result.output

@@ -29,7 +29,7 @@ from rhythm_kernels.segments import Segments, Span, influence_counts, is_integer
 
 from rhythm.config import GAMMA_KNOBS, SCORER_KNOBS, ConfigError, knob_dataclass
 from rhythm.capture.architectures import attention_layers
-from rhythm.capture.recording import Capture, CaptureContext, cu_seqlens_from_position_ids
+from rhythm.capture.recording import Capture, CaptureRequest, cu_seqlens_from_position_ids
 from rhythm.credit.gamma import compute_gamma
 from rhythm.credit.heads import HeadGroups, fixed_head_groups, mean_response_distance, sample_layers, select_head_groups, \
     token_signals
@@ -309,8 +309,9 @@ class RhythmScorer:
 
             rec = scorer.recording(mask, response, rows=rows)
             with Capture(model) as capture:
-                capture.run(rec.context, forward=lambda: trainer_forward(...))
-            scores = scorer.scores_from(rec)          # RhythmScores of the n recorded rows, [n, T]
+                result = capture.run(rec.request, forward=lambda: trainer_forward(...))
+            scores = scorer.scores_from(rec, result.records)   # RhythmScores of the n recorded rows, [n, T]
+            result.output                                      # what trainer_forward returned
         """
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be a [B, T] tensor, got {_describe(attention_mask)}")
@@ -323,19 +324,22 @@ class RhythmScorer:
         mask, response = mask[rows], response[rows]
         segments = segments_from_mask(mask, *mask.shape, None, "cpu").with_response(response)
         device = self.device
-        context = CaptureContext(
+        request = CaptureRequest(
             layers=tuple(self.layers), segments=segments.to(device),
             window=self.config.window, horizon=self.config.horizon, backend=self.config.backend,
             validate=self.config.validate, stop_after_last=False, metrics_only=True, rows=rows.to(device))
-        return Recording(context=context, segments=segments, rows=rows)
+        return Recording(request=request, segments=segments, rows=rows)
 
-    def scores_from(self, recording: "Recording") -> RhythmScores:
-        """RhythmScores [n, T] of the recorded rows, from the records a forward left in ``recording.context``."""
-        missing = [layer for layer in self.layers if layer not in recording.context.records]
+    def scores_from(self, recording: "Recording", records: dict) -> RhythmScores:
+        """RhythmScores [n, T] of the recorded rows.
+
+        records: {layer: AttentionMetrics} of a forward run with ``recording.request`` (``CaptureResult.records``
+        of ``Capture.run``), [n, Hq, T] each."""
+        missing = [layer for layer in self.layers if layer not in records]
         if missing:
-            raise RuntimeError(f"no metrics recorded for sampled layer(s) {missing}: run a forward with "
-                               "recording.context inside Capture.run first")
-        return RhythmScores(signals=self.signals(recording.context.records, recording.segments),
+            raise RuntimeError(f"no metrics recorded for sampled layer(s) {missing}: pass the records of a forward "
+                               "run with recording.request inside Capture.run")
+        return RhythmScores(signals=self.signals(records, recording.segments),
                             segments=recording.segments, layers=list(self.layers),
                             heads_per_layer=self.heads_per_layer,
                             config=replace(self.config, fixed_groups=self.fixed_groups))
@@ -427,17 +431,17 @@ class RhythmScorer:
                                     (len(rows), hi - lo))
         ids, pos = input_ids[rows, lo:hi], position_ids[rows, lo:hi]
         model_mask = None if packed else local.from_rows(torch.ones(local.count, local.max_len, dtype=torch.long))
-        context = CaptureContext(
+        request = CaptureRequest(
             layers=tuple(self.layers), segments=local.to(device), window=self.config.window,
             horizon=self.config.horizon, backend=self.config.backend, validate=self.config.validate,
             stop_after_last=not with_entropy)
         inputs = dict(input_ids=ids.to(device), attention_mask=None if model_mask is None else model_mask.to(device),
                       position_ids=pos.to(device))
         forward = self._decoder_forward if with_entropy else None
-        records = capture.run(context, forward=forward, **inputs)
-        signals = self.signals(records, local)
+        result = capture.run(request, forward=forward, **inputs)
+        signals = self.signals(result.records, local)
         if with_entropy:
-            entropy = local.to_rows(self._entropy(context.output, ids.shape))
+            entropy = local.to_rows(self._entropy(result.output, ids.shape))
             entropy[:, 0] = 0.0  # a sequence's first token was not sampled from this model
             signals = replace(signals, entropy=entropy)
         return signals
@@ -503,12 +507,12 @@ class RhythmScorer:
 class Recording:
     """A padded batch set up for recording inside the caller's own forward (:meth:`RhythmScorer.recording`).
 
-    context: the CaptureContext to pass to ``Capture.run`` (metrics_only, rows = the recorded rows).
+    request: the CaptureRequest to pass to ``Capture.run`` (metrics_only, rows = the recorded rows).
     segments: Segments [n, T] of the recorded rows (row j = the j-th recorded row).
     rows: LongTensor [n], the recorded rows of the forward's batch.
     """
 
-    context: CaptureContext
+    request: CaptureRequest
     segments: Segments
     rows: torch.Tensor
 

@@ -37,7 +37,7 @@ import torch
 
 from rhythm_kernels.segments import Segments, segments_from_cu_seqlens, segments_from_mask
 
-from rhythm.capture.recording import Capture, CaptureContext
+from rhythm.capture.recording import Capture, CaptureRequest
 from rhythm.credit.gamma import compute_gamma
 from rhythm.integrations.verl.credit import GAMMA_KEY
 
@@ -140,14 +140,14 @@ def recording_forward(engine, scorer, config, *, stats: dict | None = None):
 
             exchange = VerlUlysses(getattr(engine, "ulysses_parallel_group", None))
             segments = Segments.from_spans(segments.spans, (1, padded_length(segments.shape[1], sp)))
-        context = CaptureContext(
+        request = CaptureRequest(
             layers=tuple(scorer.layers), segments=segments.to(device), window=scorer.config.window,
             horizon=scorer.config.horizon, backend=scorer.config.backend, validate=False, stop_after_last=False,
             sequence_parallel=exchange)
-        records = capture.run(context, forward=lambda: original(micro_batch, *args, **kwargs))
-        loss, output = context.output
+        result = capture.run(request, forward=lambda: original(micro_batch, *args, **kwargs))
+        loss, output = result.output
         start = time.perf_counter()
-        rows = scorer.signals(records, segments)
+        rows = scorer.signals(result.records, segments)
         gamma = compute_gamma(config.strategy, rows.response, waad=rows.waad, fai=rows.fai,
                               fai_valid=rows.fai_valid, **options)
         model_output = output["model_output"]
