@@ -148,12 +148,15 @@ class Knob:
     annotation: str
     choices: tuple[str, ...] | None = None
 
-    def check(self, value, owner: str | None = None):
-        """The normalised value, or ConfigError naming ``owner.name`` and what was expected."""
+    def check(self, value, owner: str | None = None, *, display: str | None = None):
+        """The normalised value, or ConfigError naming the setting and what was expected.
+
+        The error names ``display`` when given (how the caller's user spells the setting: a CLI flag
+        ``--window``, a prefixed field ``GRPOConfig.rhythm_window``), else ``owner.name``, else the name."""
         try:
             return self.convert(value)
         except _Bad:
-            where = f"{owner}.{self.name}" if owner else self.name
+            where = display or (f"{owner}.{self.name}" if owner else self.name)
             raise ConfigError(f"{where} must be {self.expected}, got {value!r}") from None
 
 
@@ -285,13 +288,13 @@ def from_prefixed(obj, cls, *, prefix: str = "rhythm_"):
     """Build ``cls`` (a knob dataclass) from the ``prefix + name`` attributes of ``obj`` (absent ones keep the
     class default); errors name the prefixed attribute."""
     values = {}
-    for name in cls._knob_names:
+    for name in cls._knob_names:   # in field order: the first bad one is the one cls(**values) would name
         if hasattr(obj, prefix + name):
-            values[name] = getattr(obj, prefix + name)
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace(f"{cls.__name__}.", f"{type(obj).__name__}.{prefix}", 1)) from None
+            value = getattr(obj, prefix + name)
+            if not (value is None and name in cls._optional_knobs):
+                value = KNOBS[name].check(value, display=f"{type(obj).__name__}.{prefix}{name}")
+            values[name] = value
+    return cls(**values)
 
 
 def from_mapping(mapping: Mapping, cls, *, where: str | None = None):
@@ -377,13 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str], *,
 
 def from_args(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The checked knob values of ``names`` from parsed ``args`` (ConfigError names the flag)."""
-    out = {}
-    for name in names:
-        try:
-            out[name] = KNOBS[name].check(getattr(args, name))
-        except ConfigError as e:
-            raise ConfigError(str(e).replace(name, _flag(name), 1)) from None
-    return out
+    return {name: KNOBS[name].check(getattr(args, name), display=_flag(name)) for name in names}
 
 
 def describe(names: Iterable[str] = tuple(KNOBS)) -> str:

@@ -152,6 +152,25 @@ def test_argparse_flags():
         C.from_args(parser.parse_args(["--horizon", "10", "2"]), C.SCORER_KNOBS)
 
 
+def test_errors_name_the_setting_as_the_caller_spells_it():
+    """The display name goes into the check, so the message is built once (no rewriting of another one)."""
+    knob = C.KNOBS["head_fraction"]
+    with pytest.raises(C.ConfigError, match=r"^--head-fraction must be a number in \(0, 1\], got 2$"):
+        knob.check(2, display="--head-fraction")
+    with pytest.raises(C.ConfigError, match=r"^ScorerConfig.head_fraction must be"):
+        knob.check(2, "ScorerConfig")
+    with pytest.raises(C.ConfigError, match=r"^head_fraction must be"):
+        knob.check(2)
+    args = argparse.Namespace(**{name: C.default(name) for name in C.SCORER_KNOBS})
+    args.k = 0
+    with pytest.raises(C.ConfigError, match=r"^--k must be an int >= 1, got 0$"):
+        C.from_args(args, C.SCORER_KNOBS)
+    derived = dataclasses.make_dataclass("Trainer", C.dataclass_fields())
+    with pytest.raises(C.ConfigError, match=r"^Trainer.rhythm_micro_batch_size must be an int >= 1, got 0$"):
+        C.from_prefixed(derived(rhythm_micro_batch_size=0), RhythmCreditConfig)
+    assert C.from_prefixed(derived(rhythm_micro_batch_size=None), RhythmCreditConfig).micro_batch_size is None
+
+
 def test_describe_lists_every_knob_and_the_docs_are_current():
     from pathlib import Path
 
