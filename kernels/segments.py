@@ -142,8 +142,14 @@ def is_bool(x) -> bool:
 
 def is_integer(x) -> bool:
     """A Python or numpy integer, never a bool. The one integer rule of the package (LayerAttention, the
-    layout builders, rhythm.config)."""
+    layout builders, rhythm.config, the capture, the command line's rows and settings)."""
     return isinstance(x, numbers.Integral) and not is_bool(x)
+
+
+def is_real(x) -> bool:
+    """A Python or numpy real number (an integer or a float, NaN and infinities included), never a bool: the
+    number rule beside :func:`is_integer` (callers check finiteness and range themselves)."""
+    return isinstance(x, numbers.Real) and not is_bool(x)
 
 
 def _response_starts(response_start, n: int, name_count: str) -> list[int] | None:

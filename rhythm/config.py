@@ -21,11 +21,10 @@ import argparse
 import dataclasses
 import difflib
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from rhythm_kernels.segments import FLOAT32_MAX, INDEX_LIMIT, is_bool, is_integer
+from rhythm_kernels.segments import FLOAT32_MAX, INDEX_LIMIT, is_bool, is_integer, is_real
 
 # The strategies' names; what each reads is rhythm.credit.gamma.STRATEGY_TABLE (checked to agree).
 STRATEGIES = ("local", "global", "coupled", "random", "entropy")
@@ -58,7 +57,7 @@ def _as_int(x) -> int:
 
 
 def _as_float(x) -> float:
-    if is_bool(x) or not isinstance(x, numbers.Real):
+    if not is_real(x):
         raise _Bad
     x = float(x)
     if math.isnan(x):

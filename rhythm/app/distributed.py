@@ -25,6 +25,8 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
+from rhythm_kernels.segments import is_integer, is_real
+
 from rhythm.app.dataset_input import Block, InputFiles, open_input, plan_blocks, read_block, scan
 from rhythm.app.dataset_output import DatasetSink, part_name, write_part
 from rhythm.app.output import OutputError
@@ -60,12 +62,15 @@ class RayOptions:
     def __post_init__(self):
         for name, low in (("workers", 1), ("block_rows", 1)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_integer(value) or value < low:
                 raise ValueError(f"RayOptions.{name} must be an int >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))      # numpy integers as plain ints (Ray, JSON)
         for name in ("gpus_per_worker", "cpus_per_worker"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            if not is_real(value) or not 0 <= value < float("inf"):
                 raise ValueError(f"RayOptions.{name} must be a finite number >= 0, got {value!r}")
+            if not isinstance(value, (int, float)):
+                object.__setattr__(self, name, float(value))   # a numpy number as the float it holds
 
 
 @dataclass

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from rhythm_kernels.segments import is_integer
+
 
 class RowError(ValueError):
     """A bad input row (the message names the source and line)."""
@@ -166,8 +168,9 @@ def parse_row(obj: dict, where: str, number: int) -> InputRow:
 def _parse_fields(obj: dict, where: str, number: int) -> InputRow:
     if "id" in obj:
         row_id = obj["id"]
-        if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
+        if not (is_integer(row_id) or isinstance(row_id, str)):
             raise RowError(f"{where}: 'id' must be an int or a string, got {_json_kind(row_id)} {row_id!r}")
+        row_id = row_id if isinstance(row_id, str) else int(row_id)   # a numpy id as the int it holds
     else:
         row_id = number
     has_text = "prompt" in obj or "response" in obj
@@ -209,9 +212,9 @@ def _token_ids(value, key: str, where: str) -> list[int]:
     if not isinstance(value, list):
         raise RowError(f"{where}: {key!r} must be a list of token ids, got {_json_kind(value)}")
     for i, x in enumerate(value):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+        if not is_integer(x) or x < 0:
             raise RowError(f"{where}: {key}[{i}] must be a token id (an int >= 0), got {_json_kind(x)} {x!r}")
-    return value
+    return [int(x) for x in value]
 
 
 def check_vocab(rows: list[InputRow], vocab_size: int, name: str) -> None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from rhythm_kernels.layer_attention import LayerAttention
-from rhythm_kernels.segments import Segments
+from rhythm_kernels.segments import Segments, is_integer
 
 
 class UnsupportedModelError(RuntimeError):
@@ -171,9 +171,9 @@ def check_config_types(configs: list, where: str) -> None:
 
 
 def _positive_int(value, what: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise UnsupportedModelError(f"{where}: {what} = {value!r} is not a positive integer")
-    return value
+    return int(value)
 
 
 def describe_layer(module: torch.nn.Module) -> LayerAttention:

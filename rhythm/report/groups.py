@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from rhythm_kernels.segments import is_real
+
 from rhythm.report.sequence import GroupMember, SequenceReport
 
 # GRPO's group normalisation as TRL's GRPOTrainer does it (scale_rewards="group"):
@@ -36,7 +38,7 @@ def grpo_advantages(rewards: list[float]) -> list[float]:
 
 def _number(row, name: str):
     value = row.extra.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         return None
     return float(value)
 

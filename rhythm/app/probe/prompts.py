@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rhythm_kernels.segments import is_integer
+
 SUFFIX = " Think step by step."
 
 _PROBLEMS = [
@@ -115,8 +117,9 @@ def _from_jsonl(text: str, name: str) -> list[Prompt]:
         elif explicit != has_id:
             raise PromptError(f"{where}: either every line has an 'id' or none has")
         pid = obj["id"] if has_id else number
-        if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+        if not (is_integer(pid) or isinstance(pid, str)):
             raise PromptError(f"{where}: 'id' must be an int or a string, got {type(pid).__name__}")
+        pid = pid if isinstance(pid, str) else int(pid)
         if has_id:
             if id_type is None:
                 id_type = type(pid)

@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rhythm_kernels.segments import is_integer
+
 from rhythm.app.common import chat_ids
 from rhythm.app.probe.generate import greedy
 from rhythm.app.probe.journal import Journal, ProbeError
@@ -47,10 +49,12 @@ class ProbeSettings:
     def __post_init__(self):
         for name in ("k", "min_after", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ProbeError(f"ProbeSettings.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            object.__setattr__(self, name, int(value))   # numpy integers as plain ints (JSON, range())
+        if not is_integer(self.seed):
             raise ProbeError(f"ProbeSettings.seed must be an int, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def group_size(self) -> int:
