@@ -15,6 +15,7 @@ __all__ += ["RhythmSelection", "entropy_selection", "random_selection", "rhythm_
 __all__ += ["credit_multipliers", "shape_advantages"]
 from rhythm.scoring.scorer import RhythmScorer, RhythmScores, ScorerConfig, TokenSignals
 from rhythm_kernels.segments import Span, to_response_tensor, trainer_response_mask
+from rhythm.report import html as _report_html  # noqa: E402,F401  registers the notebook view of RhythmScores
 
 __all__ += ["RhythmScorer", "RhythmScores", "ScorerConfig", "TokenSignals", "Span", "to_response_tensor",
             "trainer_response_mask"]

@@ -183,6 +183,27 @@ def test_scores_render_in_notebooks(tiny_model_dir):  # noqa: F811
     assert f"{scores.fai[0, top].item():.4f}" in page
 
 
+def test_the_notebook_view_is_registered_by_the_report_layer(monkeypatch):
+    """The scorer never imports the report: rhythm.report.html registers the view, and importing any part of
+    the package (here the scorer alone, in a fresh interpreter) imports the package, which imports the report."""
+    import subprocess
+    import sys
+
+    import rhythm.scoring.scorer as scorer_module
+    from rhythm.report.html import scores_html
+
+    code = "import rhythm.scoring.scorer as s; print(s._notebook_view.__module__, s._notebook_view.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["rhythm.report.html", "scores_html"]
+    assert scorer_module._notebook_view is scores_html
+    scores = object.__new__(scorer_module.RhythmScores)
+    monkeypatch.setattr(scorer_module, "_notebook_view", None)
+    assert scores._repr_html_() is None                     # no view registered: the notebook's plain repr
+    scorer_module.set_notebook_view(lambda s: f"<div>{type(s).__name__}</div>")
+    assert scores._repr_html_() == "<div>RhythmScores</div>"
+
+
 @pytest.mark.parametrize("kind", ["gemma2", "llama4", "gpt_oss"])   # window + softcap, chunks, sinks
 def test_band_of_real_layers_matches_eager_maps(kind):
     """QKCapture keeps q, k and each sampled layer's description; the band from them is the model's own eager

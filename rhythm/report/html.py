@@ -12,6 +12,8 @@ import base64
 import html
 import uuid
 
+from rhythm.scoring.scorer import set_notebook_view
+
 NEWLINE = "\u21b5"  # the visible return glyph drawn for "\n"
 
 _CSS = """
@@ -364,3 +366,6 @@ def scores_html(scores, max_sequences: int = 8) -> str:
             f"<b>RhythmScores</b>: {scores.segments.count} sequences, layers {scores.layers}, "
             f"{scores.heads_per_layer} heads per layer, W = {scores.config.window}, horizon "
             f"{tuple(scores.config.horizon)}{''.join(blocks)}{tail}</div></div>")
+
+
+set_notebook_view(scores_html)   # RhythmScores._repr_html_ draws with the report (the scorer never imports it)

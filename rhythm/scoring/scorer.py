@@ -92,6 +92,18 @@ class TokenSignals:
                             entropy=move(self.entropy))
 
 
+# The notebook view of RhythmScores (``_repr_html_``) is drawn by the report layer: rhythm.report.html registers
+# its renderer here when it is imported (``import rhythm`` imports it), so the scoring layer never imports upward.
+_notebook_view = None
+
+
+def set_notebook_view(render) -> None:
+    """Register ``render(scores: RhythmScores) -> str`` (one HTML element) as the notebook view of
+    :class:`RhythmScores` (None: no view, the notebook shows the plain repr). rhythm.report.html calls it."""
+    global _notebook_view
+    _notebook_view = render
+
+
 @dataclass
 class RhythmScores:
     """Per-token signals of one scored batch, stored per sequence (``signals``: one left-aligned row per
@@ -171,11 +183,11 @@ class RhythmScores:
                               entropy=rows.entropy, row_ids=row_ids, **options)
         return self.segments.from_rows(gamma, fill=1.0)
 
-    def _repr_html_(self) -> str:
-        """Notebook view: head groups, top anchors / preplan tokens with their values, WAAD / FAI strips."""
-        from rhythm.report.html import scores_html
-
-        return scores_html(self)
+    def _repr_html_(self) -> str | None:
+        """Notebook view: head groups, top anchors / preplan tokens with their values, WAAD / FAI strips, drawn
+        by the renderer the report layer registered (:func:`set_notebook_view`); None (the plain repr) when
+        none is."""
+        return None if _notebook_view is None else _notebook_view(self)
 
     def fai_rows(self) -> torch.Tensor:
         """|T(s)| per sequence: long [n_seq, L_max], the number of response rows each FAI value averages over
