@@ -196,7 +196,14 @@ KNOBS: dict[str, Knob] = _knobs(
     Knob("grouping", "per_sequence", f"one of {GROUPINGS}",
          "head groups chosen per sequence, or fixed (computed once from the first batch with a response)",
          one_of(GROUPINGS), "str", GROUPINGS),
-    Knob("micro_batch_size", 8, "an int >= 1", "sequences per scoring forward", integer(1), "int"),
+    Knob("micro_batch_size", 8, "an int >= 1",
+         "sequences per scoring step (one forward over them all when batch_invariant is off; the rows a fixed "
+         "grouping is chosen from)", integer(1), "int"),
+    Knob("batch_invariant", True, "a bool (True or False)",
+         "score each sequence in a forward of its own over exactly its tokens, so its numbers are bitwise the same "
+         "whatever else is in the batch, its padding or packing (definitions section 7); off: one forward per "
+         "micro-batch (faster for many short rows on a GPU; results then move within section 7's bounds)",
+         boolean, "bool"),
     Knob("backend", "auto", f"one of {BACKENDS}",
          "attention_metrics backend (auto: triton on CUDA, torch on CPU)", one_of(BACKENDS), "str", BACKENDS),
     Knob("validate", False, "a bool (True or False)",
@@ -213,7 +220,7 @@ KNOBS: dict[str, Knob] = _knobs(
 
 # The knobs of the scorer (ScorerConfig, in its field order) and of the trainer adapters (RhythmCreditConfig).
 SCORER_KNOBS = ("window", "horizon", "head_fraction", "q", "gamma_amp", "alpha", "k", "seed", "layers", "grouping",
-                "micro_batch_size", "backend", "validate", "temperature")
+                "micro_batch_size", "batch_invariant", "backend", "validate", "temperature")
 CREDIT_KNOBS = ("strategy", "sign", "q", "gamma_amp", "alpha", "k", "seed", "window", "horizon", "head_fraction",
                 "layers", "grouping", "micro_batch_size", "backend")
 # Options of credit_multipliers / RhythmScores.gamma.

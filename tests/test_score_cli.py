@@ -353,13 +353,22 @@ def test_output_columns_equal_the_scorer(tiny_model_dir, tok, tmp_path):  # noqa
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
     expected = _expected_columns(model, rows, strategies)
     assert _columns_match(out, expected, atol=0.0)           # one row per batch: the same computation, bitwise
-    # padded micro-batches: the signals agree at the numerical contract's tolerance
+    # micro-batches of 4 (batch_invariant, the default): each row still its own forward, the same bits
     dst2 = tmp_path / "out2.jsonl"
     assert cli.main(_args(tiny_model_dir, src, dst2, "--micro-batch-size", "4", "--strategies",
                           ",".join(strategies))) == 0
-    padded = [{k: v for k, v in r.items() if not k.startswith("gamma")} for r in _read(dst2)]
+    assert _read(dst2) == out
+    # one padded forward per micro-batch: the signals agree at the numerical contract's tolerance
+    dst3 = tmp_path / "out3.jsonl"
+    assert cli.main(_args(tiny_model_dir, src, dst3, "--micro-batch-size", "4", "--no-batch-invariant",
+                          "--strategies", ",".join(strategies))) == 0
+    padded = [{k: v for k, v in r.items() if not k.startswith("gamma")} for r in _read(dst3)]
     assert _columns_match(padded, {i: {k: v for k, v in e.items() if not k.startswith("gamma")}
                                    for i, e in expected.items()}, atol=1e-4)
+    settings = {name: json.loads(path.with_name(path.name + ".settings.json").read_text())["settings"]
+                for name, path in (("invariant", dst2), ("batched", dst3))}
+    assert settings["invariant"]["batch_invariant"] is True and "micro_batch_size" not in settings["invariant"]
+    assert settings["batched"]["batch_invariant"] is False and settings["batched"]["micro_batch_size"] == 4
     # planted bugs the comparison must catch: a gamma column shifted by one token, waad written from fai
     shifted = [dict(r, gamma_coupled=[1.0] + r["gamma_coupled"][:-1]) for r in out]
     assert any(r["gamma_coupled"] != s["gamma_coupled"] for r, s in zip(out, shifted))

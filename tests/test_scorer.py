@@ -436,7 +436,10 @@ def test_hybrid_samples_attention_layers_only_and_matches_eager():
                          position_ids=position_ids)
 
 
-def test_hybrid_refuses_linear_layers_and_packed_rows():
+def test_hybrid_refuses_linear_layers_and_packed_rows_in_one_forward():
+    """A hybrid's DeltaNet layers carry their state across packed boundaries in transformers' torch path: a
+    packed row in one forward (batch_invariant=False) is refused; the default scorer forwards each packed
+    sequence alone, so it scores them exactly: bitwise what each sequence gives in a padded batch."""
     from rhythm.capture.architectures import UnsupportedModelError
     from tests.tiny_architectures import tiny_architecture
 
@@ -447,7 +450,16 @@ def test_hybrid_refuses_linear_layers_and_packed_rows():
     response = torch.zeros(1, 30, dtype=torch.bool)
     response[0, 10:15] = response[0, 25:] = True
     with pytest.raises(UnsupportedModelError, match="packed rows are refused"):
-        RhythmScorer(model).score(ids, None, response, cu_seqlens=torch.tensor([0, 15, 30]))
+        RhythmScorer(model, batch_invariant=False).score(ids, None, response, cu_seqlens=torch.tensor([0, 15, 30]))
+    packed = RhythmScorer(model).score(ids, None, response, cu_seqlens=torch.tensor([0, 15, 30]))
+    # the same two sequences right-padded in a batch of two rows
+    padded_ids, mask = torch.zeros(2, 15, dtype=torch.long), torch.ones(2, 15, dtype=torch.long)
+    padded_ids[0], padded_ids[1] = ids[0, :15], ids[0, 15:]
+    padded_response = response.reshape(2, 15)
+    padded = RhythmScorer(model).score(padded_ids, mask, padded_response)
+    for name in ("waad", "fai", "fai_valid"):
+        assert torch.equal(getattr(packed, name).reshape(2, 15), getattr(padded, name)), name
+    assert torch.equal(packed.gamma("coupled").reshape(2, 15), padded.gamma("coupled"))
 
 
 def test_out_of_vocabulary_ids_on_padding_are_accepted():

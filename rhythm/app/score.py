@@ -10,9 +10,10 @@ Python API (what ``rhythm score`` runs, and what another process can call per mi
 
 ``rows`` are :class:`rhythm.app.rows.InputRow` (from :func:`rhythm.app.rows.read_rows` or
 :func:`rhythm.app.rows.parse_row`). ``score_rows`` scores them in micro-batches of
-``settings.scorer.micro_batch_size`` consecutive rows; a row's values depend only on the settings and on the
-micro-batch it shares (and its random baseline only on the seed and its id), so calling ``score_rows`` once
-per micro-batch gives the rows of one call on the whole list.
+``settings.scorer.micro_batch_size`` consecutive rows. With ``batch_invariant`` (the default) each row runs in a
+forward of its own, so its values depend only on the settings and its tokens, bit for bit (and its random
+baseline only on the seed and its id), except a fixed grouping's head groups, chosen from the first micro-batch;
+calling ``score_rows`` once per micro-batch gives the rows of one call on the whole list.
 
 Output row: ``id``, ``prompt_length``, ``response_ids``, ``waad``, ``fai``, ``fai_valid`` and one
 ``gamma_<strategy>`` per strategy, every list over the response tokens.
@@ -81,8 +82,8 @@ class ScoreSettings:
         stored = {"model": model_id or ModelSource(self.model).model_id(), "dtype": self.dtype, "ids": id_kind,
                   "strategies": list(self.strategies), "chat_template": self.chat_template}
         stored.update(self.scorer_knobs())
-        if stored["grouping"] != "fixed":   # per-sequence groups do not depend on how rows are batched
-            del stored["micro_batch_size"]
+        if stored["grouping"] != "fixed" and stored["batch_invariant"]:
+            del stored["micro_batch_size"]   # a row's numbers do not depend on how rows are batched
         if kept:
             stored["keep"] = list(kept)
             if parquet:

@@ -50,8 +50,11 @@ class RhythmCreditConfig:
 
     def scorer_kwargs(self, default_micro_batch_size: int | None = None) -> dict:
         """Config of :class:`rhythm.RhythmScorer` (``RhythmScorer(model, **cfg.scorer_kwargs())``): the shared
-        knobs; micro_batch_size None becomes ``default_micro_batch_size`` (the trainer's), else the scorer's."""
+        knobs; micro_batch_size None becomes ``default_micro_batch_size`` (the trainer's), else the scorer's.
+        A trainer's scorer pass runs one forward per micro-batch (``batch_invariant=False``): the trainer's own
+        forwards see its batches together anyway, and one forward per rollout is what it costs."""
         kwargs = {name: getattr(self, name) for name in CREDIT_KNOBS if name in SCORER_KNOBS}
+        kwargs["batch_invariant"] = False
         size = self.micro_batch_size or default_micro_batch_size or default("micro_batch_size")
         kwargs["micro_batch_size"] = check("micro_batch_size", size, "scorer_kwargs(default_micro_batch_size)")
         return kwargs

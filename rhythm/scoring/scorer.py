@@ -432,9 +432,31 @@ class RhythmScorer:
 
     # -- one micro-batch ----------------------------------------------------------------------------------------
     def _score_chunk(self, capture, spans, input_ids, position_ids, *, packed, with_entropy) -> TokenSignals:
-        """TokenSignals of the sequences ``spans`` (of the input layout), run as one forward over the part of the
-        input they cover: packed, the columns [lo, hi) of the one row; padded, their rows and the columns
-        [lo, hi) that hold any of their real tokens."""
+        """TokenSignals of the sequences ``spans`` (of the input layout). With ``batch_invariant`` (the default)
+        each sequence runs in a forward of its own, [1, n] over exactly its n tokens, so every number computed
+        for it is a function of its tokens alone (docs/definitions.md section 7, batch invariance); otherwise
+        one forward covers them all. Head groups are chosen over the micro-batch either way (per sequence, or
+        the fixed grouping's first micro-batch)."""
+        forwards = [[span] for span in spans] if self.config.batch_invariant else [list(spans)]
+        sequences, entropy = [], []
+        for group in forwards:
+            metrics, rows = self._forward(capture, group, input_ids, position_ids, packed=packed,
+                                          with_entropy=with_entropy)
+            sequences += metrics
+            entropy += rows
+        signals = self._signals_of(sequences)
+        if with_entropy:
+            out = torch.zeros(len(entropy), signals.waad.shape[1], dtype=torch.float32)
+            for i, row in enumerate(entropy):
+                out[i, :row.numel()] = row
+            signals = replace(signals, entropy=out)
+        return signals
+
+    def _forward(self, capture, spans, input_ids, position_ids, *, packed, with_entropy):
+        """One forward over the part of the input the sequences ``spans`` cover: packed, the columns [lo, hi) of
+        the one row; padded, their rows and the columns [lo, hi) that hold any of their real tokens; a single
+        sequence as [1, n] with no attention mask in both layouts (the same call whatever its layout).
+        Returns (its :class:`_SequenceMetrics` per span, entropy rows float32 [n] per span or [])."""
         device = self.device
         lo, hi = min(span.start for span in spans), max(span.end for span in spans)
         rows = [0] if packed else [span.row for span in spans]
@@ -442,7 +464,8 @@ class RhythmScorer:
         local = Segments.from_spans([shift(span, 0 if packed else j) for j, span in enumerate(spans)],
                                     (len(rows), hi - lo))
         ids, pos = input_ids[rows, lo:hi], position_ids[rows, lo:hi]
-        model_mask = None if packed else local.from_rows(torch.ones(local.count, local.max_len, dtype=torch.long))
+        model_mask = None if packed or len(spans) == 1 else \
+            local.from_rows(torch.ones(local.count, local.max_len, dtype=torch.long))
         request = CaptureRequest(
             layers=tuple(self.layers), segments=local.to(device), window=self.config.window,
             horizon=self.config.horizon, backend=self.config.backend, validate=self.config.validate,
@@ -451,12 +474,12 @@ class RhythmScorer:
                       position_ids=pos.to(device))
         forward = self._decoder_forward if with_entropy else None
         result = capture.run(request, forward=forward, **inputs)
-        signals = self.signals(result.records, local)
+        entropy = []
         if with_entropy:
-            entropy = local.to_rows(self._entropy(result.output, ids.shape))
-            entropy[:, 0] = 0.0  # a sequence's first token was not sampled from this model
-            signals = replace(signals, entropy=entropy)
-        return signals
+            rows = local.to_rows(self._entropy(result.output, ids.shape))
+            rows[:, 0] = 0.0  # a sequence's first token was not sampled from this model
+            entropy = [rows[i, :span.length] for i, span in enumerate(local.spans)]
+        return self._sequence_metrics(result.records, local), entropy
 
     def signals(self, records, segments: Segments) -> TokenSignals:
         """Per-token signals of one recorded forward, one row per sequence.
@@ -465,20 +488,41 @@ class RhythmScorer:
         segments: that layout's ``Segments`` (one Span per sequence on its T axis).
         Returns :class:`TokenSignals` of CPU tensors [n_seq, L_max] (head groups -1 and signals 0 on sequences
         with an empty response)."""
-        # Per-head metrics of the sampled layers, flattened in (layer, head) order: [b, n_heads, t].
+        return self._signals_of(self._sequence_metrics(records, segments))
+
+    def _sequence_metrics(self, records, segments: Segments) -> list["_SequenceMetrics"]:
+        """Each sequence's per-head metrics of the sampled layers, copied out of the forward's layout onto its own
+        n positions (contiguous [n_heads, n], heads flattened in (layer, head) order), so that nothing computed
+        from them depends on the layout's width or on where the sequence sat in it."""
         stack = lambda name: torch.cat([getattr(records[l], name) for l in self.layers], dim=1).float().cpu()  # noqa
-        per_head = {name: segments.to_rows(stack(name)) for name in ("distance", "waad", "fai")}
-        fai_valid = segments.to_rows(records[self.layers[0]].fai_valid[:, 0].cpu(), fill=False)
-        response = segments.response_rows()
-        has_response = torch.tensor([span.response_length > 0 for span in segments.spans])
-        d = mean_response_distance(per_head["distance"], response)
-        groups = self._groups(d, has_response)
-        waad_tok, fai_tok = token_signals(per_head["waad"], per_head["fai"], groups)
-        groups = groups.broadcast(d.shape[0])
+        per_head = {name: stack(name) for name in ("distance", "waad", "fai")}
+        fai_valid = records[self.layers[0]].fai_valid[:, 0].cpu()
+        return [_SequenceMetrics(**{name: x[span.row, :, span.start:span.end].contiguous()
+                                    for name, x in per_head.items()},
+                                 fai_valid=fai_valid[span.row, span.start:span.end].clone(),
+                                 prompt_length=span.prompt_length)
+                for span in segments.spans]
+
+    def _signals_of(self, sequences: list["_SequenceMetrics"]) -> TokenSignals:
+        """TokenSignals [n_seq, L_max] of sequences' per-head metrics: d(l, h) per sequence, head groups over
+        them (``grouping``), then per-token WAAD / FAI, each sequence on its own n positions."""
+        count, width = len(sequences), max(s.length for s in sequences)
+        has_response = torch.tensor([s.length > s.prompt_length for s in sequences])
+        d = torch.cat([mean_response_distance(s.distance[None], s.response[None]) for s in sequences])  # [n, H]
+        groups = self._groups(d, has_response).broadcast(count)
+        waad, fai = torch.zeros(count, width), torch.zeros(count, width)
+        fai_valid = torch.zeros(count, width, dtype=torch.bool)
+        response = torch.zeros(count, width, dtype=torch.bool)
+        for i, s in enumerate(sequences):
+            response[i, :s.length] = s.response
+            if not bool(has_response[i]):
+                continue   # no response: signals 0, fai_valid False, head groups -1
+            own = HeadGroups(groups.local[i:i + 1], groups.global_[i:i + 1])
+            waad_tok, fai_tok = token_signals(s.waad[None], s.fai[None], own)
+            waad[i, :s.length], fai[i, :s.length], fai_valid[i, :s.length] = waad_tok[0], fai_tok[0], s.fai_valid
         keep = has_response[:, None]
         return TokenSignals(
-            waad=torch.where(keep, waad_tok, 0.0), fai=torch.where(keep, fai_tok, 0.0), fai_valid=fai_valid & keep,
-            response=response, head_distance=d,
+            waad=waad, fai=fai, fai_valid=fai_valid, response=response, head_distance=d,
             groups=HeadGroups(torch.where(keep, groups.local, -1), torch.where(keep, groups.global_, -1)))
 
     def _groups(self, d: torch.Tensor, has_response: torch.Tensor) -> HeadGroups:
@@ -513,6 +557,30 @@ class RhythmScorer:
             logp = torch.log_softmax(logits, dim=-1)
             out[:, a + 1: b + 1] = -(logp.exp() * logp).sum(-1).cpu()
         return out
+
+
+@dataclass(frozen=True)
+class _SequenceMetrics:
+    """One sequence's per-head metrics of the sampled layers on its own n positions (prompt and response).
+
+    distance, waad, fai: float32 [n_heads, n] (heads flattened in (layer, head) order); fai_valid: bool [n];
+    prompt_length: the positions before its response (a suffix of length n - prompt_length).
+    """
+
+    distance: torch.Tensor
+    waad: torch.Tensor
+    fai: torch.Tensor
+    fai_valid: torch.Tensor
+    prompt_length: int
+
+    @property
+    def length(self) -> int:
+        return int(self.fai_valid.numel())
+
+    @property
+    def response(self) -> torch.Tensor:
+        """bool [n]: True on the response positions."""
+        return torch.arange(self.length) >= self.prompt_length
 
 
 @dataclass
