@@ -186,7 +186,8 @@ def test_scorer_bitwise_across_micro_batches_padding_and_packing(backend):
     gen = torch.Generator().manual_seed(5)
     rows = [(torch.randint(0, VOCAB, (n,), generator=gen), n // 3) for n in (23, 40, 31, 17, 2)]
     alone = scored_alone(model, rows, backend=backend)
-    for size, side, pad in LAYOUTS:
+    # the interpreter is slow: Triton takes the packed layout and the mixed one below (left-padded)
+    for size, side, pad in (LAYOUTS if backend == "torch" else LAYOUTS[-1:]):
         scores, spans = score_batch(RhythmScorer(model, micro_batch_size=size, backend=backend), rows, side, pad,
                                     with_entropy=True)
         assert_rows_bitwise(scores, spans, alone, f"micro-batches of {size}, {side}, {pad} extra padding")
