@@ -301,3 +301,49 @@ def test_observe_sees_the_sampled_layers_query_and_key():
         logits = s.scale * s.query.double() @ k.transpose(-1, -2)
         logits = logits.masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf"))
         assert (torch.softmax(logits, -1) - maps[s.layer].double()).abs().max() < 1e-5
+
+
+class _OneRankExchange:
+    """A sequence-parallel exchange of a group of one rank: every position and every head is already local."""
+
+    def gather(self, query, key, value):
+        return query, key, value
+
+    def scatter(self, out):
+        return out
+
+    def gather_heads(self, x):
+        return x
+
+    def gather_positions(self, position_ids):
+        return position_ids
+
+
+def test_sequence_parallel_path_matches_eager_and_refuses_hybrids():
+    """The sequence-parallel route (every layer's attention through the exchange; here a one-rank group) gives
+    the eager maps' metrics on a packed row; a hybrid is refused there by name, since the exchange never reaches
+    its DeltaNet layers (each would see only its rank's positions)."""
+    from rhythm.capture.recording import SequenceParallel
+    from rhythm_kernels.segments import segments_from_cu_seqlens
+    from tests.tiny_architectures import tiny_architecture
+
+    exchange = type("OneRank", (_OneRankExchange, SequenceParallel), {})()
+    cu = torch.tensor([0, 20, 51])
+    ids = torch.randint(0, VOCAB, (1, 51), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.cat([torch.arange(20), torch.arange(31)])[None]
+    response_start = torch.tensor([12, 40])
+    layout = segments_from_cu_seqlens(cu, 1, 51, response_start, "cpu")
+    model = tiny_model("llama")
+    request = CaptureRequest(layers=(3,), segments=layout, sequence_parallel=exchange)
+    with torch.inference_mode(), Capture(model) as capture:
+        records = capture.run(request, input_ids=ids, position_ids=position_ids).records
+    want = maps_metrics(eager_attentions(model, ids, None, position_ids)[3],
+                        brute_force_layout(1, 51, None, response_start, cu))
+    for name in ("distance", "waad", "fai"):
+        assert_within_spec(name, getattr(records[3], name), want[name])
+    hybrid = tiny_architecture("qwen3_next", VOCAB)
+    request = CaptureRequest(layers=(3,), segments=layout, sequence_parallel=exchange)
+    with pytest.raises(UnsupportedModelError, match="'qwen3_next': sequence parallelism is refused: its "
+                                                    r"\['linear_attention'\] layers"):
+        with torch.inference_mode(), Capture(hybrid) as capture:
+            capture.run(request, input_ids=ids, position_ids=position_ids)

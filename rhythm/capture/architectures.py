@@ -148,6 +148,21 @@ def check_layout(module: torch.nn.Module, segments: Segments) -> None:
             "score a padded batch (verl: use_remove_padding=False)")
 
 
+def check_sequence_parallel(module: torch.nn.Module) -> None:
+    """Refuse sequence parallelism on an architecture with layers other than softmax attention (the hybrids):
+    the capture does the exchange for attention calls only, so their DeltaNet layers would see this rank's T/sp
+    positions and carry no state across ranks; nothing proves such a pass exact.
+
+    module: a layer's attention module (its ``config`` names the architecture)."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    other = ARCHITECTURES[model_type].other_layers if model_type in ARCHITECTURES else frozenset()
+    if other:
+        raise UnsupportedModelError(
+            f"model type {model_type!r}: sequence parallelism is refused: its {sorted(other)} layers are not "
+            "attention, so the capture's exchange does not reach them and each would see only this rank's "
+            "positions; run it without sequence parallelism (verl: ulysses_sequence_parallel_size=1)")
+
+
 def check_model(model: torch.nn.Module, configs: list) -> None:
     """Refuse, before any forward, a model with a (sub-)configuration whose type the capture was not taught
     about (e.g. a multimodal wrapper whose image tokens attend bidirectionally, or its vision tower).

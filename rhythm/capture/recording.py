@@ -78,7 +78,8 @@ from rhythm.capture import flash
 
 from rhythm.metrics import validation
 from rhythm.metrics.attention import AttentionMetrics, attention_metrics
-from rhythm.capture.architectures import (UnsupportedModelError, check_call, check_layout, check_model, describe_layer,
+from rhythm.capture.architectures import (UnsupportedModelError, check_call, check_layout, check_model,
+                                          check_sequence_parallel, describe_layer,
                                           mask_disagreement)
 
 _NAME_PREFIX = "rhythm_capture"
@@ -492,6 +493,7 @@ class Capture:
         attention within each packed segment (the boundaries from the gathered position ids, as flash-attn's
         varlen path reads them). The output goes back to this rank's positions."""
         sp = state.request.sequence_parallel
+        check_sequence_parallel(module)
         if dropout:
             raise UnsupportedModelError(f"sequence-parallel capture needs attention dropout 0, got {dropout}")
         query, key, value = _common_dtype(query, key, value)
