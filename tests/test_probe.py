@@ -330,6 +330,27 @@ def test_resume_appends_and_summarises_like_one_run(tiny, tmp_path):
         run_probe(model, tokenizer, PROMPTS, settings=settings, out=out)
 
 
+def test_journal_repairs_its_tail_and_refuses_edited_lines(tmp_path):
+    """The journal alone (no model): a complete last record without its newline is kept (the newline added), a
+    torn one is cut off, blank lines are skipped, an unreadable line is refused by its number."""
+    from rhythm.app.probe.journal import Journal
+
+    path = tmp_path / "probe_trials.jsonl"
+    one, two = b'{"id": "a", "prompt": "x", "n": 1}', b'{"id": "b", "prompt": "y", "n": 2}'
+    Journal(path, {"k": 1})                                        # stores the settings; no records yet
+    path.write_bytes(one + b"\n\n" + two)                          # complete, no newline at the end
+    assert Journal(path, {"k": 1}).records == {"a": {"id": "a", "prompt": "x", "n": 1},
+                                               "b": {"id": "b", "prompt": "y", "n": 2}}
+    assert path.read_bytes() == one + b"\n\n" + two + b"\n"
+    for torn in (two[:-1], b'{"id": "b"}', b"\xff\xfe"):           # cut JSON, a record missing "prompt", not UTF-8
+        path.write_bytes(one + b"\n" + torn)
+        assert list(Journal(path, {"k": 1}).records) == ["a"]
+        assert path.read_bytes() == one + b"\n"
+    path.write_bytes(one + b"\n" + b'{"id": "b"}' + b"\n" + two + b"\n")
+    with pytest.raises(ProbeError, match=r"probe_trials.jsonl:2: not a complete probe record .* another --out$"):
+        Journal(path, {"k": 1})
+
+
 def test_cli_probe_writes_json_and_escaped_page(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     prompts = tmp_path / "mine.jsonl"
     nasty = "<script>alert(1)</script> & \x1b[31m how many apples?"

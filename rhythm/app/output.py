@@ -22,10 +22,13 @@ import stat
 import sys
 from pathlib import Path
 
+from rhythm.app.journal_lines import read_complete_lines
+
 SETTINGS_FORMAT = 1
 PARQUET_KEY = b"rhythm_score_settings"
 # Parquet column types of the input fields kept in the output rows (settings "keep_types"); "json": JSON text.
 KEEP_TYPES = ("bool", "int", "float", "str", "json")
+ROW_KEYS = ("id", "waad")          # a line of the journal holding these is a complete scored row
 
 
 class OutputError(ValueError):
@@ -311,47 +314,19 @@ def _read_settings_file(path: Path, output: Path) -> dict:
 
 
 def _repair_and_read_ids(path: Path) -> list:
-    """Ids of the complete rows of a JSONL journal; a torn last line (no newline, not a complete row) is cut
-    off, a complete last row without its newline gets one. Other unreadable lines, and an id on two lines,
-    are refused."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        tail = data[cut:]
-        if _complete_row(tail):
-            with path.open("ab") as f:
-                f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
-            data += b"\n"
-        else:
-            with path.open("rb+") as f:
-                f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-            data = data[:cut]
+    """Ids of the complete rows of a JSONL journal (:func:`rhythm.app.journal_lines.read_complete_lines`: a torn
+    last line is cut off, a complete last row without its newline gets one). Other unreadable lines, and an id
+    on two lines, are refused."""
     seen: dict = {}
-    for number, line in enumerate(data.split(b"\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        row = _complete_row(line)
-        if row is None:
-            raise OutputError(f"{path}:{number}: not a complete scored row (the file was edited or corrupted); "
-                              "repair or delete that line, or choose another --output")
+    for number, row in read_complete_lines(path, ROW_KEYS, lambda number: OutputError(
+            f"{path}:{number}: not a complete scored row (the file was edited or corrupted); repair or delete "
+            "that line, or choose another --output")):
         key = (type(row["id"]), row["id"])
         if key in seen:
             raise OutputError(f"{path}:{number}: id {row['id']!r} is also on line {seen[key]} (a doubled row); "
                               "delete one of the two lines, or choose another --output")
         seen[key] = number
     return [row_id for _, row_id in seen]
-
-
-def _complete_row(line: bytes):
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return row if isinstance(row, dict) and "id" in row and "waad" in row else None
 
 
 def _read_parquet(path: Path, columns=None):

@@ -2,9 +2,10 @@
 group of prompts finishes, so an interrupted run loses at most the group it was running.
 
 Resume: the settings are stored next to the journal (``probe_trials.jsonl.settings.json``) and a resume
-must match them (the rule of ``rhythm score``, :func:`rhythm.app.output.check_stored_settings`). A last line
-without its newline is kept when it is a complete record and cut off when it is torn (a killed write: that
-prompt runs again); any other unreadable line is refused.
+must match them (the rule of ``rhythm score``, :func:`rhythm.app.output.check_stored_settings`). The journal is
+read as ``rhythm score``'s (:func:`rhythm.app.journal_lines.read_complete_lines`): a last line without its
+newline is kept when it is a complete record and cut off when it is torn (a killed write: that prompt runs
+again); any other unreadable line is refused.
 """
 from __future__ import annotations
 
@@ -12,17 +13,13 @@ import json
 import os
 from pathlib import Path
 
+from rhythm.app.journal_lines import read_complete_lines
+
+RECORD_KEYS = ("id", "prompt")     # a line of the journal holding these is a complete probe record
+
 
 class ProbeError(ValueError):
     """A probe that cannot run or resume (the message says why and what to do)."""
-
-
-def _record(line: bytes):
-    try:
-        obj = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) and "id" in obj and "prompt" in obj else None
 
 
 class Journal:
@@ -38,25 +35,9 @@ class Journal:
         except OutputError as e:
             raise ProbeError(f"--out: {e}") from None
         self.records: dict = {}
-        data = self.path.read_bytes() if self.path.exists() else b""
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            keep = _record(data[cut:]) is not None
-            with self.path.open("ab" if keep else "rb+") as f:
-                if keep:
-                    f.write(b"\n")
-                else:
-                    f.truncate(cut)
-                f.flush()
-                os.fsync(f.fileno())
-            data = data + b"\n" if keep else data[:cut]
-        for number, line in enumerate(data.split(b"\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            record = _record(line)
-            if record is None:
-                raise ProbeError(f"{self.path}:{number}: not a complete probe record (the file was edited or "
-                                 "corrupted); delete that line or the file, or choose another --out")
+        for number, record in read_complete_lines(self.path, RECORD_KEYS, lambda number: ProbeError(
+                f"{self.path}:{number}: not a complete probe record (the file was edited or corrupted); delete "
+                "that line or the file, or choose another --out")):
             self.records[record["id"]] = record
 
     def append(self, records: list[dict]) -> None:
