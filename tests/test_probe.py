@@ -351,6 +351,39 @@ def test_journal_repairs_its_tail_and_refuses_edited_lines(tmp_path):
         Journal(path, {"k": 1})
 
 
+def test_journal_resume_errors_name_the_out_flag(tmp_path):
+    """Resume refusals from the settings rule name the probe's flag, --out (they said --output, rhythm score's)."""
+    from rhythm.app.probe.journal import Journal
+
+    path = tmp_path / "probe_trials.jsonl"
+    Journal(path, {"k": 1}).append([{"id": "a", "prompt": "x"}])
+    settings = tmp_path / "probe_trials.jsonl.settings.json"
+    cases = []
+    with pytest.raises(ProbeError) as other:
+        Journal(path, {"k": 2})
+    cases.append(other)
+    settings.write_text("not json")
+    with pytest.raises(ProbeError) as unreadable:
+        Journal(path, {"k": 1})
+    cases.append(unreadable)
+    settings.unlink()
+    with pytest.raises(ProbeError) as missing:
+        Journal(path, {"k": 1})
+    cases.append(missing)
+    settings.mkdir()
+    with pytest.raises(ProbeError) as folder:
+        Journal(path, {"k": 1})
+    cases.append(folder)
+    assert "other settings (k: 1 there, 2 now)" in str(other.value)
+    assert "not a settings file written by rhythm probe" in str(unreadable.value)
+    assert "no record of the settings" in str(missing.value)
+    assert "is a folder, not a regular file" in str(folder.value)
+    for case in cases:
+        message = str(case.value)
+        assert message.startswith("--out: ") and "choose another --out" in message.replace("write to", "choose")
+        assert "--output" not in message, message
+
+
 def test_cli_probe_writes_json_and_escaped_page(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     prompts = tmp_path / "mine.jsonl"
     nasty = "<script>alert(1)</script> & \x1b[31m how many apples?"

@@ -43,8 +43,9 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
-def check_regular(path: Path, what: str) -> None:
-    """``path`` is absent or a regular file (a FIFO, a device or a folder would block or fail late)."""
+def check_regular(path: Path, what: str, flag: str = "--output") -> None:
+    """``path`` is absent or a regular file (a FIFO, a device or a folder would block or fail late); the error
+    names ``flag``, the option that chose the path."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -54,7 +55,7 @@ def check_regular(path: Path, what: str) -> None:
     if not stat.S_ISREG(mode):
         kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
                 else "a device or socket")
-        raise OutputError(f"{what} {path} is {kind}, not a regular file; choose another --output")
+        raise OutputError(f"{what} {path} is {kind}, not a regular file; choose another {flag}")
 
 
 @contextlib.contextmanager
@@ -182,36 +183,38 @@ class Sink:
         self.journal.unlink()
 
 
-def check_stored_settings(output: Path, settings: dict, *, has_rows: bool, parquet_settings=None) -> None:
+def check_stored_settings(output: Path, settings: dict, *, has_rows: bool, parquet_settings=None,
+                          flag: str = "--output", tool: str = "rhythm score") -> None:
     """The resume rule for an output (a file, or a folder of part files): the settings stored next to it
     (``settings_path(output)``; else ``parquet_settings()``, those in its Parquet metadata) must equal
     ``settings`` when it already holds rows; otherwise ``settings`` are stored. OutputError naming both values
-    of each setting that differs."""
+    of each setting that differs. ``flag`` / ``tool``: the option that chose ``output`` and the command that
+    writes it, as the messages name them (``rhythm probe`` stores its settings by this rule under ``--out``)."""
     path = settings_path(output)
-    check_regular(path, "the settings file")
+    check_regular(path, "the settings file", flag)
     stored = None
     if path.exists():
-        stored = _read_settings_file(path, output)
+        stored = _read_settings_file(path, output, flag, tool)
     elif parquet_settings is not None:
         stored = parquet_settings()
     if stored is None:
         if has_rows:
             raise OutputError(f"{output} already holds rows but no record of the settings they were scored "
-                              f"with ({path.name} is missing); choose another --output or delete it")
-        _write_settings(path, settings)
+                              f"with ({path.name} is missing); choose another {flag} or delete it")
+        _write_settings(path, settings, flag)
         return
     differ = [key for key in sorted(set(stored) | set(settings))
               if stored.get(key, _ABSENT) != settings.get(key, _ABSENT)]
     if differ and not has_rows:
-        _write_settings(path, settings)          # nothing was scored with the old settings
+        _write_settings(path, settings, flag)    # nothing was scored with the old settings
     elif differ:
         pairs = "; ".join(f"{key}: {_show(stored.get(key, _ABSENT))} there, {_show(settings.get(key, _ABSENT))} now"
                           for key in differ)
         raise OutputError(f"{output} was scored with other settings ({pairs}); resume with the same "
-                          "settings, or write to another --output")
+                          f"settings, or write to another {flag}")
 
 
-def _write_settings(path: Path, settings: dict) -> None:
+def _write_settings(path: Path, settings: dict, flag: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps({"format": SETTINGS_FORMAT, "settings": settings}, indent=1) + "\n",
@@ -219,7 +222,7 @@ def _write_settings(path: Path, settings: dict) -> None:
         tmp.replace(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path} ({e.strerror or e}); free space or choose another --output") from None
+        raise OutputError(f"cannot write {path} ({e.strerror or e}); free space or choose another {flag}") from None
 
 
 def _append_durably(path: Path, data: bytes) -> None:
@@ -298,10 +301,9 @@ def value_kind(value) -> str | None:
     return "other"
 
 
-def _read_settings_file(path: Path, output: Path) -> dict:
-    """The settings stored in ``path`` (OutputError when it is not a settings file written by rhythm score)."""
-    bad = (f"{path} is not a settings file written by rhythm score; delete it together with {output}, or choose "
-           "another --output")
+def _read_settings_file(path: Path, output: Path, flag: str, tool: str) -> dict:
+    """The settings stored in ``path`` (OutputError when it is not a settings file written by ``tool``)."""
+    bad = f"{path} is not a settings file written by {tool}; delete it together with {output}, or choose another {flag}"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError):   # not UTF-8, not JSON, nested too deep

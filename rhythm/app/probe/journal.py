@@ -30,8 +30,8 @@ class Journal:
 
         self.path = Path(path)
         try:
-            check_stored_settings(self.path, settings,
-                                  has_rows=self.path.exists() and self.path.stat().st_size > 0)
+            check_stored_settings(self.path, settings, has_rows=self.path.exists() and self.path.stat().st_size > 0,
+                                  flag="--out", tool="rhythm probe")
         except OutputError as e:
             raise ProbeError(f"--out: {e}") from None
         self.records: dict = {}
