@@ -67,6 +67,19 @@ def _top(values) -> float:
     return float(finite.max()) if finite.size else 0.0
 
 
+def _band(fig, ax, values, cmap: str, vmax: float, title: str, marks, colour: str, extent=None) -> None:
+    """One band heatmap on ``ax``: ``values`` [lag, response token] from 0 to ``vmax`` in the colour map ``cmap``
+    (NaN cells grey), its colour bar, and a faint vertical line of ``colour`` at each response token whose
+    ``marks`` entry is true. extent: the image's (left, right, bottom, top) in data units (None: cell indices)."""
+    im = ax.imshow(values, aspect="auto", origin="lower", cmap=_masked_cmap(_pyplot(), cmap), vmin=0, vmax=vmax,
+                   interpolation="nearest", extent=extent)
+    ax.set_ylabel("lag t - s")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, pad=0.01)
+    for i in [i for i, mark in enumerate(marks) if mark]:
+        ax.axvline(i, color=colour, lw=0.5, alpha=0.35)
+
+
 def bands_png(report) -> bytes | None:
     """Two heatmaps over the response: the local group's attention on the first lags below the diagonal
     (row t, lag t - s), and the global group's horizon band by key column (column s, lag t - s), whose column
@@ -82,24 +95,13 @@ def bands_png(report) -> bytes | None:
     columns = np.asarray(report.fai_band, dtype=float)[r0:].T          # [lag - H_lo, response s]
     h_lo = report.horizon[0]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
-    vmax = max(_top(local[1:]) if local.shape[0] > 1 else 0.0, 1e-6)
-    im1 = ax1.imshow(local, aspect="auto", origin="lower", cmap=_masked_cmap(plt, "Blues"), vmin=0, vmax=vmax,
-                     interpolation="nearest")
-    ax1.set_ylabel("lag t - s")
-    ax1.set_title(f"Local heads ({len(report.local_heads)}): attention A[t, t - lag] near the diagonal "
-                  f"(colour capped at the largest off-diagonal value)", fontsize=9)
-    fig.colorbar(im1, ax=ax1, pad=0.01)
-    for i in [i for i, p in enumerate(report.response("preplan")) if p]:
-        ax1.axvline(i, color="#d62728", lw=0.5, alpha=0.35)
-    im2 = ax2.imshow(columns, aspect="auto", origin="lower", cmap=_masked_cmap(plt, "Oranges"), vmin=0,
-                     vmax=max(_top(columns), 1e-6), interpolation="nearest",
-                     extent=(-0.5, columns.shape[1] - 0.5, h_lo - 0.5, h_lo + columns.shape[0] - 0.5))
-    ax2.set_ylabel("lag t - s")
+    _band(fig, ax1, local, "Blues", max(_top(local[1:]) if local.shape[0] > 1 else 0.0, 1e-6),
+          f"Local heads ({len(report.local_heads)}): attention A[t, t - lag] near the diagonal "
+          f"(colour capped at the largest off-diagonal value)", report.response("preplan"), "#d62728")
+    _band(fig, ax2, columns, "Oranges", max(_top(columns), 1e-6),
+          f"Global heads ({len(report.global_heads)}): A[s + lag, s] by key column s, response rows "
+          f"only (column mean = FAI); anchors marked", report.response("anchor"), "#2ca02c",
+          extent=(-0.5, columns.shape[1] - 0.5, h_lo - 0.5, h_lo + columns.shape[0] - 0.5))
     ax2.set_xlabel("response token index (query row t above, key column s below)")
-    ax2.set_title(f"Global heads ({len(report.global_heads)}): A[s + lag, s] by key column s, response rows "
-                  f"only (column mean = FAI); anchors marked", fontsize=9)
-    fig.colorbar(im2, ax=ax2, pad=0.01)
-    for i in [i for i, a in enumerate(report.response("anchor")) if a]:
-        ax2.axvline(i, color="#2ca02c", lw=0.5, alpha=0.35)
     fig.tight_layout()
     return _png(fig)
