@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,10 +96,38 @@ def test_bad_row_in_a_folder_fails_in_one_line_before_scoring(tiny_model_dir, to
     assert "some rows have an 'id'" in _error(capsys)
     for extra, words in ((["--workers", "2"], "--workers needs --ray"),
                          (["--ray", "--grouping", "fixed"], "--grouping fixed takes the head groups"),
-                         (["--ray", "--device", "cpu"], "--device cannot be used with --ray")):
+                         (["--ray", "--device", "cpu"], "--device cannot be used with --ray"),
+                         (["--max-retries", "2"], "--max-retries needs --ray"),
+                         (["--ray", "--max-retries", "-1"], "--max-retries: must be an int >= 0, got '-1'")):
         assert cli.main(_score_args(tiny_model_dir, folder, out, *extra)) == 2
         assert words in _error(capsys)
     assert not list(out.glob("part-*"))
+
+
+def test_max_retries_reaches_the_options_and_a_worker_error_is_named(tiny_model_dir, tmp_path):  # noqa: F811
+    """--max-retries (default 3) becomes RayOptions.max_retries; the driver names the exception a worker raised
+    from the traceback text Ray sends back (Ray 2.60's last line is a hint about DataContext, not the error)."""
+    pytest.importorskip("ray.data")
+    from rhythm.app.cli import _ray_options
+    from rhythm.app.distributed import RayOptions, _raised_in_worker
+
+    args = ["score", "--model", str(tiny_model_dir), "--input", str(tmp_path / "in.jsonl"), "--output",
+            str(tmp_path / "out"), "--ray"]
+    assert _ray_options(cli.build_parser().parse_args(args)).max_retries == 3
+    assert _ray_options(cli.build_parser().parse_args(args + ["--max-retries", "0"])).max_retries == 0
+    with pytest.raises(ValueError, match="max_retries must be an int >= 0"):
+        RayOptions(max_retries=-1)
+    text = ("\x1b[36mray::MapWorker(MapBatches(ScoreWorker)).submit()\x1b[39m (pid=1, ip=1.2.3.4)\n"
+            '  File "/x/distributed.py", line 9, in __call__\n    raise ValueError("no")\n'
+            "ValueError: row r3: the model's positions are exceeded (600 > 512)\n  second line of it\n\n"
+            "The above exception was the direct cause of the following exception:\n\n"
+            "\x1b[36mray::MapWorker(MapBatches(ScoreWorker)).submit()\x1b[39m (pid=1, ip=1.2.3.4)\n"
+            "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+            "To change retry attempts, backoff, or which errors are retried, configure "
+            "`ray.data.DataContext.get_current()` (`retried_io_errors` for I/O) if you believe this to be transient.")
+    assert _raised_in_worker(RuntimeError(text)) == ("ValueError", "row r3: the model's positions are exceeded "
+                                                                  "(600 > 512)")
+    assert _raised_in_worker(RuntimeError(text.replace("ValueError:", "ValueError"))) is None
 
 
 def test_ray_missing_says_what_to_install(tiny_model_dir, tok, tmp_path, capsys, monkeypatch):  # noqa: F811
@@ -192,6 +221,61 @@ def test_killed_worker_is_replaced_and_every_id_written_once(local_ray, tiny_mod
     assert report.written == 48 and report.parts == 24
     assert _dataset_rows(out) == want
     assert len(list(out.glob("part-*.parquet"))) == 24 and not list(out.glob(".part-*"))
+
+
+def test_a_row_killing_every_worker_stops_the_job_naming_it(local_ray, tiny_model_dir, tok, tmp_path,  # noqa: F811
+                                                            monkeypatch):
+    """A planted row SIGKILLs each worker that scores it: its block is retried --max-retries times (each time on a
+    new actor), then the job fails with one line naming the block's ids (Ray retried it forever before); the
+    blocks finished before stay, no start counts are left behind, and a resume with workers that no longer die
+    on it completes."""
+    from rhythm.app import distributed
+    from rhythm.app.cli import score_settings
+    from rhythm.app.distributed import RayOptions, WorkerFailed, score_dataset
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    rows = _rows(tok, 6)
+    _write_rows(src, rows)
+    deaths = tmp_path / "deaths"
+    real = distributed._worker_class
+
+    def dying_worker_class(*args):
+        base = real(*args)
+
+        class DiesOnR3(base):
+            """The real worker, but scoring a block with id r3 kills its process (as running out of memory
+            would), after the start was counted; each death is logged to ``deaths``."""
+
+            def __init__(self):
+                super().__init__()
+                score_rows = self.job.score_rows
+
+                def score(batch_rows, name):
+                    if any(row.id == "r3" for row in batch_rows):
+                        with open(deaths, "a") as f:
+                            f.write(f"{os.getpid()}\n")
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return score_rows(batch_rows, name)
+                self.job.score_rows = score
+        return DiesOnR3
+
+    monkeypatch.setattr(distributed, "_worker_class", dying_worker_class)
+    settings = score_settings(cli.build_parser().parse_args(_score_args(tiny_model_dir, src, out)))
+    with pytest.raises(WorkerFailed) as failed:
+        score_dataset(settings, str(src), str(out), RayOptions(workers=1, block_rows=2, max_retries=1))
+    message = str(failed.value)
+    assert "\n" not in message
+    assert message.startswith(f"the block of {src} lines 3-4 (ids 'r2', 'r3') was running each time its worker "
+                              "died, 2 times (--max-retries 1): drop or shorten those rows"), message
+    written = re.search(r"; the (\d+) rows written are in (.+)$", message)
+    assert written and written.group(2) == str(out.resolve()) and int(written.group(1)) == len(_dataset_rows(out))
+    pids = deaths.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2               # the first start and one retry, each on its own actor
+    assert not list(out.glob(".part-*"))                         # the start counts are cleared
+    assert "r2" not in _dataset_rows(out) and "r3" not in _dataset_rows(out)
+    monkeypatch.setattr(distributed, "_worker_class", real)
+    report = score_dataset(settings, str(src), str(out), RayOptions(workers=1, block_rows=2, max_retries=1))
+    assert report.written == 6 - report.skipped and set(_dataset_rows(out)) == {r["id"] for r in rows}
 
 
 def test_stopped_job_resumes_where_it_stopped(local_ray, tiny_model_dir, tok, tmp_path):  # noqa: F811

@@ -155,7 +155,7 @@ def _parse_keep(text: str) -> tuple[str, ...] | None:
     return tuple(dict.fromkeys(names))
 
 
-RAY_FLAGS = ("workers", "gpus_per_worker", "cpus_per_worker", "block_rows")
+RAY_FLAGS = ("workers", "gpus_per_worker", "cpus_per_worker", "block_rows", "max_retries")
 
 
 def _ray_options(args):
@@ -200,6 +200,16 @@ def cmd_score(args) -> int:
         raise UsageError("--threads cannot be used with --ray: each worker's torch threads are --cpus-per-worker")
     options = _ray_options(args)
     return distributed.run(score_settings(args), args.input, args.output, options, source.console)
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return value
 
 
 def _nonnegative_float(text: str) -> float:
@@ -283,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs per worker, also its torch threads (default: 1)")
     r.add_argument("--block-rows", type=positive_int, default=None,
                    help="rows per block: one output file, and what is redone when a worker dies (default: 64)")
+    r.add_argument("--max-retries", type=_nonnegative_int, default=None,
+                   help="times a block is started again after the worker running it died (default: 3); one more "
+                        "death and the job stops, naming the block's rows")
     s.set_defaults(func=cmd_score)
     from rhythm.app.probe.command import add_parser as add_probe
 

@@ -3,6 +3,7 @@
     out/                                   the dataset (read it with pyarrow.dataset or datasets' "parquet")
       part-00000-000000001-1a2b3c4d.parquet  one block: input file 0, from line 1, digest of its ids
       .part-....parquet.tmp                a block being written (hidden: dataset readers skip it)
+      .part-....parquet.attempts           while a job runs: how often it started the block (count_start)
     out.settings.json                      the settings the rows were scored with (as for ``rhythm score``)
 
 A block is written to a hidden temporary file and renamed into place, so a worker killed mid-write leaves no
@@ -49,6 +50,32 @@ def write_part(folder: str | Path, name: str, rows: list[dict], settings: dict) 
     return folder / name
 
 
+def rows_written(folder: str | Path) -> int:
+    """How many rows the part files in ``folder`` hold (from their Parquet footers)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(path).num_rows for path in Path(folder).glob(PART_GLOB))
+
+
+def count_start(folder: str | Path, name: str) -> int:
+    """Record one more start of the block ``name`` in ``folder/.<name>.attempts`` (one byte a start, appended
+    and fsynced) and return how many starts of it this job has recorded, this one included. A block is started
+    again only when the worker running it died, so the count less one is how many workers it took down."""
+    fd = os.open(Path(folder) / f".{name}.attempts", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, b".")
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def clear_starts(folder: str | Path) -> None:
+    """Delete the start counts of :func:`count_start` (a job counts its own starts only)."""
+    for path in Path(folder).glob(".part-*.attempts"):
+        path.unlink(missing_ok=True)
+
+
 class DatasetSink:
     """The output folder of one job. ``with sink.lock(): sink.open()``: the folder made, stale temporaries
     removed, the settings checked (or stored), and ``done`` (the ids already written, typed) read from the
@@ -75,6 +102,7 @@ class DatasetSink:
         self.folder.mkdir(parents=True, exist_ok=True)
         for tmp in self.folder.glob(".part-*.tmp"):      # blocks whose writer died before the rename
             tmp.unlink()
+        clear_starts(self.folder)                          # left by a job whose driver was killed
         parts = self.parts()
         check_stored_settings(self.folder, self.settings, has_rows=bool(parts),
                               parquet_settings=lambda: read_parquet_settings(parts[0]) if parts else None)

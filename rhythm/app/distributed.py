@@ -15,20 +15,26 @@
    settings object and code), reads its block's rows back from the input, scores them in micro-batches and
    writes the block as one Parquet file (atomic rename, a name fixed by the block's rows).
 3. Faults: a worker process that dies (SIGKILL, OOM, a lost node) is restarted by Ray and its block is
-   retried on it (Ray Data's actor defaults ``max_restarts=-1``, ``max_task_retries=-1``); the retry writes the
-   same file name, so no row is doubled. An exception raised by the scoring code is not retried: the job stops with it, blocks already
-   written stay. When the job ends the driver checks every input id is in exactly one part file.
+   retried on it (Ray Data's actor default ``max_restarts=-1``); the retry writes the same file name, so no row
+   is doubled. A block is retried at most ``max_retries`` times: each start of a block is counted in the output
+   folder (:func:`rhythm.app.dataset_output.count_start`), and the start after ``max_retries`` retries raises
+   :class:`BlockKilledWorkers` in the worker instead of scoring (an exception Ray does not retry), so a row
+   that kills every worker it runs on (an out-of-memory row) stops the job with one line naming the block's
+   rows instead of being retried forever (Ray's own retries are unbounded). An
+   exception raised by the scoring code is not retried: the job stops with it, blocks already written stay.
+   When the job ends the driver checks every input id is in exactly one part file.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 
 from rhythm_kernels.segments import is_integer, is_real
 
 from rhythm.app.dataset_input import Block, InputFiles, open_input, plan_blocks, read_block, scan
-from rhythm.app.dataset_output import DatasetSink, part_name, write_part
+from rhythm.app.dataset_output import DatasetSink, clear_starts, count_start, part_name, rows_written, write_part
 from rhythm.app.output import OutputError
 from rhythm.app.rows import RowError
 from rhythm.config import ConfigError
@@ -41,7 +47,13 @@ class RayMissing(ImportError):
 
 
 class WorkerFailed(RuntimeError):
-    """The scoring code raised in a worker (not retried); the blocks written before stay."""
+    """The scoring code raised in a worker (not retried), or a block took down its worker more often than
+    ``max_retries`` allows; the blocks written before stay."""
+
+
+class BlockKilledWorkers(RuntimeError):
+    """Raised in a worker instead of starting a block whose earlier starts all ended with their worker dead,
+    ``max_retries + 1`` of them (the message names the block's rows)."""
 
 
 @dataclass(frozen=True)
@@ -51,16 +63,19 @@ class RayOptions:
     address: a Ray cluster (``auto``, ``ray://host:10001``, ``host:6379``); None starts a local instance (or
     uses the one this process already joined). workers: actors, each holding one model.
     gpus_per_worker / cpus_per_worker: Ray resources per actor (with GPUs the model runs on ``cuda``; torch
-    uses ``cpus_per_worker`` threads). block_rows: rows per block (one part file, one retry unit)."""
+    uses ``cpus_per_worker`` threads). block_rows: rows per block (one part file, one retry unit).
+    max_retries: how many times a block is started again after the worker running it died (0: never); one more
+    death and the job stops, naming the block's rows."""
 
     address: str | None = None
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     block_rows: int = 64
+    max_retries: int = 3
 
     def __post_init__(self):
-        for name, low in (("workers", 1), ("block_rows", 1)):
+        for name, low in (("workers", 1), ("block_rows", 1), ("max_retries", 0)):
             value = getattr(self, name)
             if not is_integer(value) or value < low:
                 raise ValueError(f"RayOptions.{name} must be an int >= {low}, got {value!r}")
@@ -103,7 +118,8 @@ def score_dataset(settings, input: str, output: str, options: RayOptions = RayOp
     settings: a :class:`rhythm.app.score.ScoreSettings` (its ``device`` must be None: workers use ``cuda``
     when ``options.gpus_per_worker > 0``, else the CPU). Raises before any worker starts: RowError / InputError
     (bad input; UsageError for an int id beyond int64), OutputError (an output scored with other settings, or
-    locked by another job), ConfigError (grouping "fixed"). WorkerFailed: the scoring code raised in a worker."""
+    locked by another job), ConfigError (grouping "fixed"). WorkerFailed: the scoring code raised in a worker,
+    or a block's worker died more than ``options.max_retries`` times."""
     from rhythm.app.common import Console, ModelSource
     from rhythm.app.score import KeptFields, ScoreJob, check_parquet_ids
 
@@ -153,13 +169,15 @@ def _run(ray, settings, files, folder, record, blocks, options, console, report)
         context.enable_progress_bars = False          # our own bar (rows), on a terminal only
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         worker = _worker_class(replace(settings, device="cuda" if options.gpus_per_worker else None), files,
-                               folder, record)
+                               folder, record, options.max_retries)
         items = [{"block": b.to_json()} for b in blocks]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             worker, batch_size=1, num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker or None,
             # one block in flight per actor: a free worker takes the next block (none queue behind a busy one).
-            # Ray Data's actor defaults apply: max_restarts=-1 (a dead actor is replaced) and
-            # max_task_retries=-1 (its block is retried on the new one).
+            # Ray Data's actor defaults apply: max_restarts=-1 (a dead actor is replaced) and max_task_retries=-1
+            # (its block is retried on the new one); the workers' own start count bounds the retries of a block
+            # (Ray's bound would not name the block, and map_batches takes it only through ray_remote_args,
+            # deprecated in Ray 2.60 and removed in 2.64).
             compute=ray.data.ActorPoolStrategy(size=options.workers, max_tasks_in_flight_per_actor=1))
         with console.progress(total=report.rows, initial=report.skipped, desc="scoring", unit="row") as bar:
             try:
@@ -170,15 +188,39 @@ def _run(ray, settings, files, folder, record, blocks, options, console, report)
                     report.workers.update(int(p) for p in batch["pid"])
                     bar.update(n)
             except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
-                last = [line for line in str(e).splitlines() if line.strip()][-1:] or [type(e).__name__]
-                raise WorkerFailed(f"a worker failed ({last[0].strip()}); the {report.written} rows written are "
-                                   f"in {folder}: run the same command to resume") from e
+                # the rows on disk, not report.written: blocks finish before the driver has read their records
+                raised, written = _raised_in_worker(e), rows_written(folder)
+                if raised is not None and raised[0].rsplit(".", 1)[-1] == BlockKilledWorkers.__name__:
+                    raise WorkerFailed(f"{raised[1]}; the {written} rows written are in {folder}") from e
+                what = f"{raised[0].rsplit('.', 1)[-1]}: {raised[1]}" if raised is not None else _last_line(e)
+                raise WorkerFailed(f"a worker failed ({what}); the {written} rows written are in {folder}: "
+                                   "run the same command to resume") from e
     finally:
+        clear_starts(folder)
         if started:
             ray.shutdown()
 
 
-def _worker_class(settings, files: InputFiles, folder: str, record: dict):
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (.+)$")      # "module.Type: message", a traceback's last line
+
+
+def _raised_in_worker(error: BaseException) -> tuple[str, str] | None:
+    """(type, first line of the message) of the exception the worker's code raised, read from the traceback
+    text Ray sends back (the driver gets the worker's exception as text only: Ray 2.60's RayTaskError carries a
+    UserCodeException without the original as its cause); None when the text names none but Ray's own."""
+    found = None
+    for line in str(error).splitlines():
+        match = _RAISED.match(line.rstrip())
+        if match and not match.group(1).startswith("ray."):
+            found = match.group(1), match.group(2).strip()
+    return found
+
+
+def _last_line(error: BaseException) -> str:
+    return ([line.strip() for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__])[0]
+
+
+def _worker_class(settings, files: InputFiles, folder: str, record: dict, max_retries: int):
     """The actor class of a job (its settings captured here, so Ray ships them with the class)."""
 
     class ScoreWorker:
@@ -198,8 +240,12 @@ def _worker_class(settings, files: InputFiles, folder: str, record: dict):
             for text in batch["block"]:
                 block = Block.from_json(str(text))
                 rows = read_block(files, block)
-                scored = self.job.score_rows(rows, files.names[block.file])
                 name = part_name(block.file, block.lines[0], [row.id for row in rows])
+                starts = count_start(folder, name)
+                if starts > max_retries + 1:
+                    raise BlockKilledWorkers(_killed_message(files.names[block.file], block, rows, starts - 1,
+                                                             max_retries))
+                scored = self.job.score_rows(rows, files.names[block.file])
                 write_part(folder, name, scored, record)
                 parts.append(name)
                 counts.append(len(rows))
@@ -207,6 +253,14 @@ def _worker_class(settings, files: InputFiles, folder: str, record: dict):
 
     return ScoreWorker
 
+
+def _killed_message(file: str, block: Block, rows, deaths: int, max_retries: int) -> str:
+    """One line: the rows of a block that took down ``deaths`` workers, and what to do."""
+    ids = ", ".join(repr(row.id) for row in rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    where = f"line {block.lines[0]}" if len(block.lines) == 1 else f"lines {block.lines[0]}-{block.lines[-1]}"
+    return (f"the block of {file} {where} (ids {ids}) was running each time its worker died, {deaths} times "
+            f"(--max-retries {max_retries}): drop or shorten those rows, or lower --micro-batch-size (--block-rows 1 "
+            "finds the row), then run the same command to resume")
 
 
 def run(settings, input: str, output: str, options: RayOptions, console) -> int:
@@ -235,5 +289,6 @@ def run(settings, input: str, output: str, options: RayOptions, console) -> int:
     return 0
 
 
-__all__ = ["JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "WorkerFailed", "require_ray", "run",
+__all__ = ["BlockKilledWorkers", "JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "WorkerFailed",
+           "require_ray", "run",
            "score_dataset", "OutputError", "RowError"]
