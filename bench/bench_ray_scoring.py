@@ -18,7 +18,6 @@ The result is a ``rhythm-bench/1`` file (bench/records.py): one record of kind "
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -97,18 +96,13 @@ def _check(folder: Path, reference: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=48)
-    parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--response", type=int, default=160)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--block-rows", type=int, default=4)
+    from bench.records import bench_parser, describe_machine, write_result
+
+    parser = bench_parser(__doc__, "ray_scoring_cpu.json", rows=48, prompt=32, response=160, micro_batch_size=4,
+                          block_rows=4)
     parser.add_argument("--model", default=None, help="a local model instead of the bundled SmolLM2")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "ray_scoring_cpu.json"))
     args = parser.parse_args()
     import ray
-
-    from bench.records import describe_machine, write_result
     from rhythm.app.common import ModelSource
 
     machine = dict(describe_machine(), ray=ray.__version__)

@@ -13,7 +13,6 @@ Per step = n_layers x the Ulysses exchange vs n_sampled x the map gather + the p
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.records import write_result  # noqa: E402
+from bench.records import bench_parser, write_result  # noqa: E402
 
 SP = 2
 WHAT = "Ulysses capture: added all-gathers (per-head maps, position ids) vs verl's own all-to-alls, 2 gloo ranks"
@@ -82,15 +81,8 @@ def _worker(rank, args, port, queue):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=28)
-    parser.add_argument("--sampled", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench/results/ulysses_comm_cpu.json")
+    parser = bench_parser(__doc__, "ulysses_comm_cpu.json", length=4096, heads=16, kv_heads=8, dim=128, layers=28,
+                          sampled=5, repeats=5)
     args = parser.parse_args(argv)
     if args.length % SP or args.heads % SP or args.kv_heads % SP:
         parser.error(f"--length, --heads and --kv-heads must be multiples of sp = {SP}")

@@ -28,6 +28,7 @@ import platform
 import sys
 
 SCHEMA = "rhythm-bench/1"
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def utc_now() -> str:
@@ -67,6 +68,21 @@ def describe_machine() -> dict:
         info.update(gpu=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
                     sm_count=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
     return info
+
+
+def bench_parser(doc: str, result_file: str, **ints: int):
+    """The command line a benchmark script starts from: the first line of its docstring ``doc`` as the
+    description, one int option per keyword (``micro_batch_size=4``: ``--micro-batch-size``, default 4, in the
+    order given) and ``--out`` (default ``bench/results/<result_file>``, beside this file); the script adds its
+    other options."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    for name, default in ints.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    parser.add_argument("--out", default=os.path.join(RESULTS_DIR, result_file),
+                        help=f"the result file (default: bench/results/{result_file})")
+    return parser
 
 
 def result(benchmark: str, what: str, *, settings: dict, records: list[dict], summary: dict | None = None,
