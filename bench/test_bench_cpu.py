@@ -6,9 +6,10 @@
   8K sequence (bench/bench_credit.py); $RHYTHM_BENCH_CREDIT_SHAPE="B T" changes the shape.
 
 Timing runs in this process (pytest-benchmark's rounds, after a warm-up round); the extra peak RSS comes from
-a fresh child process per method (the plain scripts' measurement). Results land in
-bench/results/cpu_metrics_pytest.json and credit_cpu_pytest.json (bench/conftest.py). The default test run
-(testpaths = tests) does not collect this folder.
+a fresh child process per method (the plain scripts' measurement). Results land in cpu_metrics_pytest.json and
+credit_cpu_pytest.json in a temporary folder of the session, named at the end of the run, or in
+$RHYTHM_BENCH_OUT (``RHYTHM_BENCH_OUT=bench/results`` to replace the committed files; bench/conftest.py). The
+default test run (testpaths = tests) does not collect this folder.
 """
 from __future__ import annotations
 
