@@ -20,9 +20,9 @@
    folder (:func:`rhythm.app.dataset_output.count_start`), and the start after ``max_retries`` retries raises
    :class:`BlockKilledWorkers` in the worker instead of scoring (an exception Ray does not retry), so a row
    that kills every worker it runs on (an out-of-memory row) stops the job with one line naming the block's
-   rows instead of being retried forever (Ray's own retries are unbounded). An
-   exception raised by the scoring code is not retried: the job stops with it, blocks already written stay.
-   When the job ends the driver checks every input id is in exactly one part file.
+   rows instead of being retried forever (Ray's own retries are unbounded). An exception raised by the scoring
+   code is not retried: the job stops with it, blocks already written stay. When the job ends the driver checks
+   every input id is in exactly one part file.
 """
 from __future__ import annotations
 
@@ -217,6 +217,7 @@ def _raised_in_worker(error: BaseException) -> tuple[str, str] | None:
 
 
 def _last_line(error: BaseException) -> str:
+    """The last non-blank line of an error's text (its type's name when it has none)."""
     return ([line.strip() for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__])[0]
 
 
@@ -290,5 +291,4 @@ def run(settings, input: str, output: str, options: RayOptions, console) -> int:
 
 
 __all__ = ["BlockKilledWorkers", "JobReport", "RAY_INSTALL", "RayMissing", "RayOptions", "WorkerFailed",
-           "require_ray", "run",
-           "score_dataset", "OutputError", "RowError"]
+           "require_ray", "run", "score_dataset", "OutputError", "RowError"]
