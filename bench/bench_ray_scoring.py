@@ -5,7 +5,7 @@ ways, each as its own command in a fresh process, one after the other: ``rhythm 
 default threads), and ``rhythm score --ray --workers N`` for N = 1 and 2 (a local Ray instance started by the
 command; one CPU and one torch thread per worker). The Ray outputs are checked to hold every id once, with
 the same values as the single-process output at the contract's tolerance (section 7 of docs/definitions.md;
-bitwise equality is tested at micro-batch 1 in tests/test_ray_scoring.py).
+bitwise equality across blocks and micro-batches is tested in tests/test_ray_scoring.py).
 
 Reported per way: the whole command's wall time and rows / wall time (Ray and model start-up included: each
 worker loads the model itself), and the steady rate: the output is sampled every 0.1 s (JSONL lines, rows of

@@ -1,5 +1,6 @@
 """``rhythm score --ray``: on a local Ray instance (2 CPUs, 2 workers, the tiny model of test_score_cli) the
-rows equal ``rhythm score``'s bitwise at micro-batch 1; a worker killed with SIGKILL mid-run is replaced and
+rows equal ``rhythm score``'s bitwise (micro-batches of 3 rows there, blocks of 2 rows on the workers:
+other batch make-ups, the same bits); a worker killed with SIGKILL mid-run is replaced and
 the job ends with every id exactly once; a job stopped (SIGINT) and started again skips what it wrote. The
 checks that need no Ray (bad rows, settings, lock, Ray missing) run without starting it."""
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _rows(tok, n):  # noqa: F811
 
 def _score_args(model, src, dst, *extra, quiet=True):
     return ["score", "--model", str(model), "--input", str(src), "--output", str(dst), *(["--quiet"] * quiet),
-            "--micro-batch-size", "1", "--strategies", STRATEGIES, *extra]
+            "--micro-batch-size", "3", "--strategies", STRATEGIES, *extra]
 
 
 def _reference(model, src, tmp_path):
