@@ -78,6 +78,12 @@ MUTATIONS = (
              "rhythm/scoring/scorer.py",
              "self.layers = sample_layers(self.num_layers, attention)", "self.layers = sample_layers(self.num_layers)",
              ("tests/test_scorer.py", "-k", "hybrid")),
+    Mutation("scorer-batches-sequences", "the scorer runs a micro-batch in one forward although batch_invariant asks "
+             "for one forward per sequence",
+             "rhythm/scoring/scorer.py",
+             "forwards = [[span] for span in spans] if self.config.batch_invariant else [list(spans)]",
+             "forwards = [list(spans)]",
+             ("tests/test_batch_invariance.py::test_scorer_bitwise_where_the_models_own_layers_are_not_batch_invariant",)),
     Mutation("triton-kv-head", "wrong kv-head mapping in the Triton stats pass (h % Hkv instead of h // group)",
              "kernels/triton_stats.py",
              "kv_head = (head // group).to(tl.int64)", "kv_head = (head % (n_q_heads // group)).to(tl.int64)",
