@@ -438,25 +438,15 @@ class RhythmScorer:
         one forward covers them all. Head groups are chosen over the micro-batch either way (per sequence, or
         the fixed grouping's first micro-batch)."""
         forwards = [[span] for span in spans] if self.config.batch_invariant else [list(spans)]
-        sequences, entropy = [], []
-        for group in forwards:
-            metrics, rows = self._forward(capture, group, input_ids, position_ids, packed=packed,
-                                          with_entropy=with_entropy)
-            sequences += metrics
-            entropy += rows
-        signals = self._signals_of(sequences)
-        if with_entropy:
-            out = torch.zeros(len(entropy), signals.waad.shape[1], dtype=torch.float32)
-            for i, row in enumerate(entropy):
-                out[i, :row.numel()] = row
-            signals = replace(signals, entropy=out)
-        return signals
+        sequences = [seq for group in forwards for seq in self._forward(capture, group, input_ids, position_ids,
+                                                                         packed=packed, with_entropy=with_entropy)]
+        return self._signals_of(sequences)
 
     def _forward(self, capture, spans, input_ids, position_ids, *, packed, with_entropy):
         """One forward over the part of the input the sequences ``spans`` cover: packed, the columns [lo, hi) of
         the one row; padded, their rows and the columns [lo, hi) that hold any of their real tokens; a single
         sequence as [1, n] with no attention mask in both layouts (the same call whatever its layout).
-        Returns (its :class:`_SequenceMetrics` per span, entropy rows float32 [n] per span or [])."""
+        Returns one :class:`_SequenceMetrics` per span (with its entropies when ``with_entropy``)."""
         device = self.device
         lo, hi = min(span.start for span in spans), max(span.end for span in spans)
         rows = [0] if packed else [span.row for span in spans]
@@ -474,12 +464,8 @@ class RhythmScorer:
                       position_ids=pos.to(device))
         forward = self._decoder_forward if with_entropy else None
         result = capture.run(request, forward=forward, **inputs)
-        entropy = []
-        if with_entropy:
-            rows = local.to_rows(self._entropy(result.output, ids.shape))
-            rows[:, 0] = 0.0  # a sequence's first token was not sampled from this model
-            entropy = [rows[i, :span.length] for i, span in enumerate(local.spans)]
-        return self._sequence_metrics(result.records, local), entropy
+        entropy = self._entropy(result.output, ids.shape) if with_entropy else None
+        return self._sequence_metrics(result.records, local, entropy)
 
     def signals(self, records, segments: Segments) -> TokenSignals:
         """Per-token signals of one recorded forward, one row per sequence.
@@ -490,18 +476,26 @@ class RhythmScorer:
         with an empty response)."""
         return self._signals_of(self._sequence_metrics(records, segments))
 
-    def _sequence_metrics(self, records, segments: Segments) -> list["_SequenceMetrics"]:
+    def _sequence_metrics(self, records, segments: Segments, entropy: torch.Tensor | None = None) \
+            -> list["_SequenceMetrics"]:
         """Each sequence's per-head metrics of the sampled layers, copied out of the forward's layout onto its own
         n positions (contiguous [n_heads, n], heads flattened in (layer, head) order), so that nothing computed
-        from them depends on the layout's width or on where the sequence sat in it."""
+        from them depends on the layout's width or on where the sequence sat in it. entropy: float32 [B, T] of
+        the forward's layout (``_entropy``), or None."""
         stack = lambda name: torch.cat([getattr(records[l], name) for l in self.layers], dim=1).float().cpu()  # noqa
         per_head = {name: stack(name) for name in ("distance", "waad", "fai")}
         fai_valid = records[self.layers[0]].fai_valid[:, 0].cpu()
-        return [_SequenceMetrics(**{name: x[span.row, :, span.start:span.end].contiguous()
-                                    for name, x in per_head.items()},
-                                 fai_valid=fai_valid[span.row, span.start:span.end].clone(),
-                                 prompt_length=span.prompt_length)
-                for span in segments.spans]
+        out = []
+        for span in segments.spans:
+            own = None
+            if entropy is not None:
+                own = entropy[span.row, span.start:span.end].clone()
+                own[:1] = 0.0  # a sequence's first token was not sampled from this model
+            out.append(_SequenceMetrics(**{name: x[span.row, :, span.start:span.end].contiguous()
+                                           for name, x in per_head.items()},
+                                        fai_valid=fai_valid[span.row, span.start:span.end].clone(),
+                                        prompt_length=span.prompt_length, entropy=own))
+        return out
 
     def _signals_of(self, sequences: list["_SequenceMetrics"]) -> TokenSignals:
         """TokenSignals [n_seq, L_max] of sequences' per-head metrics: d(l, h) per sequence, head groups over
@@ -513,8 +507,11 @@ class RhythmScorer:
         waad, fai = torch.zeros(count, width), torch.zeros(count, width)
         fai_valid = torch.zeros(count, width, dtype=torch.bool)
         response = torch.zeros(count, width, dtype=torch.bool)
+        entropy = None if sequences[0].entropy is None else torch.zeros(count, width)
         for i, s in enumerate(sequences):
             response[i, :s.length] = s.response
+            if entropy is not None:
+                entropy[i, :s.length] = s.entropy
             if not bool(has_response[i]):
                 continue   # no response: signals 0, fai_valid False, head groups -1
             own = HeadGroups(groups.local[i:i + 1], groups.global_[i:i + 1])
@@ -523,7 +520,8 @@ class RhythmScorer:
         keep = has_response[:, None]
         return TokenSignals(
             waad=waad, fai=fai, fai_valid=fai_valid, response=response, head_distance=d,
-            groups=HeadGroups(torch.where(keep, groups.local, -1), torch.where(keep, groups.global_, -1)))
+            groups=HeadGroups(torch.where(keep, groups.local, -1), torch.where(keep, groups.global_, -1)),
+            entropy=entropy)
 
     def _groups(self, d: torch.Tensor, has_response: torch.Tensor) -> HeadGroups:
         if self.config.grouping == "per_sequence":
@@ -564,7 +562,8 @@ class _SequenceMetrics:
     """One sequence's per-head metrics of the sampled layers on its own n positions (prompt and response).
 
     distance, waad, fai: float32 [n_heads, n] (heads flattened in (layer, head) order); fai_valid: bool [n];
-    prompt_length: the positions before its response (a suffix of length n - prompt_length).
+    prompt_length: the positions before its response (a suffix of length n - prompt_length); entropy:
+    float32 [n] (0 at the first token) or None.
     """
 
     distance: torch.Tensor
@@ -572,6 +571,7 @@ class _SequenceMetrics:
     fai: torch.Tensor
     fai_valid: torch.Tensor
     prompt_length: int
+    entropy: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
