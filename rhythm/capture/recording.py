@@ -493,7 +493,6 @@ class Capture:
         attention within each packed segment (the boundaries from the gathered position ids, as flash-attn's
         varlen path reads them). The output goes back to this rank's positions."""
         sp = state.request.sequence_parallel
-        check_sequence_parallel(module)
         if dropout:
             raise UnsupportedModelError(f"sequence-parallel capture needs attention dropout 0, got {dropout}")
         query, key, value = _common_dtype(query, key, value)
@@ -573,11 +572,12 @@ class Capture:
     def _pass_layout(self, state: _Pass, module, query: torch.Tensor, kwargs) -> Segments:
         """The pass's Segments of [B, T], built by the first layer that needs it and shared by the others (the
         layout is the same for every layer: one host sync per pass). A built layout is checked against the
-        architecture (hybrid models refuse packed rows); under sequence parallelism it is the request's
-        ``segments`` of all T positions, checked against the gathered shape."""
+        architecture (hybrid models refuse packed rows, and sequence parallelism); under sequence parallelism it
+        is the request's ``segments`` of all T positions, checked against the gathered shape."""
         request = state.request
         if request.sequence_parallel is not None:
             if state.layout is None:
+                check_sequence_parallel(module)
                 state.layout = request.segments.to(query.device)
             if state.layout.shape != (query.shape[0], query.shape[2]):
                 raise ValueError(f"CaptureRequest.segments describe {state.layout.shape}, the gathered sequence "
