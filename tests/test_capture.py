@@ -14,7 +14,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from rhythm.capture.recording import Capture, CaptureRequest, UnsupportedModelError, _Pass, is_registered  # noqa: E402
+from rhythm.capture.recording import (Capture, CaptureRequest, SequenceParallel, UnsupportedModelError, _Pass,  # noqa: E402
+                                      is_registered)
 from tests.oracle_check import assert_within_spec7, brute_force_count, brute_force_layout  # noqa: E402
 
 WINDOW, HORIZON = 10, (10, 100)
@@ -303,7 +304,7 @@ def test_observe_sees_the_sampled_layers_query_and_key():
         assert (torch.softmax(logits, -1) - maps[s.layer].double()).abs().max() < 1e-5
 
 
-class _OneRankExchange:
+class _OneRankExchange(SequenceParallel):
     """A sequence-parallel exchange of a group of one rank: every position and every head is already local."""
 
     def gather(self, query, key, value):
@@ -323,11 +324,10 @@ def test_sequence_parallel_path_matches_eager_and_refuses_hybrids():
     """The sequence-parallel route (every layer's attention through the exchange; here a one-rank group) gives
     the eager maps' metrics on a packed row; a hybrid is refused there by name, since the exchange never reaches
     its DeltaNet layers (each would see only its rank's positions)."""
-    from rhythm.capture.recording import SequenceParallel
     from rhythm_kernels.segments import segments_from_cu_seqlens
     from tests.tiny_architectures import tiny_architecture
 
-    exchange = type("OneRank", (_OneRankExchange, SequenceParallel), {})()
+    exchange = _OneRankExchange()
     cu = torch.tensor([0, 20, 51])
     ids = torch.randint(0, VOCAB, (1, 51), generator=torch.Generator().manual_seed(4))
     position_ids = torch.cat([torch.arange(20), torch.arange(31)])[None]
